@@ -1,0 +1,137 @@
+"""The multi-tensor ESGD-M update: the seam between the optimizer and the kernels.
+
+`esgd_update` applies one step to lists of tensors that share a device, a parameter dtype and the
+per-tensor scalars. The optimizer groups parameters into such lists; the fused native ops
+(`esgd_cuda.ops`) and the pure-PyTorch path below implement the same per-element formula:
+
+    m     = beta1*m + (1-beta1)*g
+    D     = beta2*D + (1-beta2)*hz*hz          (estimation steps only, hzs is not None)
+    denom = sqrt(D)*denom_scale + eps          denom_scale    = 1/sqrt(1-db)
+    est   = v*m + (1-v)*g
+    p     = p*(1 - weight_decay*step_size)
+    p     = p - (step_size*momentum_scale) * est/denom      momentum_scale = 1/(1-mb*v)
+
+Math runs in the state dtype: float32 for float16/bfloat16/float32 parameters, float64 for float64.
+"""
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["esgd_update", "state_dtype"]
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the optimizer state (and of the update math) for a parameter dtype."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def esgd_update(
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_hz_sqs: List[Tensor],
+    hzs: Optional[List[Tensor]],
+    *,
+    beta1: float,
+    beta2: float,
+    v: float,
+    eps: float,
+    weight_decay: float,
+    step_size: float,
+    momentum_scale: float,
+    denom_scale: float,
+    fused: bool = False,
+) -> None:
+    """Apply one ESGD-M step in place to `params`, `exp_avgs` and (when `hzs` is given) `exp_hz_sqs`.
+
+    All lists have the same length and hold tensors on one device; `params`, `grads` and `hzs` share
+    the parameter dtype, `exp_avgs` and `exp_hz_sqs` have `state_dtype(param dtype)`. `hzs=None` is a
+    plain step (the curvature estimate is only read). `fused=True` runs the native kernel
+    (`esgd_cuda.ops`), which must support the device and dtype.
+    """
+    if len(params) == 0:
+        return
+    if fused:
+        from . import ops
+
+        scalars = dict(
+            beta1=beta1,
+            v=v,
+            eps=eps,
+            weight_decay=weight_decay,
+            step_size=step_size,
+            momentum_scale=momentum_scale,
+            denom_scale=denom_scale,
+        )
+        if hzs is None:
+            ops.esgd_update_(params, grads, exp_avgs, exp_hz_sqs, **scalars)
+        else:
+            ops.esgd_update_hz_(params, grads, exp_avgs, exp_hz_sqs, hzs, beta2=beta2, **scalars)
+        return
+    _esgd_update_foreach(
+        params,
+        grads,
+        exp_avgs,
+        exp_hz_sqs,
+        hzs,
+        beta1=beta1,
+        beta2=beta2,
+        v=v,
+        eps=eps,
+        weight_decay=weight_decay,
+        step_size=step_size,
+        momentum_scale=momentum_scale,
+        denom_scale=denom_scale,
+    )
+
+
+def _esgd_update_foreach(
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_hz_sqs: List[Tensor],
+    hzs: Optional[List[Tensor]],
+    *,
+    beta1: float,
+    beta2: float,
+    v: float,
+    eps: float,
+    weight_decay: float,
+    step_size: float,
+    momentum_scale: float,
+    denom_scale: float,
+) -> None:
+    math_dtype = exp_avgs[0].dtype
+    upcast = params[0].dtype != math_dtype
+    if upcast:
+        # 16-bit parameters: the whole update runs on float32 copies and is rounded once at the end,
+        # so the result matches the fused kernels, which also round only the final parameter.
+        work_params = [p.to(math_dtype) for p in params]
+        grads = [g.to(math_dtype) for g in grads]
+        if hzs is not None:
+            hzs = [h.to(math_dtype) for h in hzs]
+    else:
+        work_params = params
+
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    if hzs is not None:
+        torch._foreach_mul_(exp_hz_sqs, beta2)
+        torch._foreach_addcmul_(exp_hz_sqs, hzs, hzs, value=1.0 - beta2)
+
+    denom = torch._foreach_sqrt(exp_hz_sqs)
+    torch._foreach_mul_(denom, denom_scale)
+    torch._foreach_add_(denom, eps)
+
+    est = torch._foreach_mul(exp_avgs, v)
+    torch._foreach_add_(est, grads, alpha=1.0 - v)
+
+    if weight_decay != 0.0:
+        torch._foreach_mul_(work_params, 1.0 - weight_decay * step_size)
+    torch._foreach_addcdiv_(work_params, est, denom, value=-(step_size * momentum_scale))
+
+    if upcast:
+        for p, w in zip(params, work_params):
+            p.copy_(w)
