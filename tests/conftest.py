@@ -1,0 +1,117 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
+from reference import Hyper, ReferenceParam, Separable  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(params=[False, None], ids=["fused=False", "fused=None"])
+def fused(request):
+    """Every optimizer test runs on the pure-PyTorch path and on whatever `fused=None` picks."""
+    return request.param
+
+
+class SeparableProblem:
+    """Parameters with separable quartic objectives, plus the matching float64 reference.
+
+    Values and coefficients are drawn in float64 and rounded to the parameter dtype once, so the
+    optimizer and the reference start from exactly the same numbers.
+    """
+
+    def __init__(self, shapes, dtype=torch.float64, seed=0, hypers=None, linear_only=()):
+        gen = torch.Generator().manual_seed(seed)
+        self.params, self.coeffs, self.refs = [], [], []
+        dtypes = dtype if isinstance(dtype, (list, tuple)) else [dtype] * len(shapes)
+        for j, shape in enumerate(shapes):
+            n = int(torch.Size(shape).numel())
+            dt = dtypes[j]
+
+            def draw(lo, hi):
+                u = torch.rand(n, generator=gen, dtype=torch.float64)
+                return (lo + (hi - lo) * u).to(dt).reshape(shape)
+
+            p0 = draw(-1.5, 1.5)
+            if j in linear_only:
+                a = torch.zeros(shape, dtype=dt)
+                b = torch.zeros(shape, dtype=dt)
+            else:
+                a = draw(0.2, 1.0)
+                b = draw(0.1, 1.0)
+            c = draw(-1.0, 1.0)
+            self.params.append(p0.clone().requires_grad_())
+            self.coeffs.append((a, b, c))
+            hyper = hypers[j] if hypers is not None else Hyper()
+            self.refs.append(
+                ReferenceParam(
+                    values=p0.double().flatten().tolist(),
+                    objective=Separable(
+                        a.double().flatten().tolist(),
+                        b.double().flatten().tolist(),
+                        c.double().flatten().tolist(),
+                    ),
+                    hyper=hyper,
+                )
+            )
+
+    def astype(self, dtype):
+        """A copy of this problem (same start, same reference) stored in another dtype."""
+        other = SeparableProblem.__new__(SeparableProblem)
+        other.params = [p.detach().to(dtype).requires_grad_() for p in self.params]
+        other.coeffs = [tuple(t.to(dtype) for t in abc) for abc in self.coeffs]
+        other.refs = self.refs
+        return other
+
+    def loss(self, active=None):
+        total = None
+        for j, (p, (a, b, c)) in enumerate(zip(self.params, self.coeffs)):
+            if active is not None and j not in active:
+                continue
+            term = (a * p**4 / 4 + b * p**2 / 2 + c * p).sum().double()
+            total = term if total is None else total + term
+        return total
+
+
+def run_steps(opt, problem, num_steps, has_grad=None, use_helper=True):
+    """Drive `opt` on `problem`; returns the float64 parameter values after every step."""
+    trajectory = []
+    for s in range(num_steps):
+        opt.zero_grad(set_to_none=True)
+        active = None
+        if has_grad is not None:
+            active = {j for j in range(len(problem.params)) if has_grad(s, j)}
+        loss = problem.loss(active)
+        if loss is not None:
+            if use_helper:
+                opt.backward(loss)
+            else:
+                loss.backward(create_graph=opt.should_create_graph())
+        opt.step()
+        trajectory.append([p.detach().double().clone() for p in problem.params])
+    return trajectory
+
+
+def assert_trajectory_matches(actual, expected, shapes, rtol):
+    """Each step's parameters match the reference to `rtol`, relative to the parameter's scale."""
+    for j, shape in enumerate(shapes):
+        ref = torch.tensor([step[j] for step in expected], dtype=torch.float64)
+        got = torch.stack([step[j].flatten() for step in actual])
+        ref = ref.reshape(got.shape)
+        assert torch.isfinite(ref).all(), "reference diverged; pick a tamer problem"
+        scale = ref.abs().max().clamp_min(1e-3)
+        err = (got - ref).abs().max()
+        worst = int((got - ref).abs().max(dim=1).values.argmax())
+        assert err <= rtol * scale, (
+            f"param {j} {tuple(shape)}: max error {err:.3e} exceeds {rtol:g} x scale {scale:.3e} "
+            f"(worst at step {worst})"
+        )
