@@ -1,0 +1,83 @@
+// Op schemas (the dispatcher's single source of truth) and the Python module esgd_cuda._C.
+
+#include "launch_plan.h"
+
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifdef ESGD_WITH_CUDA
+namespace esgd {
+// Defined in esgd_cuda.cu, which is only compiled into CUDA builds.
+int cuda_runtime_version_built();
+}  // namespace esgd
+#endif
+
+#ifndef ESGD_TORCH_VERSION
+#define ESGD_TORCH_VERSION "unknown"
+#endif
+#ifndef ESGD_CUDA_ARCHS
+#define ESGD_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(esgd_cuda, m) {
+  m.def(
+      "esgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_hz_sqs, *, float beta1, float v, float eps, float weight_decay, "
+      "float step_size, float momentum_scale, float denom_scale) -> ()");
+  m.def(
+      "esgd_update_hz_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_hz_sqs, Tensor[] hzs, *, float beta1, float beta2, float v, float eps, "
+      "float weight_decay, float step_size, float momentum_scale, float denom_scale) -> ()");
+}
+
+namespace {
+
+py::list plan_launches_py(
+    const std::vector<int64_t>& numels,
+    int64_t chunk_size,
+    int max_tensors,
+    int max_blocks) {
+  py::list out;
+  for (const esgd::Launch& launch :
+       esgd::plan_launches(numels, chunk_size, max_tensors, max_blocks)) {
+    py::dict d;
+    d["tensors"] = launch.tensors;
+    d["block_slot"] = launch.block_slot;
+    d["block_chunk"] = launch.block_chunk;
+    d["index64"] = launch.index64;
+    out.append(d);
+  }
+  return out;
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["torch_version"] = ESGD_TORCH_VERSION;
+#ifdef ESGD_WITH_CUDA
+  const int v = esgd::cuda_runtime_version_built();
+  d["cuda"] = true;
+  d["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+  d["cuda_archs"] = ESGD_CUDA_ARCHS;
+#else
+  d["cuda"] = false;
+  d["cuda_version"] = py::none();
+  d["cuda_archs"] = py::none();
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused ESGD-M kernels; the ops live in torch.ops.esgd_cuda.";
+  m.def(
+      "plan_launches", &plan_launches_py, py::arg("numels"), py::arg("chunk_size"),
+      py::arg("max_tensors"), py::arg("max_blocks"),
+      "The CUDA multi-tensor launch plan: a list of launches, each a dict with tensors "
+      "(slot -> tensor index), block_slot, block_chunk and index64.");
+  m.def("build_info", &build_info);
+  m.attr("CHUNK_SIZE") = esgd::kChunkSize;
+  m.attr("MAX_BLOCKS") = esgd::kMaxBlocks;
+  m.attr("MAX_TENSORS_PLAIN") = esgd::kMaxTensorsDepth4;
+  m.attr("MAX_TENSORS_HZ") = esgd::kMaxTensorsDepth5;
+}

@@ -1,0 +1,171 @@
+#include "esgd_common.h"
+
+#include <c10/util/Exception.h>
+
+namespace esgd {
+
+at::ScalarType state_dtype(at::ScalarType param_dtype) {
+  return param_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::string dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return "float32";
+    case at::kDouble:
+      return "float64";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    default:
+      return c10::toString(dtype);
+  }
+}
+
+namespace {
+
+void check_list_length(const char* op, const char* name, at::TensorList list, size_t expected) {
+  TORCH_CHECK(
+      list.size() == expected,
+      op, ": ", name, " has ", list.size(), " tensors but params has ", expected);
+}
+
+void check_tensor(
+    const char* op,
+    const char* name,
+    size_t i,
+    const at::Tensor& t,
+    const at::Tensor& param,
+    at::ScalarType expected_dtype) {
+  TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined (None)");
+  TORCH_CHECK(
+      t.device() == param.device(),
+      op, ": ", name, "[", i, "] is on ", t.device(), ", expected ", param.device(),
+      " (the device of params[", i, "])");
+  TORCH_CHECK(
+      t.scalar_type() == expected_dtype,
+      op, ": ", name, "[", i, "] has dtype ", dtype_name(t.scalar_type()), ", expected ",
+      dtype_name(expected_dtype));
+  TORCH_CHECK(
+      t.sizes() == param.sizes(),
+      op, ": ", name, "[", i, "] has shape ", t.sizes(), ", expected ", param.sizes(),
+      " (the shape of params[", i, "])");
+}
+
+}  // namespace
+
+void check_inputs(
+    const char* op,
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList exp_avgs,
+    at::TensorList exp_hz_sqs,
+    const at::TensorList* hzs,
+    c10::DeviceType device_type) {
+  const size_t n = params.size();
+  check_list_length(op, "grads", grads, n);
+  check_list_length(op, "exp_avgs", exp_avgs, n);
+  check_list_length(op, "exp_hz_sqs", exp_hz_sqs, n);
+  if (hzs != nullptr) {
+    check_list_length(op, "hzs", *hzs, n);
+  }
+  if (n == 0) {
+    return;
+  }
+  const at::Tensor& first = params[0];
+  TORCH_CHECK(first.defined(), op, ": params[0] is undefined (None)");
+  const at::ScalarType pdtype = first.scalar_type();
+  TORCH_CHECK(
+      pdtype == at::kFloat || pdtype == at::kDouble || pdtype == at::kHalf ||
+          pdtype == at::kBFloat16,
+      op, ": params[0] has dtype ", dtype_name(pdtype),
+      ", expected one of float32, float64, float16, bfloat16");
+  TORCH_CHECK(
+      first.device().type() == device_type,
+      op, ": params[0] is on ", first.device(), ", but this kernel runs on ",
+      c10::DeviceTypeName(device_type, /*lower_case=*/true));
+  const at::ScalarType sdtype = state_dtype(pdtype);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined (None)");
+    TORCH_CHECK(
+        p.device() == first.device(),
+        op, ": params[", i, "] is on ", p.device(), ", expected ", first.device(),
+        " (the device of params[0])");
+    TORCH_CHECK(
+        p.scalar_type() == pdtype,
+        op, ": params[", i, "] has dtype ", dtype_name(p.scalar_type()), ", expected ",
+        dtype_name(pdtype), " (the dtype of params[0])");
+    check_tensor(op, "grads", i, grads[i], p, pdtype);
+    check_tensor(op, "exp_avgs", i, exp_avgs[i], p, sdtype);
+    check_tensor(op, "exp_hz_sqs", i, exp_hz_sqs[i], p, sdtype);
+    if (hzs != nullptr) {
+      check_tensor(op, "hzs", i, (*hzs)[i], p, pdtype);
+    }
+  }
+}
+
+namespace {
+
+bool dense_like(const at::Tensor& t, const at::Tensor& param) {
+  return t.is_non_overlapping_and_dense() && t.strides() == param.strides();
+}
+
+}  // namespace
+
+Workspace::Workspace(
+    at::TensorList params_in,
+    at::TensorList grads_in,
+    at::TensorList exp_avgs_in,
+    at::TensorList exp_hz_sqs_in,
+    const at::TensorList* hzs_in) {
+  const size_t n = params_in.size();
+  params.reserve(n);
+  grads.reserve(n);
+  exp_avgs.reserve(n);
+  exp_hz_sqs.reserve(n);
+  if (hzs_in != nullptr) {
+    hzs.reserve(n);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params_in[i];
+    bool in_place = p.is_non_overlapping_and_dense() && dense_like(grads_in[i], p) &&
+        dense_like(exp_avgs_in[i], p) && dense_like(exp_hz_sqs_in[i], p) &&
+        (hzs_in == nullptr || dense_like((*hzs_in)[i], p));
+    if (in_place) {
+      params.push_back(p);
+      grads.push_back(grads_in[i]);
+      exp_avgs.push_back(exp_avgs_in[i]);
+      exp_hz_sqs.push_back(exp_hz_sqs_in[i]);
+      if (hzs_in != nullptr) {
+        hzs.push_back((*hzs_in)[i]);
+      }
+      continue;
+    }
+    auto mutable_view = [this](const at::Tensor& t) {
+      if (t.is_contiguous()) {
+        return t;
+      }
+      at::Tensor copy = t.contiguous();
+      writebacks_.emplace_back(t, copy);
+      return copy;
+    };
+    params.push_back(mutable_view(p));
+    grads.push_back(grads_in[i].contiguous());
+    exp_avgs.push_back(mutable_view(exp_avgs_in[i]));
+    exp_hz_sqs.push_back(mutable_view(exp_hz_sqs_in[i]));
+    if (hzs_in != nullptr) {
+      hzs.push_back((*hzs_in)[i].contiguous());
+    }
+  }
+}
+
+void Workspace::finish() {
+  for (auto& [original, copy] : writebacks_) {
+    original.copy_(copy);
+  }
+  writebacks_.clear();
+}
+
+}  // namespace esgd

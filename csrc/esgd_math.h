@@ -1,0 +1,79 @@
+#pragma once
+
+// The ESGD-M per-element update. This header is the only place in C++ where the formula is
+// written: the CPU kernel instantiates it for scalars and at::vec::Vectorized, the CUDA kernel for
+// scalars, so both kernels round identically up to FMA contraction.
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+namespace esgd {
+
+// Hyperparameters exactly as the Python side passes them (Python floats are doubles).
+struct Hyper {
+  double beta1;
+  double beta2;
+  double v;
+  double eps;
+  double weight_decay;
+  double step_size;
+  double momentum_scale;
+  double denom_scale;
+};
+
+// Coefficients in the math type. Differences such as 1 - beta1 are formed in double before the
+// cast so that fp32 math sees the correctly rounded value, as the PyTorch path does.
+template <typename T>
+struct Coeffs {
+  T beta1;
+  T one_minus_beta1;
+  T beta2;
+  T one_minus_beta2;
+  T v;
+  T one_minus_v;
+  T eps;
+  T decay;
+  T lr_scale;
+  T denom_scale;
+};
+
+template <typename T>
+inline Coeffs<T> make_coeffs(const Hyper& h) {
+  return Coeffs<T>{
+      static_cast<T>(h.beta1),
+      static_cast<T>(1.0 - h.beta1),
+      static_cast<T>(h.beta2),
+      static_cast<T>(1.0 - h.beta2),
+      static_cast<T>(h.v),
+      static_cast<T>(1.0 - h.v),
+      static_cast<T>(h.eps),
+      static_cast<T>(1.0 - h.weight_decay * h.step_size),
+      static_cast<T>(h.step_size * h.momentum_scale),
+      static_cast<T>(h.denom_scale),
+  };
+}
+
+// Square root for the math type; the CPU kernel specializes it for Vectorized.
+template <typename V>
+struct Sqrt {
+  static C10_HOST_DEVICE inline V apply(const V& x) {
+    return std::sqrt(x);
+  }
+};
+
+// One ESGD-M step for one element (or one vector of elements). kHasHz selects estimation steps,
+// which also fold Hz^2 into the curvature estimate d.
+template <bool kHasHz, typename V>
+C10_HOST_DEVICE inline void update(V& p, const V& g, V& m, V& d, const V& hz, const Coeffs<V>& c) {
+  m = c.beta1 * m + c.one_minus_beta1 * g;
+  if constexpr (kHasHz) {
+    d = c.beta2 * d + c.one_minus_beta2 * hz * hz;
+  }
+  const V denom = Sqrt<V>::apply(d) * c.denom_scale + c.eps;
+  const V est = c.v * m + c.one_minus_v * g;
+  p = p * c.decay;
+  p = p - c.lr_scale * est / denom;
+}
+
+}  // namespace esgd

@@ -1,0 +1,132 @@
+"""Loads the native kernels (esgd_cuda._C) and reports what they support.
+
+A missing or broken extension is not an error: the optimizer falls back to the pure-PyTorch path,
+and one warning at import says why. ESGD_CUDA_DISABLE_EXTENSION=1 skips loading altogether.
+"""
+
+import os
+import re
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+__all__ = ["LOADED", "LOAD_ERROR", "DISABLED", "fused_supported", "extension_info"]
+
+SUPPORTED_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
+
+_DISABLE_VAR = "ESGD_CUDA_DISABLE_EXTENSION"
+
+
+def _disabled() -> bool:
+    return os.environ.get(_DISABLE_VAR, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _load() -> Tuple[Optional[Any], Optional[str]]:
+    if _disabled():
+        return None, f"disabled by {_DISABLE_VAR}={os.environ[_DISABLE_VAR]}"
+    try:
+        from . import _C
+    except Exception as exc:  # an ABI mismatch surfaces as ImportError or OSError, or worse
+        return None, f"{type(exc).__name__}: {exc}"
+    for op in ("esgd_update_", "esgd_update_hz_"):
+        if not hasattr(torch.ops.esgd_cuda, op):
+            return None, f"{_C.__file__} loaded but did not register torch.ops.esgd_cuda.{op}"
+    return _C, None
+
+
+_C, LOAD_ERROR = _load()
+LOADED: bool = _C is not None
+DISABLED: bool = _disabled()
+_BUILD: Dict[str, Any] = dict(_C.build_info()) if LOADED else {}
+
+if not LOADED and not DISABLED:
+    warnings.warn(
+        f"esgd_cuda: native kernels are not available ({LOAD_ERROR}); ESGD uses the pure-PyTorch "
+        f"path. Reinstall with `pip install --no-build-isolation .` to build them, or set "
+        f"{_DISABLE_VAR}=1 to silence this warning.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def _parse_archs(spec: Optional[str]) -> List[str]:
+    return [a for a in (spec or "").split(";") if a]
+
+
+def _arch_runs(archs: List[str], major: int, minor: int) -> bool:
+    # SASS runs on the same major version with an equal or newer minor version; PTX is JIT
+    # compiled for any newer device.
+    for arch in archs:
+        match = re.fullmatch(r"(sm|compute)_(\d+)([a-z]?)", arch)
+        if match is None:
+            continue
+        kind, num, suffix = match.group(1), int(match.group(2)), match.group(3)
+        a_major, a_minor = divmod(num, 10)
+        if kind == "sm" and a_major == major and a_minor <= minor and (not suffix or a_minor == minor):
+            return True
+        if kind == "compute" and not suffix and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+_cuda_device_ok: Dict[int, bool] = {}
+
+
+def _cuda_device_supported(index: Optional[int]) -> bool:
+    if not _BUILD.get("cuda") or not torch.cuda.is_available():
+        return False
+    if index is None:
+        index = torch.cuda.current_device()
+    if index not in _cuda_device_ok:
+        major, minor = torch.cuda.get_device_capability(index)
+        _cuda_device_ok[index] = _arch_runs(_parse_archs(_BUILD.get("cuda_archs")), major, minor)
+    return _cuda_device_ok[index]
+
+
+def fused_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused op can update parameters of `dtype` on `device`."""
+    if not LOADED or dtype not in SUPPORTED_DTYPES:
+        return False
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return _cuda_device_supported(device.index)
+    return False
+
+
+def extension_info() -> Dict[str, Any]:
+    """What was built (kernels, CUDA archs and version, torch it was built against) and what runs."""
+    cuda_devices = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(index)
+            cuda_devices.append(
+                {
+                    "index": index,
+                    "name": torch.cuda.get_device_name(index),
+                    "capability": f"{major}.{minor}",
+                    "fused": _cuda_device_supported(index),
+                }
+            )
+    return {
+        "loaded": LOADED,
+        "load_error": LOAD_ERROR,
+        "disabled": DISABLED,
+        "path": getattr(_C, "__file__", None),
+        "built": {
+            "cpu": LOADED,
+            "cuda": bool(_BUILD.get("cuda", False)),
+            "cuda_version": _BUILD.get("cuda_version"),
+            "cuda_archs": _parse_archs(_BUILD.get("cuda_archs")),
+            "torch_version": _BUILD.get("torch_version"),
+        },
+        "runtime": {
+            "torch_version": torch.__version__,
+            "torch_cuda_version": torch.version.cuda,
+            "cuda_available": torch.cuda.is_available(),
+            "cuda_devices": cuda_devices,
+            "fused_cpu": fused_supported(torch.device("cpu"), torch.float32),
+        },
+    }

@@ -1,0 +1,125 @@
+"""Typed Python entry points to the fused native ops torch.ops.esgd_cuda.*.
+
+Each op updates its mutable lists in place and returns nothing; `esgd_cuda.functional.esgd_update`
+documents the per-element math. Fake (meta) implementations are registered next to the ops so that
+torch.compile can trace through them.
+"""
+
+from typing import List
+
+import torch
+from torch import Tensor
+
+from . import _extension
+
+__all__ = ["esgd_update_", "esgd_update_hz_"]
+
+
+def _require_extension() -> None:
+    if not _extension.LOADED:
+        raise RuntimeError(
+            f"esgd_cuda native kernels are not available ({_extension.LOAD_ERROR}); "
+            "use esgd_update(..., fused=False)"
+        )
+
+
+def esgd_update_(
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_hz_sqs: List[Tensor],
+    *,
+    beta1: float,
+    v: float,
+    eps: float,
+    weight_decay: float,
+    step_size: float,
+    momentum_scale: float,
+    denom_scale: float,
+) -> None:
+    """Plain ESGD-M step: updates params and exp_avgs in place; exp_hz_sqs is only read."""
+    _require_extension()
+    torch.ops.esgd_cuda.esgd_update_.default(
+        params,
+        grads,
+        exp_avgs,
+        exp_hz_sqs,
+        beta1=beta1,
+        v=v,
+        eps=eps,
+        weight_decay=weight_decay,
+        step_size=step_size,
+        momentum_scale=momentum_scale,
+        denom_scale=denom_scale,
+    )
+
+
+def esgd_update_hz_(
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_hz_sqs: List[Tensor],
+    hzs: List[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    v: float,
+    eps: float,
+    weight_decay: float,
+    step_size: float,
+    momentum_scale: float,
+    denom_scale: float,
+) -> None:
+    """Estimation step: also folds hzs (Hessian-vector products) into exp_hz_sqs, then updates."""
+    _require_extension()
+    torch.ops.esgd_cuda.esgd_update_hz_.default(
+        params,
+        grads,
+        exp_avgs,
+        exp_hz_sqs,
+        hzs,
+        beta1=beta1,
+        beta2=beta2,
+        v=v,
+        eps=eps,
+        weight_decay=weight_decay,
+        step_size=step_size,
+        momentum_scale=momentum_scale,
+        denom_scale=denom_scale,
+    )
+
+
+def _check_fake(op: str, params: List[Tensor], **lists: List[Tensor]) -> None:
+    # Mirrors the shape checks of the native ops so that a traced graph fails at compile time
+    # with the same message instead of at run time.
+    for name, tensors in lists.items():
+        torch._check(
+            len(tensors) == len(params),
+            lambda: f"{op}: {name} has {len(tensors)} tensors but params has {len(params)}",
+        )
+        for i, (t, p) in enumerate(zip(tensors, params)):
+            torch._check(
+                t.shape == p.shape,
+                lambda: f"{op}: {name}[{i}] has shape {list(t.shape)}, expected {list(p.shape)} "
+                f"(the shape of params[{i}])",
+            )
+
+
+if _extension.LOADED:
+
+    @torch.library.register_fake("esgd_cuda::esgd_update_")
+    def _esgd_update_fake(
+        params, grads, exp_avgs, exp_hz_sqs, *, beta1, v, eps, weight_decay, step_size,
+        momentum_scale, denom_scale
+    ):
+        _check_fake("esgd_update_", params, grads=grads, exp_avgs=exp_avgs, exp_hz_sqs=exp_hz_sqs)
+
+    @torch.library.register_fake("esgd_cuda::esgd_update_hz_")
+    def _esgd_update_hz_fake(
+        params, grads, exp_avgs, exp_hz_sqs, hzs, *, beta1, beta2, v, eps, weight_decay,
+        step_size, momentum_scale, denom_scale
+    ):
+        _check_fake(
+            "esgd_update_hz_", params, grads=grads, exp_avgs=exp_avgs, exp_hz_sqs=exp_hz_sqs,
+            hzs=hzs,
+        )
