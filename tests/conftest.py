@@ -67,7 +67,7 @@ class SeparableProblem:
     def astype(self, dtype):
         """A copy of this problem (same start, same reference) stored in another dtype."""
         other = SeparableProblem.__new__(SeparableProblem)
-        other.params = [p.detach().to(dtype).requires_grad_() for p in self.params]
+        other.params = [p.detach().to(dtype).clone().requires_grad_() for p in self.params]
         other.coeffs = [tuple(t.to(dtype) for t in abc) for abc in self.coeffs]
         other.refs = self.refs
         return other

@@ -94,6 +94,7 @@ def test_matches_reference(name, dtype, rtol, fused):
     assert_trajectory_matches(actual, expected, SHAPES, rtol)
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 def test_matches_reference_with_manual_backward(fused):
     kwargs = HYPER_SETS["qhm-decay"]
     problem = SeparableProblem(SHAPES, seed=2)
@@ -156,6 +157,7 @@ def test_lr_scheduler_edits_group_lr(fused):
     assert_trajectory_matches(actual, expected, shapes, 1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 @pytest.mark.parametrize("manual", [False, True], ids=["opt.backward", "loss.backward"])
 def test_closure_returns_loss_and_matches_plain_steps(fused, manual):
     kwargs = dict(update_d_every=3, d_warmup=2, v=0.6)

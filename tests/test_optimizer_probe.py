@@ -10,6 +10,7 @@ from reference import estimation_schedule
 from esgd_cuda import ESGD
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 @pytest.mark.parametrize(
     "d_warmup,every",
     [(20, 10), (3, 1), (1, 4), (5, 7), (2, 100), (4, 2), (10, 3)],

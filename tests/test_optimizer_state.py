@@ -1,0 +1,244 @@
+"""Checkpointing and resuming, and the lifetime of the double-backward graph."""
+
+import gc
+import io
+import warnings
+import weakref
+
+import pytest
+import torch
+from conftest import SeparableProblem, requires_cuda
+
+from esgd_cuda import ESGD
+
+KWARGS = dict(update_d_every=4, d_warmup=5, v=0.6, betas=(0.85, 0.95), weight_decay=0.01)
+
+
+class CoupledModel:
+    """Parameters with a non-diagonal Hessian, so the result depends on every probe drawn."""
+
+    def __init__(self, seed=30, dtype=torch.float64):
+        gen = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(4, 3, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+        self.b = torch.randn(3, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+        self.x = torch.randn(6, 4, generator=gen, dtype=torch.float64).to(dtype)
+        self.y = torch.randn(6, 3, generator=gen, dtype=torch.float64).to(dtype)
+
+    @property
+    def params(self):
+        return [self.w, self.b]
+
+    def loss(self):
+        out = torch.tanh(self.x @ self.w + self.b)
+        return ((out - self.y) ** 2).sum().double() + 0.1 * (self.w**4).sum().double()
+
+    def copy(self):
+        other = CoupledModel.__new__(CoupledModel)
+        other.w = self.w.detach().clone().requires_grad_()
+        other.b = self.b.detach().clone().requires_grad_()
+        other.x, other.y = self.x, self.y
+        return other
+
+
+def advance(opt, model, steps):
+    values = []
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.backward(model.loss())
+        opt.step()
+        values.append([p.detach().clone() for p in model.params])
+    return values
+
+
+def round_trip(state_dict, how):
+    if how == "live":
+        return state_dict
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("how", ["live", "torch.save"])
+def test_resume_is_bit_identical(fused, how):
+    total, split = 30, 13
+    full_model = CoupledModel()
+    full = advance(ESGD(full_model.params, **KWARGS, seed=7, fused=fused), full_model, total)
+
+    model = CoupledModel()
+    opt = ESGD(model.params, **KWARGS, seed=7, fused=fused)
+    head = advance(opt, model, split)
+    state = round_trip(opt.state_dict(), how)
+
+    resumed_model = model.copy()
+    # A different seed: only the checkpoint can make the probes line up again.
+    resumed = ESGD(resumed_model.params, **KWARGS, seed=12345, fused=fused)
+    resumed.load_state_dict(state)
+    assert resumed.should_create_graph() == opt.should_create_graph()
+    tail = advance(resumed, resumed_model, total - split)
+    # The original keeps going too: it must not share state tensors with the resumed copy.
+    tail_original = advance(opt, model, total - split)
+
+    for s, got in enumerate(head + tail):
+        for a, b in zip(got, full[s]):
+            assert torch.equal(a, b), f"resumed run differs at step {s}"
+    for s, got in enumerate(tail_original):
+        for a, b in zip(got, full[split + s]):
+            assert torch.equal(a, b), f"original run disturbed by the resumed copy at step {s}"
+
+
+def test_resume_from_checkpoint_taken_before_any_step(fused):
+    full_model = CoupledModel()
+    full = advance(ESGD(full_model.params, **KWARGS, seed=3, fused=fused), full_model, 12)
+    model = CoupledModel()
+    state = round_trip(ESGD(model.params, **KWARGS, seed=3, fused=fused).state_dict(), "torch.save")
+    opt = ESGD(model.params, **KWARGS, seed=99, fused=fused)
+    opt.load_state_dict(state)
+    for got, want in zip(advance(opt, model, 12), full):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_load_keeps_fp32_state_of_low_precision_params(fused, dtype):
+    problem = SeparableProblem([(9,), (2, 5)], dtype=dtype, seed=31)
+    opt = ESGD(problem.params, update_d_every=2, d_warmup=3, seed=0, fused=fused)
+    advance(opt, problem_model(problem), 7)
+    state = round_trip(opt.state_dict(), "torch.save")
+
+    twin = problem.astype(dtype)
+    twin_opt = ESGD(twin.params, update_d_every=2, d_warmup=3, seed=0, fused=fused)
+    twin_opt.load_state_dict(state)
+    for p, q in zip(problem.params, twin.params):
+        for key in ("exp_avg", "exp_hz_sq"):
+            loaded, original = twin_opt.state[q][key], opt.state[p][key]
+            assert loaded.dtype == torch.float32, f"{key} down-cast to {loaded.dtype} on load"
+            assert torch.equal(loaded, original)
+    a = advance(opt, problem_model(problem), 6)
+    b = advance(twin_opt, problem_model(twin), 6)
+    for x, y in zip(a, b):
+        assert all(torch.equal(u, v) for u, v in zip(x, y))
+
+
+def test_state_dict_has_no_graph_and_loading_copies_it(fused):
+    model = CoupledModel()
+    opt = ESGD(model.params, **KWARGS, seed=0, fused=fused)
+    advance(opt, model, 6)
+    state = opt.state_dict()
+    tensors = [t for s in state["state"].values() for t in s.values() if isinstance(t, torch.Tensor)]
+    assert tensors, "no tensor state was saved"
+    assert not any(t.requires_grad for t in tensors)
+
+    checkpoint = round_trip(state, "torch.save")
+    pristine = round_trip(state, "torch.save")
+    other_model = model.copy()
+    other = ESGD(other_model.params, **KWARGS, seed=0, fused=fused)
+    other.load_state_dict(checkpoint)
+    advance(other, other_model, 2)
+    # Stepping the loaded optimizer must not write through into the checkpoint it came from.
+    for idx, s in pristine["state"].items():
+        for key, t in s.items():
+            if isinstance(t, torch.Tensor):
+                assert torch.equal(checkpoint["state"][idx][key], t), (idx, key)
+
+
+@requires_cuda
+def test_cpu_checkpoint_resumes_on_cuda():
+    model = CoupledModel(dtype=torch.float32)
+    opt = ESGD(model.params, **KWARGS, seed=7)
+    advance(opt, model, 9)
+    state = round_trip(opt.state_dict(), "torch.save")
+
+    cuda_model = model.copy()
+    cuda_model.w = cuda_model.w.detach().cuda().requires_grad_()
+    cuda_model.b = cuda_model.b.detach().cuda().requires_grad_()
+    cuda_model.x, cuda_model.y = model.x.cuda(), model.y.cuda()
+    cuda_opt = ESGD(cuda_model.params, **KWARGS, seed=1)
+    cuda_opt.load_state_dict(state)
+    for p in cuda_model.params:
+        for key in ("exp_avg", "exp_hz_sq"):
+            assert cuda_opt.state[p][key].device == p.device
+    # The probe generator lives on the CPU in both runs, so only the kernels' rounding differs.
+    cpu_tail = advance(opt, model, 10)
+    cuda_tail = advance(cuda_opt, cuda_model, 10)
+    for a, b in zip(cpu_tail[-1], cuda_tail[-1]):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-3, atol=1e-4)
+
+
+def problem_model(problem):
+    """Adapts a SeparableProblem to the `advance` driver."""
+
+    class _Adapter:
+        params = problem.params
+
+        @staticmethod
+        def loss():
+            return problem.loss()
+
+    return _Adapter
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["opt.backward", "loss.backward"])
+def test_graph_released_after_step(fused, manual):
+    gen = torch.Generator().manual_seed(32)
+    p = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    opt = ESGD([p, q], update_d_every=2, d_warmup=3, seed=0, fused=fused)
+    for s in range(8):
+        opt.zero_grad()
+        hidden = torch.tanh(p) * q
+        alive = weakref.ref(hidden)
+        loss = (hidden**2).sum() + (p**4).sum()
+        if manual:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                loss.backward(create_graph=opt.should_create_graph())
+        else:
+            opt.backward(loss)
+        del hidden, loss
+        opt.step()
+        gc.collect()
+        assert alive() is None, f"step {s}: the autograd graph outlived step()"
+        for t in (p, q):
+            assert t.grad is None or t.grad.grad_fn is None, f"step {s}: p.grad still holds a graph"
+
+
+def test_backward_helper_makes_no_reference_cycle():
+    problem = SeparableProblem([(5,)], seed=33)
+    opt = ESGD(problem.params, seed=0)
+    assert opt.should_create_graph()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.backward(problem.loss())
+        opt.step()
+    cycles = [w for w in caught if "reference cycle" in str(w.message)]
+    assert not cycles, str(cycles[0].message)
+
+
+def count_tensors():
+    gc.collect()
+    return sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["opt.backward", "loss.backward"])
+def test_repeated_steps_do_not_accumulate_objects(fused, manual):
+    model = CoupledModel()
+    opt = ESGD(model.params, update_d_every=2, d_warmup=3, seed=0, fused=fused)
+    counts = {}
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for s in range(31):
+            opt.zero_grad()
+            loss = model.loss()
+            losses.append(weakref.ref(loss))
+            if manual:
+                loss.backward(create_graph=opt.should_create_graph())
+            else:
+                opt.backward(loss)
+            del loss
+            opt.step()
+            if s in (10, 30):
+                counts[s] = count_tensors()
+    assert counts[30] <= counts[10], f"live tensors grew from {counts[10]} to {counts[30]}"
+    gc.collect()
+    assert all(r() is None for r in losses)
