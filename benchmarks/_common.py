@@ -1,0 +1,137 @@
+"""Helpers shared by the benchmark scripts: environment description, output files, tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+DEFAULT_OUT = BENCH_DIR / "results"
+
+
+def import_esgd():
+    """Import esgd_cuda, falling back to the source checkout.
+
+    Running ``python benchmarks/x.py`` puts ``benchmarks/`` (not the repo root) on sys.path, so an
+    uninstalled in-place build would otherwise be invisible. An installed package always wins.
+    """
+    try:
+        import esgd_cuda
+    except ImportError:
+        sys.path.insert(0, str(REPO_ROOT))
+        import esgd_cuda
+    import esgd_cuda._extension
+    import esgd_cuda.functional
+    return esgd_cuda
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available in this torch build / machine")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    esgd_cuda = import_esgd()
+    try:
+        ext = dict(esgd_cuda.extension_info())
+    except Exception as exc:  # a broken extension must not stop the benchmark from describing it
+        ext = {"error": repr(exc)}
+    env = {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_build": torch.version.cuda,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "esgd_cuda_extension": {k: _jsonable(v) for k, v in ext.items()},
+    }
+    return env
+
+
+def _jsonable(value):
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def environment_markdown(env: dict) -> str:
+    lines = [
+        f"- CPU: {env['cpu']} ({env['cpu_count']} logical cores, torch threads: {env['threads']})",
+        f"- Python {env['python']}, torch {env['torch']}, CUDA build {env['cuda_build'] or 'none'}",
+        f"- Device: {env['device']}" + (f" ({env['gpu']})" if env.get("gpu") else ""),
+    ]
+    ext = env.get("esgd_cuda_extension") or {}
+    loaded = ext.get("loaded", ext.get("LOADED"))
+    lines.append(f"- esgd_cuda native extension loaded: {loaded}"
+                 + (f" (error: {ext.get('error') or ext.get('load_error')})" if not loaded else ""))
+    return "\n".join(lines)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(headers) + " |",
+           "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    for row in rows:
+        out.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(out)
+
+
+def fmt(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞"
+    if isinstance(x, int):
+        return str(x)
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e4 or abs(x) < 1e-3:
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{digits}g}"
+
+
+def _finite_or_null(obj):
+    """Strict JSON has no NaN/Infinity; "not reached" / "diverged" become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
+def write_outputs(out_dir: Path, stem: str, payload: dict, markdown: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{stem}.json"
+    md_path = out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(_finite_or_null(payload), indent=2, allow_nan=False) + "\n")
+    md_path.write_text(markdown.rstrip() + "\n")
+    return json_path, md_path

@@ -1,0 +1,661 @@
+"""Convergence benchmark: how fast ESGD-M trains real models, against Adam, AdamW and SGD (Nesterov).
+
+Every optimizer gets the same learning-rate sweep size and the same seeds on each problem. The table
+reports, at each optimizer's best learning rate (lowest mean final training loss over seeds): the final
+training loss, the test metric, the steps and the training wall-clock seconds until the mean training
+loss first reaches the target (Adam's best mean final loss), and the amortized time per step
+(ESGD-M's Hessian-vector products included).
+
+    python benchmarks/convergence.py                # --quick: all problems, < 5 minutes on 2 CPU cores
+    python benchmarks/convergence.py --full         # longer runs, finer sweep, 5 seeds
+    python benchmarks/convergence.py --problems digits-mlp rosenbrock --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from _common import (DEFAULT_OUT, environment, environment_markdown, fmt, import_esgd,
+                     markdown_table, resolve_device, write_outputs)
+
+# ----------------------------------------------------------------------------------------- presets
+
+# Learning rates are decades in --quick and half-decades in --full; every optimizer gets as many.
+LR_GRIDS = {
+    "quick": {
+        "esgd": [1e-3, 1e-2, 1e-1, 1.0],
+        "adam": [1e-4, 1e-3, 1e-2, 1e-1],
+        "adamw": [1e-4, 1e-3, 1e-2, 1e-1],
+        "sgd": [1e-3, 1e-2, 1e-1, 1.0],
+    },
+    "full": {
+        "esgd": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0],
+        "adam": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+        "adamw": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+        "sgd": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0],
+    },
+    "smoke": {"esgd": [1e-1], "adam": [1e-2], "adamw": [1e-2], "sgd": [1e-2]},
+}
+SEEDS = {"quick": 3, "full": 5, "smoke": 2}
+
+OPTIMIZER_LABELS = {"esgd": "ESGD-M", "adam": "Adam", "adamw": "AdamW", "sgd": "SGD (Nesterov)"}
+OPTIMIZER_COLORS = {"esgd": "tab:red", "adam": "tab:blue", "adamw": "tab:cyan", "sgd": "tab:gray"}
+
+
+# ----------------------------------------------------------------------------------------- problems
+
+@dataclass
+class Instance:
+    """One problem, one seed: the parameters and how to evaluate them."""
+
+    module: nn.Module
+    batch_loss: Callable[[int], torch.Tensor]  # loss of the minibatch for a step index
+    train_loss: Callable[[], float]  # the training objective whose curve is reported
+    test_metric: Callable[[], float | None]
+
+
+class Problem:
+    name: str = ""
+    description: str = ""
+    metric: str | None = None  # name of the test metric, None when the problem has no test set
+    steps: dict[str, int]  # training steps per preset
+    eval_points = 25
+
+    def instance(self, seed: int, device: torch.device, preset: str) -> Instance:
+        raise NotImplementedError
+
+
+@functools.lru_cache(maxsize=None)
+def _digits(device_str: str):
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16.0
+    y = torch.tensor(y, dtype=torch.long)
+    # A fixed split: every optimizer and seed sees the same 80/20 train/test partition.
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    n_train = int(0.8 * len(x))
+    tr, te = perm[:n_train], perm[n_train:]
+    return tuple(t.to(device_str) for t in (x[tr], y[tr], x[te], y[te]))
+
+
+def _batch_sampler(n: int, batch: int, seed: int, device: torch.device) -> Callable[[int], torch.Tensor]:
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    return lambda step: torch.randint(0, n, (batch,), generator=gen).to(device)
+
+
+class DigitsMLP(Problem):
+    name = "digits-mlp"
+    description = "MLP 64-128-128-10 (tanh) classifier on scikit-learn digits, batch 64"
+    metric = "test acc"
+    steps = {"smoke": 24, "quick": 500, "full": 2000}
+
+    def instance(self, seed, device, preset):
+        xtr, ytr, xte, yte = _digits(str(device))
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(),
+                              nn.Linear(128, 10)).to(device)
+        sample = _batch_sampler(len(xtr), 64, seed, device)
+
+        def batch_loss(step):
+            idx = sample(step)
+            return F.cross_entropy(model(xtr[idx]), ytr[idx])
+
+        @torch.no_grad()
+        def test_metric():
+            return (model(xte).argmax(1) == yte).float().mean().item()
+
+        return Instance(model, batch_loss, _no_grad_loss(lambda: F.cross_entropy(model(xtr), ytr)),
+                        test_metric)
+
+
+class DigitsAutoencoder(Problem):
+    name = "digits-autoencoder"
+    description = ("deep autoencoder 64-128-64-32-8-32-64-128-64 (tanh, sigmoid output), "
+                   "MSE on scikit-learn digits, batch 128")
+    metric = "test MSE"
+    steps = {"smoke": 24, "quick": 600, "full": 3000}
+
+    def instance(self, seed, device, preset):
+        xtr, _, xte, _ = _digits(str(device))
+        torch.manual_seed(seed)
+        widths = [64, 128, 64, 32, 8, 32, 64, 128, 64]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.Linear(a, b))
+            layers.append(nn.Sigmoid() if i == len(widths) - 2 else nn.Tanh())
+        model = nn.Sequential(*layers).to(device)
+        sample = _batch_sampler(len(xtr), 128, seed, device)
+
+        def batch_loss(step):
+            xb = xtr[sample(step)]
+            return F.mse_loss(model(xb), xb)
+
+        return Instance(model, batch_loss, _no_grad_loss(lambda: F.mse_loss(model(xtr), xtr)),
+                        _no_grad_loss(lambda: F.mse_loss(model(xte), xte)))
+
+
+STDLIB_MODULES = ("textwrap.py", "heapq.py", "bisect.py", "fnmatch.py", "shlex.py", "glob.py",
+                  "colorsys.py", "string.py", "queue.py", "sched.py", "contextlib.py", "functools.py")
+
+
+@functools.lru_cache(maxsize=None)
+def _stdlib_text(device_str: str):
+    """Bytes of a fixed list of standard-library modules: a local corpus that needs no download."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks = [(root / name).read_bytes() for name in STDLIB_MODULES if (root / name).is_file()]
+    if sum(map(len, chunks)) < 50_000:
+        raise RuntimeError(f"char-transformer: too little standard-library source found under {root}")
+    data = torch.tensor(list(b"\n".join(chunks)), dtype=torch.long)
+    vocab, ids = torch.unique(data, return_inverse=True)
+    n_train = int(0.9 * len(ids))
+    return ids[:n_train].to(device_str), ids[n_train:].to(device_str), len(vocab)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x, mask):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        # Attention written out: the flash/efficient SDPA kernels have no double backward, which the
+        # Hessian-vector product needs.
+        att = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5
+        att = att.masked_fill(mask[:t, :t], float("-inf")).softmax(-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class CharTransformer(nn.Module):
+    def __init__(self, vocab: int, d: int, heads: int, layers: int, ctx: int):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(ctx, d) * 0.02)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+        self.register_buffer("mask", torch.triu(torch.ones(ctx, ctx, dtype=torch.bool), 1),
+                             persistent=False)
+        nn.init.normal_(self.tok.weight, std=0.02)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos[: idx.shape[1]]
+        for block in self.blocks:
+            x = block(x, self.mask)
+        return self.head(self.ln(x))
+
+
+class CharTransformerLM(Problem):
+    name = "char-transformer"
+    description = ("char-level transformer LM (2 layers, d=48, 4 heads, context 32, batch 16) "
+                   "on Python standard-library source")
+    metric = "test bits/char"
+    steps = {"smoke": 24, "quick": 400, "full": 2000}
+    d, heads, layers, ctx, batch = 48, 4, 2, 32, 16
+
+    def instance(self, seed, device, preset):
+        train, test, vocab = _stdlib_text(str(device))
+        torch.manual_seed(seed)
+        model = CharTransformer(vocab, self.d, self.heads, self.layers, self.ctx).to(device)
+        gen = torch.Generator().manual_seed(10_000 + seed)
+
+        def windows(data, starts):
+            offsets = torch.arange(self.ctx + 1, device=device)
+            w = data[starts.to(device)[:, None] + offsets]
+            return w[:, :-1], w[:, 1:]
+
+        def loss_on(data, starts):
+            x, y = windows(data, starts)
+            return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+        def batch_loss(step):
+            return loss_on(train, torch.randint(0, len(train) - self.ctx - 1, (self.batch,), generator=gen))
+
+        # Fixed evaluation windows, the same for every optimizer and seed.
+        n_eval = 64 if preset != "smoke" else 8
+        eval_gen = torch.Generator().manual_seed(1)
+        train_starts = torch.randint(0, len(train) - self.ctx - 1, (n_eval,), generator=eval_gen)
+        test_starts = torch.linspace(0, len(test) - self.ctx - 2, n_eval).long()
+
+        return Instance(model, batch_loss, _no_grad_loss(lambda: loss_on(train, train_starts)),
+                        _no_grad_loss(lambda: loss_on(test, test_starts) / math.log(2)))
+
+
+class ParamVector(nn.Module):
+    def __init__(self, x0: torch.Tensor):
+        super().__init__()
+        self.x = nn.Parameter(x0)
+
+
+class Rosenbrock(Problem):
+    name = "rosenbrock"
+    description = "10-d Rosenbrock, start (-1.2, 1, ...) + N(0, 0.1^2), full gradient"
+    steps = {"smoke": 24, "quick": 1500, "full": 5000}
+    dim = 10
+
+    def instance(self, seed, device, preset):
+        gen = torch.Generator().manual_seed(seed)
+        x0 = torch.tensor([-1.2, 1.0] * (self.dim // 2)) + 0.1 * torch.randn(self.dim, generator=gen)
+        module = ParamVector(x0.to(device))
+
+        def f():
+            x = module.x
+            return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+        return Instance(module, lambda step: f(), _no_grad_loss(f), lambda: None)
+
+
+class RotatedQuadratic(Problem):
+    name = "quadratic"
+    description = "ill-conditioned rotated quadratic, 100-d, eigenvalues 1e-2..1e2 (condition 1e4)"
+    steps = {"smoke": 24, "quick": 1000, "full": 4000}
+    dim = 100
+
+    def instance(self, seed, device, preset):
+        # The matrix is part of the problem (fixed); the starting point depends on the seed.
+        q, _ = torch.linalg.qr(torch.randn(self.dim, self.dim, generator=torch.Generator().manual_seed(1234),
+                                           dtype=torch.float64))
+        a = (q * torch.logspace(-2, 2, self.dim, dtype=torch.float64)) @ q.T
+        a = a.float().to(device)
+        gen = torch.Generator().manual_seed(seed)
+        module = ParamVector(torch.randn(self.dim, generator=gen).to(device))
+
+        def f():
+            x = module.x
+            return 0.5 * x @ (a @ x) / self.dim
+
+        return Instance(module, lambda step: f(), _no_grad_loss(f), lambda: None)
+
+
+def _no_grad_loss(fn: Callable[[], torch.Tensor]) -> Callable[[], float]:
+    def evaluate():
+        with torch.no_grad():
+            return float(fn())
+    return evaluate
+
+
+PROBLEMS: dict[str, Problem] = {p.name: p for p in (DigitsMLP(), DigitsAutoencoder(), CharTransformerLM(),
+                                                   Rosenbrock(), RotatedQuadratic())}
+
+
+# ----------------------------------------------------------------------------------------- running
+
+def make_optimizer(name: str, params, lr: float, seed: int, device: torch.device):
+    if name == "esgd":
+        return import_esgd().ESGD(params, lr=lr, seed=seed)
+    if name in ("adam", "adamw"):
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        # The fastest Adam torch offers on this device is the fair baseline.
+        try:
+            return cls(params, lr=lr, fused=True)
+        except RuntimeError:
+            return cls(params, lr=lr, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(task: tuple) -> dict:
+    """Train one (problem, optimizer, lr, seed); time only the training steps, not the evaluations."""
+    problem_name, opt_name, lr, seed, device_str, preset = task
+    device = torch.device(device_str)
+    problem = PROBLEMS[problem_name]
+    steps = problem.steps[preset]
+    inst = problem.instance(seed, device, preset)
+    params = list(inst.module.parameters())
+    opt = make_optimizer(opt_name, params, lr, seed, device)
+    is_esgd = opt_name == "esgd"
+    eval_every = max(1, steps // problem.eval_points)
+
+    curve_steps, curve_loss, curve_time = [0], [inst.train_loss()], [0.0]
+    train_seconds = 0.0
+    diverged = not math.isfinite(curve_loss[0])
+    step = 0
+    while step < steps and not diverged:
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(min(eval_every, steps - step)):
+            opt.zero_grad(set_to_none=True)
+            loss = inst.batch_loss(step)
+            if is_esgd:
+                opt.backward(loss)
+            else:
+                loss.backward()
+            opt.step()
+            step += 1
+        _synchronize(device)
+        train_seconds += time.perf_counter() - start
+        value = inst.train_loss()
+        curve_steps.append(step)
+        curve_loss.append(value if math.isfinite(value) else math.inf)
+        curve_time.append(train_seconds)
+        diverged = not math.isfinite(value)
+    test = None if diverged else inst.test_metric()
+    return dict(problem=problem_name, optimizer=opt_name, lr=lr, seed=seed, steps=curve_steps,
+                loss=curve_loss, time=curve_time, steps_done=step, train_seconds=train_seconds,
+                final_loss=curve_loss[-1], test_metric=test, diverged=diverged)
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_tasks(tasks: list[tuple], jobs: int, threads: int, progress: bool) -> list[dict]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc="convergence runs", unit="run", disable=not progress,
+               dynamic_ncols=True)
+    results = []
+    try:
+        if jobs <= 1:
+            torch.set_num_threads(threads)
+            for task in tasks:
+                bar.set_postfix_str(f"{task[0]} {task[1]} lr={task[2]:g} seed={task[3]}", refresh=False)
+                results.append(run_one(task))
+                bar.update()
+        else:
+            # spawn, not fork: forking a process that already ran OpenMP/intra-op threads can hang.
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(jobs, initializer=_worker_init, initargs=(threads,)) as pool:
+                for result in pool.imap_unordered(run_one, tasks):
+                    results.append(result)
+                    bar.update()
+    finally:
+        bar.close()
+    return results
+
+
+# ----------------------------------------------------------------------------------------- analysis
+
+def _mean(values):
+    values = list(values)
+    if any(not math.isfinite(v) for v in values):
+        return math.inf
+    return sum(values) / len(values)
+
+
+def aggregate(results: list[dict]) -> dict:
+    """Per (problem, optimizer, lr): curves averaged over seeds; then the best lr per optimizer."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["problem"], r["optimizer"], r["lr"]), []).append(r)
+    sweeps: dict[tuple, dict] = {}
+    for (problem, opt, lr), runs in groups.items():
+        runs.sort(key=lambda r: r["seed"])
+        n_points = max(len(r["steps"]) for r in runs)
+        longest = max(runs, key=lambda r: len(r["steps"]))
+        # A diverged seed stops early; it counts as infinite loss from there on.
+        loss = [_mean(r["loss"][i] if i < len(r["loss"]) else math.inf for r in runs)
+                for i in range(n_points)]
+        times = [statistics.fmean(r["time"][min(i, len(r["time"]) - 1)] for r in runs)
+                 for i in range(n_points)]
+        finals = [r["final_loss"] for r in runs]
+        tests = [r["test_metric"] for r in runs]
+        completed = [r for r in runs if not r["diverged"]] or runs
+        sweeps[(problem, opt, lr)] = dict(
+            problem=problem, optimizer=opt, lr=lr, seeds=[r["seed"] for r in runs],
+            steps=longest["steps"], loss=loss, time=times, final_loss=_mean(finals),
+            final_loss_std=statistics.pstdev(finals) if all(map(math.isfinite, finals)) else math.inf,
+            test_metric=None if any(t is None for t in tests) else statistics.fmean(tests),
+            diverged=sum(r["diverged"] for r in runs),
+            ms_per_step=1e3 * statistics.median(r["train_seconds"] / max(r["steps_done"], 1)
+                                                for r in completed),
+        )
+
+    best: dict[tuple, dict] = {}
+    for key, s in sweeps.items():
+        k = (s["problem"], s["optimizer"])
+        if k not in best or s["final_loss"] < best[k]["final_loss"]:
+            best[k] = s
+
+    summary = []
+    problems = sorted({k[0] for k in best}, key=list(PROBLEMS).index)
+    for problem in problems:
+        opts = [o for o in OPTIMIZER_LABELS if (problem, o) in best]
+        # Step time does not depend on the learning rate: use every completed run for it.
+        step_ms = {o: statistics.median(s["ms_per_step"] for s in sweeps.values()
+                                        if s["problem"] == problem and s["optimizer"] == o)
+                   for o in opts}
+        adam = best.get((problem, "adam"))
+        target = adam["final_loss"] if adam and math.isfinite(adam["final_loss"]) else None
+        for o in opts:
+            s = best[(problem, o)]
+            hit = None
+            if target is not None:
+                hit = next((i for i, v in enumerate(s["loss"]) if v <= target), None)
+            summary.append(dict(
+                problem=problem, optimizer=o, best_lr=s["lr"], final_loss=s["final_loss"],
+                final_loss_std=s["final_loss_std"], test_metric=s["test_metric"],
+                diverged_seeds=s["diverged"], n_seeds=len(s["seeds"]), target=target,
+                steps_to_target=None if hit is None else s["steps"][hit],
+                seconds_to_target=None if hit is None else s["time"][hit],
+                ms_per_step=step_ms[o],
+                step_time_vs_adam=step_ms[o] / step_ms["adam"] if "adam" in step_ms else None,
+            ))
+        adam_row = next((r for r in summary if r["problem"] == problem and r["optimizer"] == "adam"), None)
+        for r in summary:
+            if r["problem"] != problem:
+                continue
+            r["time_to_target_vs_adam"] = (
+                r["seconds_to_target"] / adam_row["seconds_to_target"]
+                if adam_row and r["seconds_to_target"] is not None and adam_row["seconds_to_target"]
+                else None)
+    return dict(sweeps=list(sweeps.values()), best=list(best.values()), summary=summary)
+
+
+def _metric_str(problem: str, value) -> str:
+    if value is None:
+        return "—"
+    if PROBLEMS[problem].metric == "test acc":
+        return f"{100 * value:.1f}%"
+    return fmt(value)
+
+
+def to_markdown(result: dict) -> str:
+    env = result["environment"]
+    agg = result["aggregate"]
+    parts = [f"## Convergence ({result['preset']}, {result['device']})", "", environment_markdown(env),
+             f"- {result['n_seeds']} seeds per learning rate; learning rates: "
+             + "; ".join(f"{OPTIMIZER_LABELS[o]} {', '.join(f'{lr:g}' for lr in lrs)}"
+                         for o, lrs in result["lr_grid"].items()),
+             f"- {len(result['runs'])} runs, {result['jobs']} worker process(es) x "
+             f"{result['threads']} torch thread(s), wall time {result['elapsed_s']:.0f} s",
+             "- Target = Adam's best mean final training loss; \"to target\" = first evaluation where "
+             "the seed-mean training loss is <= target; seconds count training steps only "
+             "(no evaluation); ms/step is amortized (ESGD-M: Hessian-vector products every 10 steps "
+             "and on the first 20).", ""]
+    headers = ["problem", "optimizer", "best lr", "final train loss", "test", "steps to target",
+               "s to target", "time to target vs Adam", "ms/step", "step time vs Adam"]
+    rows = []
+    for r in agg["summary"]:
+        loss = fmt(r["final_loss"])
+        if math.isfinite(r["final_loss_std"]) and r["n_seeds"] > 1:
+            loss += f" ± {fmt(r['final_loss_std'], 2)}"
+        if r["diverged_seeds"]:
+            loss += f" ({r['diverged_seeds']}/{r['n_seeds']} diverged)"
+        rows.append([
+            r["problem"], OPTIMIZER_LABELS[r["optimizer"]], f"{r['best_lr']:g}", loss,
+            _metric_str(r["problem"], r["test_metric"]),
+            "not reached" if r["steps_to_target"] is None else r["steps_to_target"],
+            "not reached" if r["seconds_to_target"] is None else fmt(r["seconds_to_target"]),
+            "—" if r["time_to_target_vs_adam"] is None else f"{r['time_to_target_vs_adam']:.2f}x",
+            fmt(r["ms_per_step"]),
+            "—" if r["step_time_vs_adam"] is None else f"{r['step_time_vs_adam']:.2f}x",
+        ])
+    parts.append(markdown_table(headers, rows))
+    parts.append("")
+    parts.append("Problems:")
+    for name in result["problems"]:
+        p = PROBLEMS[name]
+        parts.append(f"- `{name}`: {p.description}; {p.steps[result['preset']]} steps"
+                     + (f"; test metric: {p.metric}" if p.metric else ""))
+    goals = goal_lines(agg["summary"])
+    if goals:
+        parts += ["", "Performance goals (measured, not asserted):"] + goals
+    return "\n".join(parts) + "\n"
+
+
+def goal_lines(summary: list[dict]) -> list[str]:
+    esgd = [r for r in summary if r["optimizer"] == "esgd"]
+    if not esgd or not any(r["step_time_vs_adam"] for r in esgd):
+        return []
+    lines = []
+    within = [r for r in esgd if r["step_time_vs_adam"] is not None and r["step_time_vs_adam"] <= 1.10]
+    lines.append(f"- Amortized step time <= 1.10x Adam: {len(within)}/{len(esgd)} problems ("
+                 + ", ".join(f"{r['problem']} {r['step_time_vs_adam']:.2f}x" for r in esgd
+                             if r["step_time_vs_adam"] is not None) + ")")
+    faster = [r for r in esgd if r["time_to_target_vs_adam"] is not None and r["time_to_target_vs_adam"] < 1]
+    lines.append(f"- Reaches Adam's best final loss in less wall-clock time than Adam: "
+                 f"{len(faster)}/{len(esgd)} problems ("
+                 + ", ".join(f"{r['problem']} "
+                             + ("not reached" if r["time_to_target_vs_adam"] is None
+                                else f"{r['time_to_target_vs_adam']:.2f}x")
+                             for r in esgd) + ")")
+    return lines
+
+
+def plot(result: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = result["aggregate"]["best"]
+    targets = {r["problem"]: r["target"] for r in result["aggregate"]["summary"]}
+    problems = result["problems"]
+    fig, axes = plt.subplots(2, len(problems), figsize=(3.6 * len(problems), 6.2), squeeze=False)
+    for col, problem in enumerate(problems):
+        for row, xkey in enumerate(("steps", "time")):
+            ax = axes[row][col]
+            for s in best:
+                if s["problem"] != problem:
+                    continue
+                xs = s[xkey]
+                ys = [v if math.isfinite(v) else float("nan") for v in s["loss"]]
+                ax.plot(xs, ys, color=OPTIMIZER_COLORS[s["optimizer"]], lw=1.5,
+                        label=f"{OPTIMIZER_LABELS[s['optimizer']]} lr={s['lr']:g}")
+            if targets.get(problem) is not None:
+                ax.axhline(targets[problem], color="k", ls=":", lw=1, label="target (Adam best)")
+            curves = [s["loss"] for s in best if s["problem"] == problem]
+            if all(v > 0 for c in curves for v in c):
+                ax.set_yscale("log")
+            # A diverging optimizer would otherwise stretch the axis over many decades.
+            ax.set_ylim(top=3 * max(c[0] for c in curves))
+            ax.set_xlabel("step" if xkey == "steps" else "training seconds")
+            if col == 0:
+                ax.set_ylabel("train loss (seed mean)")
+            if row == 0:
+                ax.set_title(problem, fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=8)
+            if row == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"ESGD-M vs Adam/AdamW/SGD, best lr per optimizer, {result['n_seeds']} seeds "
+                 f"({result['device']}, {result['preset']})", fontsize=11)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"convergence_{result['preset']}_{torch.device(result['device']).type}.png"
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return [path]
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                        help="default: every problem, short runs, decade lr sweep, 3 seeds")
+    preset.add_argument("--full", dest="preset", action="store_const", const="full",
+                        help="longer runs, half-decade lr sweep, 5 seeds")
+    preset.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
+                        help="a few steps of everything, for CI")
+    p.set_defaults(preset="quick")
+    p.add_argument("--problems", nargs="+", default=None, choices=list(PROBLEMS), metavar="PROBLEM",
+                   help=f"subset of: {', '.join(PROBLEMS)}")
+    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZER_LABELS), choices=list(OPTIMIZER_LABELS),
+                   metavar="OPT", help=f"subset of: {', '.join(OPTIMIZER_LABELS)} (adam sets the target)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per learning rate (default: preset)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="parallel worker processes (default: one per core on CPU, 1 on CUDA)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: cores / jobs)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    cores = os.cpu_count() or 1
+    if args.jobs is not None and args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    if args.seeds is not None and args.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    # These models are small: one thread each, with one run per core, uses a CPU far better than
+    # several threads fighting over one tiny matmul. A GPU runs one job at a time.
+    jobs = args.jobs or (1 if device.type == "cuda" or args.preset == "smoke" else min(cores, 8))
+    threads = args.threads or max(1, cores // jobs)
+    problems = args.problems or list(PROBLEMS)
+    n_seeds = args.seeds or SEEDS[args.preset]
+    grid = {o: LR_GRIDS[args.preset][o] for o in args.optimizers}
+
+    tasks = [(problem, opt, lr, seed, str(device), args.preset)
+             for problem in problems
+             for seed in range(n_seeds)
+             for opt, lrs in grid.items()
+             for lr in lrs]
+    # Longest problems first, so the last worker to finish is not stuck with a long tail.
+    cost = {"char-transformer": 0, "digits-autoencoder": 1, "digits-mlp": 2}
+    tasks.sort(key=lambda t: cost.get(t[0], 3))
+
+    env = environment(device)
+    started = time.perf_counter()
+    runs = run_tasks(tasks, jobs, threads, args.progress)
+    elapsed = time.perf_counter() - started
+    runs.sort(key=lambda r: (problems.index(r["problem"]), list(grid).index(r["optimizer"]), r["lr"], r["seed"]))
+    result = dict(environment=env, preset=args.preset, device=str(device), problems=problems,
+                  lr_grid=grid, n_seeds=n_seeds, jobs=jobs, threads=threads, elapsed_s=elapsed,
+                  aggregate=aggregate(runs), runs=runs)
+    markdown = to_markdown(result)
+    stem = f"convergence_{args.preset}_{device.type}"
+    json_path, md_path = write_outputs(args.out, stem, result, markdown)
+    pngs = plot(result, args.out)
+    print(markdown)
+    print(f"wrote {md_path}, {json_path}, {', '.join(map(str, pngs))}", file=sys.stderr)
+    result["outputs"] = dict(json=json_path, markdown=md_path, png=pngs)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""Optimizer step-time benchmark: ESGD-M (fused and pure-PyTorch) against torch.optim.Adam/AdamW.
+
+Reports ms/step, effective memory bandwidth (bytes the update must move / time), that bandwidth as a
+fraction of a plain copy measured in the same run, and the ratio to fused Adam on the same shape.
+
+    python benchmarks/step_time.py                 # CPU preset on CPU, CUDA preset when a GPU is present
+    python benchmarks/step_time.py --device cuda --preset full
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils import benchmark as tbench
+
+from _common import (DEFAULT_OUT, environment, environment_markdown, fmt, import_esgd,
+                     markdown_table, resolve_device, write_outputs)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+BETA1, BETA2, V, EPS = 0.9, 0.999, 0.9, 1e-4
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    sizes: tuple[int, ...]
+    note: str
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+
+def transformer_sizes(vocab: int, d: int, layers: int) -> tuple[int, ...]:
+    """Tensor sizes of a GPT-2-style decoder: embeddings, then per layer LN, QKV, proj, MLP."""
+    sizes = [vocab * d, 1024 * d]
+    for _ in range(layers):
+        sizes += [d, d, 3 * d * d, 3 * d, d * d, d, d, d, 4 * d * d, 4 * d, 4 * d * d, d]
+    sizes += [d, d]
+    return tuple(sizes)
+
+
+def issue3_sizes() -> tuple[int, ...]:
+    """The issue-3 report: 19M fp32 parameters in 150 tensors, a few 4M, many 1M/256K, many tiny."""
+    tiny = [64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096]
+    sizes = [4 << 20] * 2 + [1 << 20] * 8 + [256 << 10] * 8
+    sizes += [tiny[i % len(tiny)] for i in range(150 - len(sizes))]
+    return tuple(sizes)
+
+
+SHAPES = {
+    "smoke-mix": Shape("smoke-mix", (4099, 1, 257, 65536, 3), "tiny mixed sizes, for CI"),
+    "smoke-small": Shape("smoke-small", (1024,) * 64, "64 x 1K"),
+    "gpt-1M": Shape("gpt-1M", transformer_sizes(vocab=2048, d=128, layers=4),
+                    "GPT-style, d=128, 4 layers, vocab 2048"),
+    "many-small": Shape("many-small", (1024,) * 1000, "1000 tensors x 1K elements"),
+    "issue3-19M": Shape("issue3-19M", issue3_sizes(), "2x4M + 8x1M + 8x256K + 132 tiny"),
+    "gpt2-124M": Shape("gpt2-124M", transformer_sizes(vocab=50257, d=768, layers=12),
+                       "GPT-2 small, d=768, 12 layers"),
+}
+
+PRESETS = {
+    "smoke": dict(shapes=["smoke-mix", "smoke-small"], dtypes=["fp32", "bf16"], min_run_time=0.02,
+                  copy_mib=16),
+    "cpu": dict(shapes=["gpt-1M", "many-small", "issue3-19M"], dtypes=["fp32", "bf16"],
+                min_run_time=0.3, copy_mib=256),
+    "cuda": dict(shapes=["gpt-1M", "many-small", "issue3-19M", "gpt2-124M"], dtypes=["fp32", "bf16"],
+                 min_run_time=0.5, copy_mib=1024),
+    "full": dict(shapes=["gpt-1M", "many-small", "issue3-19M", "gpt2-124M"],
+                 dtypes=["fp32", "bf16"], min_run_time=0.5, copy_mib=1024),
+}
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def bytes_per_param(kind: str, param_dtype: torch.dtype) -> int:
+    """Bytes one parameter's update must read and write, at best, in one step.
+
+    ESGD plain: read p, g, m, D; write p, m. Estimation adds read Hz and write D.
+    Adam: read p, g, m, v; write p, m, v (torch keeps Adam state in the parameter dtype).
+    """
+    ps = torch.empty((), dtype=param_dtype).element_size()
+    ss = torch.empty((), dtype=state_dtype(param_dtype)).element_size()
+    if kind == "esgd":
+        return 3 * ps + 3 * ss
+    if kind == "esgd_hz":
+        return 4 * ps + 4 * ss
+    if kind == "adam":
+        return 7 * ps
+    raise ValueError(f"unknown byte model {kind!r}")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], None], device: torch.device, min_run_time: float,
+                   warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    # Timer defaults to one thread; an optimizer step should use the threads training would use.
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def copy_bandwidth(device: torch.device, mib: int, min_run_time: float) -> float:
+    n = mib * (1 << 20) // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    t = median_seconds(lambda: dst.copy_(src), device, max(min_run_time, 0.1))
+    return 2 * src.numel() * src.element_size() / t / 1e9
+
+
+def make_tensors(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator,
+                 scale: float = 1.0) -> list[torch.Tensor]:
+    return [(torch.randn(n, generator=gen, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
+            for n in shape.sizes]
+
+
+class Case:
+    """One benchmark row: a callable that performs one step, plus how many bytes that step must move."""
+
+    def __init__(self, name: str, byte_kind: str, fn: Callable[[], None]):
+        self.name, self.byte_kind, self.fn = name, byte_kind, fn
+
+
+def esgd_step_case(esgd_cuda, shape, dtype, device, gen, fused: bool) -> Case:
+    """opt.step() on a plain (non-estimation) step with existing state, grads fixed."""
+    params = [torch.nn.Parameter(t) for t in make_tensors(shape, dtype, device, gen)]
+    grads = make_tensors(shape, dtype, device, gen, scale=1e-2)
+    opt = esgd_cuda.ESGD(params, lr=1e-3, d_warmup=1, update_d_every=10 ** 9, seed=0, fused=fused)
+    if not opt.should_create_graph():
+        raise RuntimeError("ESGD.should_create_graph() is False on step 0 with d_warmup=1; "
+                           "the schedule does not match the documented API")
+    opt.zero_grad()
+    loss = sum(0.5 * (p.float() ** 2).sum() for p in params)
+    opt.backward(loss)
+    opt.step()
+    del loss
+    if opt.should_create_graph():
+        raise RuntimeError("ESGD still wants an estimation step after its only warm-up step")
+    for p, g in zip(params, grads):
+        p.grad = g
+    label = "fused" if fused else "fused=False"
+    return Case(f"ESGD {label}: opt.step() plain", "esgd", opt.step)
+
+
+def esgd_kernel_case(esgd_cuda, shape, dtype, device, gen, fused: bool, hz: bool) -> Case:
+    """functional.esgd_update on ready state tensors: the update alone, no optimizer bookkeeping."""
+    sdt = state_dtype(dtype)
+    params = make_tensors(shape, dtype, device, gen)
+    grads = make_tensors(shape, dtype, device, gen, scale=1e-2)
+    exp_avgs = make_tensors(shape, sdt, device, gen, scale=1e-2)
+    exp_hz_sqs = [t.abs_() for t in make_tensors(shape, sdt, device, gen, scale=1e-2)]
+    hzs = make_tensors(shape, dtype, device, gen, scale=1e-1) if hz else None
+    t = 50
+    kwargs = dict(beta1=BETA1, beta2=BETA2, v=V, eps=EPS, weight_decay=0.0, step_size=1e-3,
+                  momentum_scale=1.0 / (1.0 - BETA1 ** t * V),
+                  denom_scale=1.0 / math.sqrt(1.0 - BETA2 ** 6), fused=fused)
+    update = esgd_cuda.functional.esgd_update
+
+    def fn():
+        update(params, grads, exp_avgs, exp_hz_sqs, hzs, **kwargs)
+
+    label = "fused" if fused else "fused=False"
+    what = "estimation (+Hz)" if hz else "plain"
+    return Case(f"ESGD {label}: esgd_update {what}", "esgd_hz" if hz else "esgd", fn)
+
+
+def adam_case(shape, dtype, device, gen, cls, impl: str) -> Case:
+    params = [torch.nn.Parameter(t) for t in make_tensors(shape, dtype, device, gen)]
+    for p, g in zip(params, make_tensors(shape, dtype, device, gen, scale=1e-2)):
+        p.grad = g
+    opt = cls(params, lr=1e-3, **{impl: True})
+    opt.step()
+    return Case(f"{cls.__name__} {impl}", "adam", opt.step)
+
+
+def build_cases(esgd_cuda, shape: Shape, dtype: torch.dtype, device: torch.device, seed: int):
+    """Yield (name, byte_kind, case factory or skip reason). Factories build lazily so each row's
+    tensors can be freed before the next one is allocated (the 124M shape is large on a CPU box)."""
+    fused_ok = esgd_cuda._extension.fused_supported(device, dtype)
+    fused_why = None if fused_ok else (
+        f"fused ESGD unsupported for {device.type}/{dtype}: "
+        f"{esgd_cuda._extension.LOAD_ERROR or 'extension has no kernel for this device/dtype'}")
+    gen = torch.Generator().manual_seed(seed)
+    specs = [
+        ("ESGD fused: opt.step() plain", "esgd", fused_why,
+         lambda: esgd_step_case(esgd_cuda, shape, dtype, device, gen, fused=True)),
+        ("ESGD fused: esgd_update plain", "esgd", fused_why,
+         lambda: esgd_kernel_case(esgd_cuda, shape, dtype, device, gen, fused=True, hz=False)),
+        ("ESGD fused: esgd_update estimation (+Hz)", "esgd_hz", fused_why,
+         lambda: esgd_kernel_case(esgd_cuda, shape, dtype, device, gen, fused=True, hz=True)),
+        ("ESGD fused=False: opt.step() plain", "esgd", None,
+         lambda: esgd_step_case(esgd_cuda, shape, dtype, device, gen, fused=False)),
+        ("ESGD fused=False: esgd_update plain", "esgd", None,
+         lambda: esgd_kernel_case(esgd_cuda, shape, dtype, device, gen, fused=False, hz=False)),
+        ("ESGD fused=False: esgd_update estimation (+Hz)", "esgd_hz", None,
+         lambda: esgd_kernel_case(esgd_cuda, shape, dtype, device, gen, fused=False, hz=True)),
+    ]
+    for cls in (torch.optim.Adam, torch.optim.AdamW):
+        for impl in ("fused", "foreach"):
+            specs.append((f"{cls.__name__} {impl}", "adam", None,
+                          lambda cls=cls, impl=impl: adam_case(shape, dtype, device, gen, cls, impl)))
+    return specs
+
+
+def run(args) -> dict:
+    device = resolve_device(args.device)
+    preset = PRESETS[args.preset or ("cuda" if device.type == "cuda" else "cpu")]
+    shapes = args.shapes or preset["shapes"]
+    dtypes = args.dtypes or preset["dtypes"]
+    min_run_time = args.min_run_time if args.min_run_time is not None else preset["min_run_time"]
+    for name in shapes:
+        if name not in SHAPES:
+            raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {', '.join(SHAPES)}")
+    for name in dtypes:
+        if name not in DTYPES:
+            raise SystemExit(f"--dtypes: unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    esgd_cuda = import_esgd()
+    env = environment(device)
+    started = time.perf_counter()
+    copy_gbs = copy_bandwidth(device, preset["copy_mib"], min_run_time)
+    rows = []
+    for shape_name in shapes:
+        shape = SHAPES[shape_name]
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            group = []
+            for name, byte_kind, skip, factory in build_cases(esgd_cuda, shape, dtype, device,
+                                                              args.seed):
+                row = dict(shape=shape.name, shape_note=shape.note, dtype=dtype_name,
+                           params=shape.numel, tensors=len(shape.sizes), case=name,
+                           bytes_per_param=bytes_per_param(byte_kind, dtype), skipped=skip,
+                           ms=None, gbs=None, copy_fraction=None, vs_adam_fused=None)
+                if skip is None:
+                    try:
+                        case = factory()
+                        seconds = median_seconds(case.fn, device, min_run_time)
+                    except Exception as exc:  # one broken path must not hide the other rows
+                        row["skipped"] = f"error: {type(exc).__name__}: {exc}"
+                    else:
+                        row["ms"] = seconds * 1e3
+                        row["gbs"] = row["bytes_per_param"] * shape.numel / seconds / 1e9
+                        row["copy_fraction"] = row["gbs"] / copy_gbs
+                    finally:
+                        case = None
+                group.append(row)
+                if args.verbose:
+                    print(f"  {shape.name:>12} {dtype_name:>5} {name:<46} "
+                          f"{fmt(row['ms'])} ms{'  ' + row['skipped'] if row['skipped'] else ''}",
+                          file=sys.stderr, flush=True)
+            # Optimizers hold reference cycles; free this group's tensors before the next allocates.
+            gc.collect()
+            adam = next((r["ms"] for r in group if r["case"] == "Adam fused"), None)
+            for r in group:
+                if adam and r["ms"]:
+                    r["vs_adam_fused"] = r["ms"] / adam
+            rows.extend(group)
+    return dict(environment=env, preset=args.preset, device=str(device), min_run_time=min_run_time,
+                copy_gbs=copy_gbs, copy_mib=preset["copy_mib"], rows=rows,
+                elapsed_s=time.perf_counter() - started)
+
+
+def to_markdown(result: dict) -> str:
+    env = result["environment"]
+    parts = [f"## Optimizer step time ({result['device']})", "", environment_markdown(env),
+             f"- Copy bandwidth (`dst.copy_(src)`, {result['copy_mib']} MiB, 2 x bytes / time): "
+             f"{result['copy_gbs']:.1f} GB/s",
+             f"- Median of `torch.utils.benchmark` blocked_autorange "
+             f"(min_run_time={result['min_run_time']} s) after warm-up", ""]
+    headers = ["case", "ms/step", "GB/s", "% of copy", "x Adam fused", "B/param"]
+    keyed = {}
+    for r in result["rows"]:
+        keyed.setdefault((r["shape"], r["dtype"]), []).append(r)
+    for (shape, dtype), rows in keyed.items():
+        first = rows[0]
+        parts.append(f"### {shape}, {dtype}: {first['params'] / 1e6:.2f}M params in "
+                     f"{first['tensors']} tensors ({first['shape_note']})")
+        parts.append("")
+        table = []
+        for r in rows:
+            if r["ms"] is None:
+                table.append([r["case"], "n/a", "", "", "", r["bytes_per_param"]])
+                continue
+            table.append([r["case"], fmt(r["ms"]), fmt(r["gbs"]),
+                          f"{100 * r['copy_fraction']:.0f}%", fmt(r["vs_adam_fused"]),
+                          r["bytes_per_param"]])
+        parts.append(markdown_table(headers, table))
+        skipped = sorted({r["skipped"] for r in rows if r["skipped"]})
+        if skipped:
+            parts.append("")
+            parts.extend(f"n/a: {why}" for why in skipped)
+        parts.append("")
+    return "\n".join(parts)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="shape/dtype set (default: cuda on a GPU, cpu otherwise)")
+    p.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
+                   help="same as --preset smoke: tiny sizes, seconds, for CI")
+    p.add_argument("--shapes", nargs="+", default=None, help=f"subset of: {', '.join(SHAPES)}")
+    p.add_argument("--dtypes", nargs="+", default=None, help=f"subset of: {', '.join(DTYPES)}")
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per row")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    p.add_argument("--quiet", dest="verbose", action="store_false", help="no per-row progress")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    result = run(args)
+    markdown = to_markdown(result)
+    stem = f"step_time_{torch.device(result['device']).type}"
+    json_path, md_path = write_outputs(args.out, stem, result, markdown)
+    print(markdown)
+    print(f"wrote {md_path} and {json_path}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()
