@@ -82,7 +82,7 @@ def _built_archs(cpp_extension):
         return os.environ.get("TORCH_CUDA_ARCH_LIST", "")
     archs = []
     for flag in flags:
-        for code in re.findall(r"code=\[?([\w,]+)\]?", flag):
+        for code in re.findall(r",code=\[?([\w,]+)", flag):
             for arch in code.split(","):
                 if arch not in archs:
                     archs.append(arch)

@@ -44,7 +44,6 @@ py::list plan_launches_py(
     d["tensors"] = launch.tensors;
     d["block_slot"] = launch.block_slot;
     d["block_chunk"] = launch.block_chunk;
-    d["index64"] = launch.index64;
     out.append(d);
   }
   return out;
@@ -74,7 +73,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "plan_launches", &plan_launches_py, py::arg("numels"), py::arg("chunk_size"),
       py::arg("max_tensors"), py::arg("max_blocks"),
       "The CUDA multi-tensor launch plan: a list of launches, each a dict with tensors "
-      "(slot -> tensor index), block_slot, block_chunk and index64.");
+      "(slot -> tensor index), block_slot and block_chunk.");
   m.def("build_info", &build_info);
   m.attr("CHUNK_SIZE") = esgd::kChunkSize;
   m.attr("MAX_BLOCKS") = esgd::kMaxBlocks;

@@ -24,15 +24,11 @@ std::vector<Launch> plan_launches(
       continue;
     }
     const int64_t chunks = (numel + chunk_size - 1) / chunk_size;
-    // The kernel reads the chunk index as a signed 64-bit value but multiplies it in the index
-    // type; keep it well inside int64 so chunk * chunk_size cannot overflow.
+    // The CUDA metadata stores chunk indices as int32.
     TORCH_CHECK(
-        chunks <= std::numeric_limits<int64_t>::max() / chunk_size,
-        "numels[", t, "] is too large to plan: ", numel);
+        chunks <= std::numeric_limits<int32_t>::max(),
+        "numels[", t, "] = ", numel, " needs more than 2^31 chunks of ", chunk_size);
     current.tensors.push_back(static_cast<int64_t>(t));
-    if (numel > std::numeric_limits<int32_t>::max()) {
-      current.index64 = true;
-    }
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       current.block_slot.push_back(static_cast<int>(current.tensors.size()) - 1);
       current.block_chunk.push_back(chunk);
@@ -45,7 +41,6 @@ std::vector<Launch> plan_launches(
         current = Launch{};
         if (!last_chunk) {
           current.tensors.push_back(static_cast<int64_t>(t));
-          current.index64 = numel > std::numeric_limits<int32_t>::max();
         }
       }
     }

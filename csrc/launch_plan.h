@@ -25,11 +25,11 @@ struct Launch {
   // Block -> slot in `tensors`, and block -> chunk index within that tensor.
   std::vector<int> block_slot;
   std::vector<int64_t> block_chunk;
-  // True when some tensor in this launch has >= 2^31 elements, so 32-bit offsets would overflow.
-  bool index64 = false;
 };
 
-// Empty tensors are skipped before they take a slot, and the last partial launch is always
+// Chunk offsets (chunk * chunk_size) are 64-bit everywhere, in the plan and in the kernel: one
+// multiply per block, and no separate >= 2^31-element path whose 32-bit variant could overflow
+// (the apex/DeepSpeed bug). Empty tensors are skipped before they take a slot, and the last partial launch is always
 // emitted, the two conditions whose mishandling lost updates in apex and DeepSpeed.
 std::vector<Launch> plan_launches(
     const std::vector<int64_t>& numels,
