@@ -371,6 +371,7 @@ def run_tasks(tasks: list[tuple], jobs: int, threads: int, progress: bool) -> li
     bar = tqdm(total=len(tasks), desc="convergence runs", unit="run", disable=not progress,
                dynamic_ncols=True)
     results = []
+    previous_threads = torch.get_num_threads()
     try:
         if jobs <= 1:
             torch.set_num_threads(threads)
@@ -387,6 +388,7 @@ def run_tasks(tasks: list[tuple], jobs: int, threads: int, progress: bool) -> li
                     bar.update()
     finally:
         bar.close()
+        torch.set_num_threads(previous_threads)
     return results
 
 

@@ -330,12 +330,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    result = run(args)
+    previous_threads = torch.get_num_threads()
+    try:
+        result = run(args)
+    finally:
+        torch.set_num_threads(previous_threads)
     markdown = to_markdown(result)
     stem = f"step_time_{torch.device(result['device']).type}"
     json_path, md_path = write_outputs(args.out, stem, result, markdown)
     print(markdown)
     print(f"wrote {md_path} and {json_path}", file=sys.stderr)
+    result["outputs"] = dict(json=json_path, markdown=md_path)
     return result
 
 

@@ -1,0 +1,167 @@
+"""The benchmark scripts run end to end at a tiny size, so they cannot rot unnoticed.
+
+Each script's main() is called in-process with its --smoke preset; the JSON, markdown and PNG it writes
+must exist and hold finite, sane numbers. The analysis helpers are checked on hand-made inputs.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import convergence
+    import step_time
+
+    return step_time, convergence
+
+
+def _finite_positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+# ------------------------------------------------------------------------------------------ step time
+
+def test_step_time_byte_model(bench):
+    step_time, _ = bench
+    assert step_time.bytes_per_param("esgd", torch.float32) == 24
+    assert step_time.bytes_per_param("esgd_hz", torch.float32) == 32
+    assert step_time.bytes_per_param("adam", torch.float32) == 28
+    # 16-bit parameters keep float32 state: p, g (and Hz) shrink, m and D do not.
+    assert step_time.bytes_per_param("esgd", torch.bfloat16) == 18
+    assert step_time.bytes_per_param("esgd_hz", torch.bfloat16) == 24
+    assert step_time.bytes_per_param("adam", torch.bfloat16) == 14
+    assert step_time.bytes_per_param("esgd", torch.float64) == 48
+
+
+def test_step_time_shapes_match_the_issue(bench):
+    step_time, _ = bench
+    issue3 = step_time.SHAPES["issue3-19M"]
+    assert len(issue3.sizes) == 150
+    assert 18.5e6 < issue3.numel < 19.5e6
+    assert issue3.sizes.count(4 << 20) >= 2 and sum(n < 10_000 for n in issue3.sizes) >= 100
+    assert step_time.SHAPES["many-small"].sizes == (1024,) * 1000
+    assert step_time.SHAPES["gpt2-124M"].numel >= 100e6
+    assert 0.9e6 < step_time.SHAPES["gpt-1M"].numel < 1.5e6
+    assert "gpt2-124M" in step_time.PRESETS["cuda"]["shapes"]
+
+
+def test_step_time_smoke(bench, tmp_path):
+    step_time, _ = bench
+    import esgd_cuda._extension as ext
+
+    result = step_time.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--quiet"])
+    data = json.loads(result["outputs"]["json"].read_text())
+    markdown = result["outputs"]["markdown"].read_text()
+    assert _finite_positive(data["copy_gbs"])
+    assert "torch" in markdown and data["environment"]["torch"] == torch.__version__
+
+    rows = data["rows"]
+    groups = {(r["shape"], r["dtype"]) for r in rows}
+    assert groups == {(s, d) for s in ("smoke-mix", "smoke-small") for d in ("fp32", "bf16")}
+    for r in rows:
+        fused_row = r["case"].startswith("ESGD fused:")
+        expected_to_run = not fused_row or ext.fused_supported(torch.device("cpu"),
+                                                               step_time.DTYPES[r["dtype"]])
+        if not expected_to_run:
+            assert r["skipped"] and r["ms"] is None
+            continue
+        assert r["skipped"] is None, r
+        for key in ("ms", "gbs", "copy_fraction", "vs_adam_fused"):
+            assert _finite_positive(r[key]), (key, r)
+        assert r["case"] in markdown
+        if r["case"] == "Adam fused":
+            assert r["vs_adam_fused"] == 1.0
+    cases = {r["case"] for r in rows}
+    assert {"ESGD fused=False: opt.step() plain", "ESGD fused=False: esgd_update estimation (+Hz)",
+            "ESGD fused: opt.step() plain", "ESGD fused: esgd_update estimation (+Hz)",
+            "Adam fused", "Adam foreach", "AdamW fused", "AdamW foreach"} <= cases
+
+
+def test_step_time_rejects_unknown_shape(bench, tmp_path):
+    step_time, _ = bench
+    with pytest.raises(SystemExit, match="--shapes"):
+        step_time.main(["--shapes", "nope", "--device", "cpu", "--out", str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------------------ convergence
+
+def _run(problem, opt, lr, seed, losses, seconds_per_step, every=10):
+    steps = [i * every for i in range(len(losses))]
+    return dict(problem=problem, optimizer=opt, lr=lr, seed=seed, steps=steps, loss=list(losses),
+                time=[s * seconds_per_step for s in steps], steps_done=steps[-1],
+                train_seconds=steps[-1] * seconds_per_step, final_loss=losses[-1], test_metric=0.5,
+                diverged=not math.isfinite(losses[-1]))
+
+
+def test_convergence_aggregate(bench):
+    _, convergence = bench
+    p = "rosenbrock"
+    runs = [
+        # Adam: lr 1e-2 is best (mean final 0.2); target = 0.2
+        _run(p, "adam", 1e-2, 0, [1.0, 0.5, 0.3, 0.1], 1e-3),
+        _run(p, "adam", 1e-2, 1, [1.0, 0.7, 0.5, 0.3], 1e-3),
+        _run(p, "adam", 1e-1, 0, [1.0, 0.9, 0.8, 0.7], 1e-3),
+        _run(p, "adam", 1e-1, 1, [1.0, 0.9, 0.8, 0.7], 1e-3),
+        # ESGD: lr 1 diverges on one seed, so lr 0.1 is best; mean curve 1, 0.4, 0.15 hits at step 20.
+        _run(p, "esgd", 1e-1, 0, [1.0, 0.3, 0.1, 0.05], 3e-3),
+        _run(p, "esgd", 1e-1, 1, [1.0, 0.5, 0.2, 0.05], 3e-3),
+        _run(p, "esgd", 1.0, 0, [1.0, 0.01, 0.001, 0.0001], 3e-3),
+        _run(p, "esgd", 1.0, 1, [1.0, math.inf], 3e-3),
+    ]
+    agg = convergence.aggregate(runs)
+    rows = {r["optimizer"]: r for r in agg["summary"]}
+    adam, esgd = rows["adam"], rows["esgd"]
+    assert adam["best_lr"] == 1e-2 and esgd["best_lr"] == 1e-1
+    assert adam["target"] == pytest.approx(0.2) and esgd["target"] == pytest.approx(0.2)
+    assert adam["final_loss"] == pytest.approx(0.2) and esgd["final_loss"] == pytest.approx(0.05)
+    assert adam["steps_to_target"] == 30 and esgd["steps_to_target"] == 20
+    assert adam["seconds_to_target"] == pytest.approx(0.03)
+    assert esgd["seconds_to_target"] == pytest.approx(0.06)
+    assert esgd["time_to_target_vs_adam"] == pytest.approx(2.0)
+    assert esgd["step_time_vs_adam"] == pytest.approx(3.0)
+    assert esgd["ms_per_step"] == pytest.approx(3.0)
+    diverged = next(s for s in agg["sweeps"] if s["optimizer"] == "esgd" and s["lr"] == 1.0)
+    assert diverged["diverged"] == 1 and math.isinf(diverged["final_loss"])
+
+
+def test_convergence_smoke(bench, tmp_path):
+    _, convergence = bench
+    result = convergence.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
+    outputs = result["outputs"]
+    data = json.loads(outputs["json"].read_text())
+    markdown = outputs["markdown"].read_text()
+    assert len(outputs["png"]) == 1
+    png = outputs["png"][0].read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+    problems = list(convergence.PROBLEMS)
+    optimizers = list(convergence.OPTIMIZER_LABELS)
+    summary = data["aggregate"]["summary"]
+    assert {(r["problem"], r["optimizer"]) for r in summary} == {(p, o) for p in problems for o in optimizers}
+    assert len(data["runs"]) == len(problems) * len(optimizers) * convergence.SEEDS["smoke"]
+    for problem in problems:
+        assert f"| {problem} | ESGD-M |" in markdown
+    for r in summary:
+        assert _finite_positive(r["ms_per_step"]), r
+        if r["optimizer"] in ("esgd", "adam"):
+            assert _finite_positive(r["final_loss"]), r
+            assert r["diverged_seeds"] == 0, r
+        if r["optimizer"] == "adam":
+            # Adam's mean curve ends at the target, so it must reach it.
+            assert r["steps_to_target"] is not None and r["time_to_target_vs_adam"] == 1.0
+        if convergence.PROBLEMS[r["problem"]].metric and r["final_loss"] is not None:
+            assert r["test_metric"] is not None and math.isfinite(r["test_metric"]), r
+    # Both ESGD-M and Adam make progress on every problem in 24 steps.
+    for best in data["aggregate"]["best"]:
+        if best["optimizer"] in ("esgd", "adam"):
+            assert best["loss"][-1] < best["loss"][0], best
+    acc = next(r["test_metric"] for r in summary if r["problem"] == "digits-mlp" and r["optimizer"] == "adam")
+    assert 0.1 < acc <= 1.0
