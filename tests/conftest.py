@@ -14,6 +14,7 @@ if TESTS not in sys.path:
 from reference import Hyper, ReferenceParam, Separable  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
 @pytest.fixture(params=[False, None], ids=["fused=False", "fused=None"])
@@ -29,7 +30,7 @@ class SeparableProblem:
     optimizer and the reference start from exactly the same numbers.
     """
 
-    def __init__(self, shapes, dtype=torch.float64, seed=0, hypers=None, linear_only=()):
+    def __init__(self, shapes, dtype=torch.float64, seed=0, hypers=None, linear_only=(), device="cpu"):
         gen = torch.Generator().manual_seed(seed)
         self.params, self.coeffs, self.refs = [], [], []
         dtypes = dtype if isinstance(dtype, (list, tuple)) else [dtype] * len(shapes)
@@ -39,12 +40,12 @@ class SeparableProblem:
 
             def draw(lo, hi):
                 u = torch.rand(n, generator=gen, dtype=torch.float64)
-                return (lo + (hi - lo) * u).to(dt).reshape(shape)
+                return (lo + (hi - lo) * u).to(dt).reshape(shape).to(device)
 
             p0 = draw(-1.5, 1.5)
             if j in linear_only:
-                a = torch.zeros(shape, dtype=dt)
-                b = torch.zeros(shape, dtype=dt)
+                a = torch.zeros(shape, dtype=dt, device=device)
+                b = torch.zeros(shape, dtype=dt, device=device)
             else:
                 a = draw(0.2, 1.0)
                 b = draw(0.1, 1.0)
@@ -105,7 +106,7 @@ def assert_trajectory_matches(actual, expected, shapes, rtol):
     """Each step's parameters match the reference to `rtol`, relative to the parameter's scale."""
     for j, shape in enumerate(shapes):
         ref = torch.tensor([step[j] for step in expected], dtype=torch.float64)
-        got = torch.stack([step[j].flatten() for step in actual])
+        got = torch.stack([step[j].flatten().cpu() for step in actual])
         ref = ref.reshape(got.shape)
         assert torch.isfinite(ref).all(), "reference diverged; pick a tamer problem"
         scale = ref.abs().max().clamp_min(1e-3)

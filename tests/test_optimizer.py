@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import SeparableProblem, assert_trajectory_matches, run_steps
+from conftest import DEVICES, SeparableProblem, assert_trajectory_matches, run_steps
 from reference import Hyper, run_reference
 
 from esgd_cuda import ESGD
@@ -81,13 +81,14 @@ def reference_for(problem, kwargs, num_steps, **extra):
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(HYPER_SETS))
 @pytest.mark.parametrize(
     "dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 2e-4)], ids=["fp64", "fp32"]
 )
-def test_matches_reference(name, dtype, rtol, fused):
+def test_matches_reference(name, dtype, rtol, fused, device):
     kwargs = HYPER_SETS[name]
-    problem = SeparableProblem(SHAPES, dtype=dtype, seed=1)
+    problem = SeparableProblem(SHAPES, dtype=dtype, seed=1, device=device)
     opt = ESGD(problem.params, **kwargs, seed=0, fused=fused)
     actual = run_steps(opt, problem, NUM_STEPS)
     expected = reference_for(problem, kwargs, NUM_STEPS)
@@ -252,10 +253,11 @@ def test_nonfinite_gradients_propagate(fused, bad, poison_step):
     assert torch.equal(p[~mask], q[~mask])
 
 
-def test_mixed_dtypes_in_one_optimizer(fused):
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_dtypes_in_one_optimizer(fused, device):
     dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
     shapes = [(5,), (6,), (7,), (3,)]
-    problem = SeparableProblem(shapes, dtype=dtypes, seed=9)
+    problem = SeparableProblem(shapes, dtype=dtypes, seed=9, device=device)
     opt = ESGD(problem.params, update_d_every=3, d_warmup=5, seed=0, fused=fused)
     run_steps(opt, problem, 30)
     for p, dt in zip(problem.params, dtypes):
@@ -268,9 +270,9 @@ def test_mixed_dtypes_in_one_optimizer(fused):
     # Each parameter still matches the reference at its own precision.
     expected = reference_for(problem, dict(update_d_every=3, d_warmup=5), 30)
     final = torch.tensor(expected[-1][2], dtype=torch.float64)
-    torch.testing.assert_close(problem.params[2].detach().double(), final, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(problem.params[2].detach().cpu().double(), final, rtol=2e-4, atol=2e-4)
     final = torch.tensor(expected[-1][3], dtype=torch.float64)
-    torch.testing.assert_close(problem.params[3].detach(), final, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(problem.params[3].detach().cpu(), final, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)], ids=["bf16", "fp16"])
@@ -289,6 +291,40 @@ def test_low_precision_trajectory_tracks_fp32(fused, dtype, tol):
         a, b = traj_low[s][0], traj_high[s][0]
         err = (a - b).abs().max() / b.abs().max()
         assert err <= tol, f"step {s}: {dtype} drifted {err:.3e} from fp32"
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("manual", [False, True], ids=["opt.backward", "loss.backward"])
+def test_gradients_accumulate_over_micro_batches(fused, manual):
+    """Two half-losses backpropagated in turn give the full-loss step.
+
+    Halving is exact, but autograd may sum the halves' Hz terms in another order, so not bitwise.
+    """
+    kwargs = dict(update_d_every=3, d_warmup=4, v=0.8)
+    whole, split = SeparableProblem(SHAPES, seed=13), SeparableProblem(SHAPES, seed=13)
+    opt_whole = ESGD(whole.params, **kwargs, seed=0, fused=fused)
+    opt_split = ESGD(split.params, **kwargs, seed=0, fused=fused)
+    expected = run_steps(opt_whole, whole, 20)
+    for s in range(20):
+        opt_split.zero_grad()
+        for _ in range(2):
+            half = 0.5 * split.loss()
+            if manual:
+                half.backward(create_graph=opt_split.should_create_graph())
+            else:
+                opt_split.backward(half)
+        opt_split.step()
+        for p, want in zip(split.params, expected[s]):
+            torch.testing.assert_close(p.detach(), want, rtol=1e-10, atol=1e-10, msg=f"step {s}")
+
+
+def test_step_without_gradients_changes_nothing(fused):
+    problem = SeparableProblem(SHAPES, seed=14)
+    opt = ESGD(problem.params, seed=0, fused=fused)
+    before = [p.detach().clone() for p in problem.params]
+    assert opt.step() is None
+    assert all(torch.equal(p.detach(), b) for p, b in zip(problem.params, before))
+    assert all(len(opt.state[p]) == 0 for p in problem.params)
 
 
 def test_backward_helper_builds_graph_only_on_estimation_steps(fused):
