@@ -39,6 +39,8 @@ def esgd_update_(
 ) -> None:
     """Plain ESGD-M step: updates params and exp_avgs in place; exp_hz_sqs is only read."""
     _require_extension()
+    if len(params) == 0 and len(grads) == len(exp_avgs) == len(exp_hz_sqs) == 0:
+        return  # nothing to dispatch on: the dispatcher picks a kernel from the tensors
     torch.ops.esgd_cuda.esgd_update_.default(
         params,
         grads,
@@ -72,6 +74,8 @@ def esgd_update_hz_(
 ) -> None:
     """Estimation step: also folds hzs (Hessian-vector products) into exp_hz_sqs, then updates."""
     _require_extension()
+    if len(params) == 0 and len(grads) == len(exp_avgs) == len(exp_hz_sqs) == len(hzs) == 0:
+        return
     torch.ops.esgd_cuda.esgd_update_hz_.default(
         params,
         grads,
