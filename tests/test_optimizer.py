@@ -269,6 +269,10 @@ def test_mixed_dtypes_in_one_optimizer(fused, device):
             assert opt.state[p][key].shape == p.shape
     # Each parameter still matches the reference at its own precision.
     expected = reference_for(problem, dict(update_d_every=3, d_warmup=5), 30)
+    for j, tol in ((0, 1e-2), (1, 5e-2)):
+        final = torch.tensor(expected[-1][j], dtype=torch.float64)
+        err = (problem.params[j].detach().cpu().double() - final).abs().max() / final.abs().max()
+        assert err <= tol, f"{dtypes[j]} param is {err:.2e} away from the reference"
     final = torch.tensor(expected[-1][2], dtype=torch.float64)
     torch.testing.assert_close(problem.params[2].detach().cpu().double(), final, rtol=2e-4, atol=2e-4)
     final = torch.tensor(expected[-1][3], dtype=torch.float64)
@@ -316,6 +320,19 @@ def test_gradients_accumulate_over_micro_batches(fused, manual):
         opt_split.step()
         for p, want in zip(split.params, expected[s]):
             torch.testing.assert_close(p.detach(), want, rtol=1e-10, atol=1e-10, msg=f"step {s}")
+
+
+def test_step_inside_no_grad_still_estimates(fused):
+    kwargs = dict(update_d_every=2, d_warmup=3)
+    problem, twin = SeparableProblem(SHAPES, seed=15), SeparableProblem(SHAPES, seed=15)
+    opt = ESGD(problem.params, **kwargs, seed=0, fused=fused)
+    expected = run_steps(ESGD(twin.params, **kwargs, seed=0, fused=fused), twin, 10)
+    for s in range(10):
+        opt.zero_grad()
+        opt.backward(problem.loss())
+        with torch.no_grad():
+            opt.step()
+        assert all(torch.equal(p.detach(), e) for p, e in zip(problem.params, expected[s])), f"step {s}"
 
 
 def test_step_without_gradients_changes_nothing(fused):
