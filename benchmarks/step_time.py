@@ -126,8 +126,7 @@ def copy_bandwidth(device: torch.device, mib: int, min_run_time: float) -> float
 
 def make_tensors(shape: Shape, dtype: torch.dtype, device: torch.device, gen: torch.Generator,
                  scale: float = 1.0) -> list[torch.Tensor]:
-    return [(torch.randn(n, generator=gen, dtype=torch.float32) * scale).to(device=device, dtype=dtype)
-            for n in shape.sizes]
+    return [(torch.randn(n, generator=gen, device=device) * scale).to(dtype) for n in shape.sizes]
 
 
 class Case:
@@ -196,7 +195,8 @@ def build_cases(esgd_cuda, shape: Shape, dtype: torch.dtype, device: torch.devic
     fused_why = None if fused_ok else (
         f"fused ESGD unsupported for {device.type}/{dtype}: "
         f"{esgd_cuda._extension.LOAD_ERROR or 'extension has no kernel for this device/dtype'}")
-    gen = torch.Generator().manual_seed(seed)
+    # Drawn on the device: filling 124M parameters several times over from the host takes minutes.
+    gen = torch.Generator(device=device).manual_seed(seed)
     specs = [
         ("ESGD fused: opt.step() plain", "esgd", fused_why,
          lambda: esgd_step_case(esgd_cuda, shape, dtype, device, gen, fused=True)),
