@@ -4,6 +4,7 @@ A missing or broken extension is not an error: the optimizer falls back to the p
 and one warning at import says why. ESGD_CUDA_DISABLE_EXTENSION=1 skips loading altogether.
 """
 
+import importlib
 import os
 import re
 import warnings
@@ -26,7 +27,14 @@ def _load() -> Tuple[Optional[Any], Optional[str]]:
     if _disabled():
         return None, f"disabled by {_DISABLE_VAR}={os.environ[_DISABLE_VAR]}"
     try:
-        from . import _C
+        _C = importlib.import_module("._C", __package__)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}._C":
+            return None, f"{type(exc).__name__}: {exc}"
+        return None, (
+            f"{__package__}._C is not installed: the package was built without native kernels "
+            "(ESGD_CUDA_BUILD=none, or the build failed)"
+        )
     except Exception as exc:  # an ABI mismatch surfaces as ImportError or OSError, or worse
         return None, f"{type(exc).__name__}: {exc}"
     for op in ("esgd_update_", "esgd_update_hz_"):

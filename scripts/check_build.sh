@@ -9,6 +9,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
 ARCH="${ESGD_CHECK_ARCH:-sm_90}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/esgd_check_build.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 
@@ -34,7 +35,7 @@ import json, sys
 d = json.loads(sys.argv[1])
 if not d["loaded"]:
     sys.exit("check_build: FAILED: the installed extension did not load: %s" % d["error"])
-print(int(d["cuda"]), int(d["cuda"]), int(d["want_cuda"]), d["path"])' "$INSTALLED") \
+print(int(d["loaded"]), int(d["cuda"]), int(d["want_cuda"]), d["path"])' "$INSTALLED") \
   || fail "the installed extension did not load"
 echo "installed extension: $LIB (cuda=$CUDA)"
 if [ "$WANT_CUDA" = 1 ] && [ "$CUDA" != 1 ]; then
