@@ -199,7 +199,7 @@ def test_same_seed_same_trajectory_different_seed_differs(fused):
 
 
 INVARIANCE_KWARGS = dict(
-    lr=0.5, betas=(0.9, 0.99), v=0.7, eps=1e-12, weight_decay=0.01, update_d_every=3, d_warmup=5
+    lr=0.5, betas=(0.9, 0.99), v=0.7, eps=1e-14, weight_decay=0.01, update_d_every=3, d_warmup=5
 )
 
 

@@ -7,7 +7,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import SeparableProblem, requires_cuda
+from conftest import DEVICES, SeparableProblem, requires_cuda
 
 from esgd_cuda import ESGD
 
@@ -17,12 +17,16 @@ KWARGS = dict(update_d_every=4, d_warmup=5, v=0.6, betas=(0.85, 0.95), weight_de
 class CoupledModel:
     """Parameters with a non-diagonal Hessian, so the result depends on every probe drawn."""
 
-    def __init__(self, seed=30, dtype=torch.float64):
+    def __init__(self, seed=30, dtype=torch.float64, device="cpu"):
         gen = torch.Generator().manual_seed(seed)
-        self.w = torch.randn(4, 3, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
-        self.b = torch.randn(3, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
-        self.x = torch.randn(6, 4, generator=gen, dtype=torch.float64).to(dtype)
-        self.y = torch.randn(6, 3, generator=gen, dtype=torch.float64).to(dtype)
+
+        def draw(*shape):
+            return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+        self.w = draw(4, 3).requires_grad_()
+        self.b = draw(3).requires_grad_()
+        self.x = draw(6, 4)
+        self.y = draw(6, 3)
 
     @property
     def params(self):
@@ -59,13 +63,15 @@ def round_trip(state_dict, how):
     return torch.load(buf, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("how", ["live", "torch.save"])
-def test_resume_is_bit_identical(fused, how):
+def test_resume_is_bit_identical(fused, how, device):
+    """`torch.save` checkpoints are loaded with map_location="cpu", so on CUDA the state moves back."""
     total, split = 30, 13
-    full_model = CoupledModel()
+    full_model = CoupledModel(device=device)
     full = advance(ESGD(full_model.params, **KWARGS, seed=7, fused=fused), full_model, total)
 
-    model = CoupledModel()
+    model = CoupledModel(device=device)
     opt = ESGD(model.params, **KWARGS, seed=7, fused=fused)
     head = advance(opt, model, split)
     state = round_trip(opt.state_dict(), how)
@@ -142,26 +148,30 @@ def test_state_dict_has_no_graph_and_loading_copies_it(fused):
 
 
 @requires_cuda
-def test_cpu_checkpoint_resumes_on_cuda():
-    model = CoupledModel(dtype=torch.float32)
-    opt = ESGD(model.params, **KWARGS, seed=7)
-    advance(opt, model, 9)
-    state = round_trip(opt.state_dict(), "torch.save")
+@pytest.mark.parametrize("source,target", [("cpu", "cuda"), ("cuda", "cpu")])
+def test_checkpoint_moves_between_devices(source, target):
+    # A separable problem: the result does not depend on the probes, which may differ by device.
+    problem = SeparableProblem([(9,), (2, 5)], dtype=torch.float32, seed=34, device=source)
+    opt = ESGD(problem.params, update_d_every=3, d_warmup=4, seed=7)
+    advance(opt, problem_model(problem), 9)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, map_location=target, weights_only=True)
 
-    cuda_model = model.copy()
-    cuda_model.w = cuda_model.w.detach().cuda().requires_grad_()
-    cuda_model.b = cuda_model.b.detach().cuda().requires_grad_()
-    cuda_model.x, cuda_model.y = model.x.cuda(), model.y.cuda()
-    cuda_opt = ESGD(cuda_model.params, **KWARGS, seed=1)
-    cuda_opt.load_state_dict(state)
-    for p in cuda_model.params:
+    moved = problem.astype(torch.float32)
+    moved.params = [p.detach().to(target).requires_grad_() for p in moved.params]
+    moved.coeffs = [tuple(t.to(target) for t in abc) for abc in moved.coeffs]
+    moved_opt = ESGD(moved.params, update_d_every=3, d_warmup=4, seed=1)
+    moved_opt.load_state_dict(state)
+    for p in moved.params:
         for key in ("exp_avg", "exp_hz_sq"):
-            assert cuda_opt.state[p][key].device == p.device
-    # The probe generator lives on the CPU in both runs, so only the kernels' rounding differs.
-    cpu_tail = advance(opt, model, 10)
-    cuda_tail = advance(cuda_opt, cuda_model, 10)
-    for a, b in zip(cpu_tail[-1], cuda_tail[-1]):
-        torch.testing.assert_close(b.cpu(), a, rtol=1e-3, atol=1e-4)
+            assert moved_opt.state[p][key].device == p.device
+            assert moved_opt.state[p][key].dtype == torch.float32
+    stay = advance(opt, problem_model(problem), 10)
+    go = advance(moved_opt, problem_model(moved), 10)
+    for a, b in zip(stay[-1], go[-1]):
+        torch.testing.assert_close(b.cpu(), a.cpu(), rtol=1e-4, atol=1e-5)
 
 
 def problem_model(problem):
