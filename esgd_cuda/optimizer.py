@@ -17,8 +17,18 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 _STATE_KEYS = ("exp_avg", "exp_hz_sq")
 # Probe seeds are derived from (seed, step index, device): a counter-based stream whose whole state is
 # two integers, so checkpoints are portable across devices and resumed runs draw the same probes.
-_SEED_MIX = 0x9E3779B97F4A7C15
-_SEED_MASK = (1 << 63) - 1
+_MASK64 = (1 << 64) - 1
+
+
+def _mix_seed(*values: int) -> int:
+    """splitmix64 over the values: nearby inputs (consecutive steps) give unrelated 63-bit seeds."""
+    x = 0
+    for value in values:
+        x = ((x ^ (value & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x >> 1
 
 
 def _check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, where: str) -> None:
@@ -202,12 +212,16 @@ class ESGD(torch.optim.Optimizer):
             return
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, **kwargs)
         self._graph_requested = True
+        with torch.enable_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    # Summed with grad mode on: the accumulated gradient must keep both graphs.
+                    prev = self._graph_grads.get(p)
+                    self._graph_grads[p] = g if prev is None else prev + g
         with torch.no_grad():
             for p, g in zip(params, grads):
                 if g is None:
                     continue
-                prev = self._graph_grads.get(p)
-                self._graph_grads[p] = g if prev is None else prev + g
                 # A copy, not a view: in-place edits of p.grad (clipping, unscaling) must not bump the
                 # version of a tensor the double-backward may need.
                 if p.grad is None:
@@ -222,9 +236,11 @@ class ESGD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
 
-    def _probe_generator(self, device: torch.device, index: int) -> torch.Generator:
+    def _probe_generator(self, device: torch.device, dtype: torch.dtype, index: int) -> torch.Generator:
+        # Each (device, dtype) bucket draws from its own stream: equal seeds would give parameters of
+        # different dtypes identical probes and bias the estimate wherever the loss couples them.
         dev_index = device.index if device.index is not None else -1
-        seed = (self.seed * _SEED_MIX + (index + 1) * 1000003 + (dev_index + 2) * 7919) & _SEED_MASK
+        seed = _mix_seed(self.seed, index, dev_index + 1, _SUPPORTED_DTYPES.index(dtype))
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
         return gen
@@ -238,7 +254,7 @@ class ESGD(torch.optim.Optimizer):
         for (device, dtype), idx in buckets.items():
             sizes = [params[i].numel() for i in idx]
             flat = torch.empty(sum(sizes), device=device, dtype=dtype)
-            flat.bernoulli_(0.5, generator=self._probe_generator(device, index)).mul_(2).sub_(1)
+            flat.bernoulli_(0.5, generator=self._probe_generator(device, dtype, index)).mul_(2).sub_(1)
             for i, chunk in zip(idx, flat.split(sizes)):
                 zs[i] = chunk.view(params[i].shape)
         return zs  # type: ignore[return-value]
