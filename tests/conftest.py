@@ -4,14 +4,26 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+# The repository root is deliberately not put on sys.path: the suite tests the installed package
+# (with its compiled extension), which scripts/test.sh checks.
 TESTS = os.path.dirname(os.path.abspath(__file__))
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
 from reference import Hyper, ReferenceParam, Separable  # noqa: E402
+
+
+
+def pytest_report_header(config):
+    import esgd_cuda
+
+    info = esgd_cuda.extension_info()
+    built = info["built"]
+    return (
+        f"esgd_cuda {esgd_cuda.__file__}: extension loaded={info['loaded']} cpu={built['cpu']} "
+        f"cuda={built['cuda']} archs={built['cuda_archs']} (load error: {info['load_error']})"
+    )
+
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
