@@ -70,8 +70,17 @@ def environment(device: torch.device) -> dict:
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "esgd_cuda_extension": {k: _jsonable(v) for k, v in ext.items()},
+        "load_avg_1min": load_average(),
     }
     return env
+
+
+def load_average() -> float | None:
+    """Timings on a shared machine mean little without knowing what else was running."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def _jsonable(value):
@@ -88,6 +97,10 @@ def environment_markdown(env: dict) -> str:
         f"- Python {env['python']}, torch {env['torch']}, CUDA build {env['cuda_build'] or 'none'}",
         f"- Device: {env['device']}" + (f" ({env['gpu']})" if env.get("gpu") else ""),
     ]
+    if env.get("load_avg_1min") is not None:
+        lines.append(f"- Load average (1 min) when the run started: {env['load_avg_1min']:.2f}"
+                     + (f", when it ended: {env['load_avg_end']:.2f}" if env.get("load_avg_end") is not None
+                        else ""))
     ext = env.get("esgd_cuda_extension") or {}
     loaded = ext.get("loaded", ext.get("LOADED"))
     lines.append(f"- esgd_cuda native extension loaded: {loaded}"

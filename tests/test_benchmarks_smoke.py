@@ -143,7 +143,7 @@ def test_convergence_smoke(bench, tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
     problems = list(convergence.PROBLEMS)
-    optimizers = list(convergence.OPTIMIZER_LABELS)
+    optimizers = convergence.DEFAULT_OPTIMIZERS
     summary = data["aggregate"]["summary"]
     assert {(r["problem"], r["optimizer"]) for r in summary} == {(p, o) for p in problems for o in optimizers}
     assert len(data["runs"]) == len(problems) * len(optimizers) * convergence.SEEDS["smoke"]
