@@ -1,9 +1,22 @@
 // Op schemas (the dispatcher's single source of truth) and the Python module esgd_cuda._C.
 
+#include "esgd_math.h"
 #include "launch_plan.h"
 
 #include <torch/extension.h>
 #include <torch/library.h>
+
+namespace esgd {
+// cuda_emulation.cpp
+void emulate_cuda_update(
+    const std::vector<at::Tensor>& params,
+    const std::vector<at::Tensor>& grads,
+    const std::vector<at::Tensor>& exp_avgs,
+    const std::vector<at::Tensor>& exp_hz_sqs,
+    const std::vector<at::Tensor>& hzs,
+    bool has_hz,
+    const Hyper& hyper);
+}  // namespace esgd
 
 #ifdef ESGD_WITH_CUDA
 namespace esgd {
@@ -75,6 +88,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "The CUDA multi-tensor launch plan: a list of launches, each a dict with tensors "
       "(slot -> tensor index), block_slot and block_chunk.");
   m.def("build_info", &build_info);
+  m.def(
+      "emulate_cuda_update",
+      [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+         const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_hz_sqs,
+         py::object hzs, double beta1, double beta2, double v, double eps, double weight_decay,
+         double step_size, double momentum_scale, double denom_scale) {
+        const bool has_hz = !hzs.is_none();
+        const std::vector<at::Tensor> hz_list =
+            has_hz ? hzs.cast<std::vector<at::Tensor>>() : std::vector<at::Tensor>{};
+        esgd::emulate_cuda_update(
+            params, grads, exp_avgs, exp_hz_sqs, hz_list, has_hz,
+            esgd::Hyper{beta1, beta2, v, eps, weight_decay, step_size, momentum_scale,
+                        denom_scale});
+      },
+      py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_hz_sqs"),
+      py::arg("hzs"), py::kw_only(), py::arg("beta1"), py::arg("beta2"), py::arg("v"),
+      py::arg("eps"), py::arg("weight_decay"), py::arg("step_size"), py::arg("momentum_scale"),
+      py::arg("denom_scale"),
+      "Test hook: the CUDA kernel's plan, tables and per-thread code run sequentially on CPU "
+      "tensors (hzs=None for a plain step).");
   m.attr("CHUNK_SIZE") = esgd::kChunkSize;
   m.attr("MAX_BLOCKS") = esgd::kMaxBlocks;
   m.attr("MAX_TENSORS_PLAIN") = esgd::kMaxTensorsDepth4;

@@ -1,7 +1,9 @@
 """The fused native ops against an independent float64 reference and the pure-PyTorch path.
 
 Self-contained (no conftest imports) so scripts/check_build.sh can run it against another build.
-CUDA cases skip without a GPU; everything else runs on the fused CPU kernel.
+Targets: "cpu" (the fused CPU kernel), "cuda" (skips without a GPU) and "cuda-emulated": the CUDA
+kernel's own plan, tables and per-thread code run sequentially on CPU tensors
+(esgd_cuda._C.emulate_cuda_update), which checks the device code's indexing without a GPU.
 """
 
 import math
@@ -17,10 +19,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 HAS_CUDA = torch.cuda.is_available() and _extension.fused_supported(torch.device("cuda"), torch.float32)
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")),
-]
+CUDA_ONLY = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_ONLY)]
+TARGETS = ["cpu", "cuda-emulated", pytest.param("cuda", marks=CUDA_ONLY)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ODD_SIZES = [0, 1, 3, 4097, 65537]
 
@@ -81,8 +82,10 @@ def make_tensors(sizes, dtype, device, seed):
     sd = state_dtype(dtype)
 
     def draw(n, dt, positive=False):
-        x = torch.rand(n, generator=gen, dtype=torch.float64) if positive else torch.randn(
-            n, generator=gen, dtype=torch.float64
+        # Drawn in the state dtype (fp32 or fp64), then rounded: cheap for the 21M-element cases.
+        wide = state_dtype(dt)
+        x = torch.rand(n, generator=gen, dtype=wide) if positive else torch.randn(
+            n, generator=gen, dtype=wide
         )
         return x.to(dt).to(device)
 
@@ -98,6 +101,19 @@ def call(params, grads, exp_avgs, exp_hz_sqs, hzs, h, fused):
     functional.esgd_update(params, grads, exp_avgs, exp_hz_sqs, hzs, fused=fused, **h)
 
 
+def device_of(target):
+    return "cuda" if target == "cuda" else "cpu"
+
+
+def call_target(target, params, grads, exp_avgs, exp_hz_sqs, hzs, h):
+    if target == "cuda-emulated":
+        from esgd_cuda import _C
+
+        _C.emulate_cuda_update(params, grads, exp_avgs, exp_hz_sqs, hzs, **h)
+    else:
+        call(params, grads, exp_avgs, exp_hz_sqs, hzs, h, fused=True)
+
+
 def assert_step_matches(before, after, grads, hzs, h, dtype):
     """`after` (params, exp_avgs, exp_hz_sqs) is one step from `before`, per the float64 reference."""
     rtol, atol = tolerances(dtype)
@@ -105,22 +121,29 @@ def assert_step_matches(before, after, grads, hzs, h, dtype):
     for i in range(len(before[0])):
         hz = None if hzs is None else hzs[i]
         rp, rm, rd = reference(before[0][i], grads[i], before[1][i], before[2][i], hz, h)
-        torch.testing.assert_close(after[0][i].double().cpu(), rp.cpu(), rtol=rtol, atol=atol,
-                                   msg=lambda s: f"params[{i}]: {s}")
-        torch.testing.assert_close(after[1][i].double().cpu(), rm.cpu(), rtol=srtol, atol=satol,
-                                   msg=lambda s: f"exp_avgs[{i}]: {s}")
-        torch.testing.assert_close(after[2][i].double().cpu(), rd.cpu(), rtol=srtol, atol=satol,
-                                   msg=lambda s: f"exp_hz_sqs[{i}]: {s}")
+        assert_close(after[0][i], rp, rtol, atol, f"params[{i}]")
+        assert_close(after[1][i], rm, srtol, satol, f"exp_avgs[{i}]")
+        assert_close(after[2][i], rd, srtol, satol, f"exp_hz_sqs[{i}]")
+
+
+def assert_close(actual, expected, rtol, atol, name):
+    """torch.testing.assert_close's criterion, checked in one pass first (the tensors can be big)."""
+    actual = actual.double()
+    ok = (actual - expected).abs() <= atol + rtol * expected.abs()
+    if not bool(ok.all()):
+        torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=rtol, atol=atol,
+                                   msg=lambda s: f"{name}: {s}")
 
 
 def clone_lists(*lists):
     return [[t.clone() for t in lst] for lst in lists]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_reference_and_foreach(device, dtype):
-    params, grads, exp_avgs, exp_hz_sqs, hzs = make_tensors(ODD_SIZES + [7, 260], dtype, device, 1)
+def test_matches_reference_and_foreach(target, dtype):
+    params, grads, exp_avgs, exp_hz_sqs, hzs = make_tensors(
+        ODD_SIZES + [7, 260], dtype, device_of(target), 1)
     foreach = clone_lists(params, exp_avgs, exp_hz_sqs)
     # Estimation and plain steps alternate; each is checked from the fused kernel's own previous
     # state so that rounding is not compounded across steps.
@@ -128,7 +151,7 @@ def test_matches_reference_and_foreach(device, dtype):
         h = hyper(step)
         step_hzs = hzs if estimate else None
         before = clone_lists(params, exp_avgs, exp_hz_sqs)
-        call(params, grads, exp_avgs, exp_hz_sqs, step_hzs, h, fused=True)
+        call_target(target, params, grads, exp_avgs, exp_hz_sqs, step_hzs, h)
         assert_step_matches(before, (params, exp_avgs, exp_hz_sqs), grads, step_hzs, h, dtype)
         if not estimate:
             for d0, d1 in zip(before[2], exp_hz_sqs):
@@ -143,11 +166,12 @@ def test_matches_reference_and_foreach(device, dtype):
             torch.testing.assert_close(a, b, rtol=STATE_TOL[a.dtype][0], atol=STATE_TOL[a.dtype][1])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("estimate", [True, False], ids=["hz", "plain"])
-def test_views(device, dtype, estimate):
+def test_views(target, dtype, estimate):
     """Misaligned, strided, permuted and mixed-layout tensors are updated through their views."""
+    device = device_of(target)
     sd = state_dtype(dtype)
     gen = torch.Generator().manual_seed(7)
 
@@ -202,7 +226,7 @@ def test_views(device, dtype, estimate):
     h = hyper(3)
     step_hzs = hzs if estimate else None
     before = clone_lists(params, exp_avgs, exp_hz_sqs)
-    call(params, grads, exp_avgs, exp_hz_sqs, step_hzs, h, fused=True)
+    call_target(target, params, grads, exp_avgs, exp_hz_sqs, step_hzs, h)
     assert_step_matches(before, (params, exp_avgs, exp_hz_sqs), grads, step_hzs, h, dtype)
     # Only the viewed elements of each base may change.
     for t in params + exp_avgs + exp_hz_sqs + grads + hzs:
@@ -317,12 +341,9 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-# CUDA-only: launch planning exercised for real.
-
-
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("target", ["cuda-emulated", pytest.param("cuda", marks=CUDA_ONLY)])
 @pytest.mark.parametrize("estimate", [True, False], ids=["hz", "plain"])
-def test_cuda_many_tensors_and_launch_boundaries(estimate):
+def test_cuda_many_tensors_and_launch_boundaries(target, estimate):
     from esgd_cuda import _C
 
     chunk = _C.CHUNK_SIZE
@@ -332,12 +353,15 @@ def test_cuda_many_tensors_and_launch_boundaries(estimate):
     sizes[10:10] = [0, chunk - 1, chunk, chunk + 1, 0, 1, 3]
     sizes.append(chunk * _C.MAX_BLOCKS + 5)
     sizes += [0, 0]
-    params, grads, exp_avgs, exp_hz_sqs, hzs = make_tensors(sizes, torch.float32, "cuda", 13)
+    params, grads, exp_avgs, exp_hz_sqs, hzs = make_tensors(sizes, torch.float32, device_of(target), 13)
     h = hyper(4)
     step_hzs = hzs if estimate else None
     before = clone_lists(params, exp_avgs, exp_hz_sqs)
-    call(params, grads, exp_avgs, exp_hz_sqs, step_hzs, h, fused=True)
+    call_target(target, params, grads, exp_avgs, exp_hz_sqs, step_hzs, h)
     assert_step_matches(before, (params, exp_avgs, exp_hz_sqs), grads, step_hzs, h, torch.float32)
+
+
+# CUDA-only.
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

@@ -1,0 +1,186 @@
+#pragma once
+
+// The CUDA multi-tensor update, written as host+device code: the kernel in esgd_cuda.cu is a thin
+// wrapper around process_block, and for_each_launch is the host loop that fills the by-value
+// tables from the plan. The CPU build runs the same two pieces sequentially (one block, one
+// thread at a time: threads never communicate), so the indexing, vector/scalar path choice and
+// table packing are tested on machines without a GPU.
+
+#include "esgd_common.h"
+#include "esgd_math.h"
+#include "launch_plan.h"
+
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace esgd {
+
+constexpr int kBlockSize = 512;
+// Elements per thread per iteration: four independent loads in flight per list hide DRAM
+// latency, and for fp32 they form one 16-byte access.
+constexpr int kIlp = 4;
+
+template <int Depth>
+struct MaxTensors;
+template <>
+struct MaxTensors<4> {
+  static constexpr int value = kMaxTensorsDepth4;
+};
+template <>
+struct MaxTensors<5> {
+  static constexpr int value = kMaxTensorsDepth5;
+};
+
+// Passed by value as the kernel argument; lists are params, grads, exp_avgs, exp_hz_sqs[, hzs].
+template <int Depth>
+struct TensorTable {
+  void* addresses[Depth][MaxTensors<Depth>::value];
+  int64_t numel[MaxTensors<Depth>::value];
+  unsigned char block_slot[kMaxBlocks];
+  int32_t block_chunk[kMaxBlocks];
+};
+
+static_assert(sizeof(TensorTable<4>) + sizeof(Coeffs<double>) <= 4096, "kernel params > 4 KB");
+static_assert(sizeof(TensorTable<5>) + sizeof(Coeffs<double>) <= 4096, "kernel params > 4 KB");
+static_assert(kMaxTensorsDepth4 <= 256 && kMaxTensorsDepth5 <= 256, "slots are stored as bytes");
+static_assert(kChunkSize % kIlp == 0, "the vector path assumes whole vectors per chunk");
+
+template <typename T>
+C10_HOST_DEVICE inline bool is_aligned(const T* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % (sizeof(T) * kIlp) == 0;
+}
+
+template <typename T>
+struct alignas(sizeof(T) * kIlp) Pack {
+  T v[kIlp];
+};
+
+template <typename T>
+C10_HOST_DEVICE inline Pack<T> load_pack(const T* ptr, int i) {
+  return reinterpret_cast<const Pack<T>*>(ptr)[i];
+}
+
+template <typename T>
+C10_HOST_DEVICE inline void store_pack(T* ptr, int i, const Pack<T>& pack) {
+  reinterpret_cast<Pack<T>*>(ptr)[i] = pack;
+}
+
+// The work of thread `thread` (of `threads`) in block `block` of one launch.
+template <typename P, typename S, int Depth>
+C10_HOST_DEVICE inline void process_block(
+    const TensorTable<Depth>& table,
+    const Coeffs<S>& c,
+    int block,
+    int thread,
+    int threads) {
+  constexpr bool kHasHz = Depth == 5;
+  const int slot = table.block_slot[block];
+  // 64-bit before the multiply: chunk * kChunkSize exceeds int32 in tensors of >= 2^31 elements.
+  const int64_t start = static_cast<int64_t>(table.block_chunk[block]) * kChunkSize;
+  const int64_t remaining = table.numel[slot] - start;
+  const int n = static_cast<int>(remaining < kChunkSize ? remaining : kChunkSize);
+
+  P* __restrict__ p = static_cast<P*>(table.addresses[0][slot]) + start;
+  const P* __restrict__ g = static_cast<const P*>(table.addresses[1][slot]) + start;
+  S* __restrict__ m = static_cast<S*>(table.addresses[2][slot]) + start;
+  S* __restrict__ d = static_cast<S*>(table.addresses[3][slot]) + start;
+  const P* __restrict__ hz = nullptr;
+  if constexpr (kHasHz) {
+    hz = static_cast<const P*>(table.addresses[4][slot]) + start;
+  }
+
+  bool vectorizable = n % kIlp == 0 && is_aligned(p) && is_aligned(g) && is_aligned(m) &&
+      is_aligned(d);
+  if constexpr (kHasHz) {
+    vectorizable = vectorizable && is_aligned(hz);
+  }
+
+  if (vectorizable) {
+    for (int i = thread; i * kIlp < n; i += threads) {
+      Pack<P> pp = load_pack(p, i);
+      const Pack<P> gp = load_pack(g, i);
+      Pack<S> mp = load_pack(m, i);
+      Pack<S> dp = load_pack(d, i);
+      Pack<P> hp{};
+      if constexpr (kHasHz) {
+        hp = load_pack(hz, i);
+      }
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) {
+        S pk = static_cast<S>(pp.v[k]);
+        const S hk = kHasHz ? static_cast<S>(hp.v[k]) : S(0);
+        update<kHasHz>(pk, static_cast<S>(gp.v[k]), mp.v[k], dp.v[k], hk, c);
+        pp.v[k] = static_cast<P>(pk);
+      }
+      store_pack(p, i, pp);
+      store_pack(m, i, mp);
+      if constexpr (kHasHz) {
+        store_pack(d, i, dp);
+      }
+    }
+    return;
+  }
+
+  // Misaligned views or a ragged tail: strided scalar accesses, still kIlp loads in flight.
+  for (int base = 0; base < n; base += threads * kIlp) {
+    S pr[kIlp], gr[kIlp], mr[kIlp], dr[kIlp], hr[kIlp];
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) {
+      const int i = base + thread + k * threads;
+      if (i < n) {
+        pr[k] = static_cast<S>(p[i]);
+        gr[k] = static_cast<S>(g[i]);
+        mr[k] = m[i];
+        dr[k] = d[i];
+        hr[k] = kHasHz ? static_cast<S>(hz[i]) : S(0);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kIlp; ++k) {
+      const int i = base + thread + k * threads;
+      if (i < n) {
+        update<kHasHz>(pr[k], gr[k], mr[k], dr[k], hr[k], c);
+        p[i] = static_cast<P>(pr[k]);
+        m[i] = mr[k];
+        if constexpr (kHasHz) {
+          d[i] = dr[k];
+        }
+      }
+    }
+  }
+}
+
+// Plans the launches for a workspace and calls launch(table, blocks) for each, in order.
+template <int Depth, typename LaunchFn>
+void for_each_launch(const Workspace& w, LaunchFn&& launch) {
+  std::vector<int64_t> numels(w.params.size());
+  for (size_t t = 0; t < numels.size(); ++t) {
+    numels[t] = w.params[t].numel();
+  }
+  for (const Launch& plan :
+       plan_launches(numels, kChunkSize, MaxTensors<Depth>::value, kMaxBlocks)) {
+    TensorTable<Depth> table;
+    for (size_t slot = 0; slot < plan.tensors.size(); ++slot) {
+      const int64_t t = plan.tensors[slot];
+      table.addresses[0][slot] = w.params[t].data_ptr();
+      table.addresses[1][slot] = w.grads[t].data_ptr();
+      table.addresses[2][slot] = w.exp_avgs[t].data_ptr();
+      table.addresses[3][slot] = w.exp_hz_sqs[t].data_ptr();
+      if constexpr (Depth == 5) {
+        table.addresses[4][slot] = w.hzs[t].data_ptr();
+      }
+      table.numel[slot] = numels[t];
+    }
+    const int blocks = static_cast<int>(plan.block_slot.size());
+    for (int b = 0; b < blocks; ++b) {
+      table.block_slot[b] = static_cast<unsigned char>(plan.block_slot[b]);
+      table.block_chunk[b] = static_cast<int32_t>(plan.block_chunk[b]);
+    }
+    launch(table, blocks);
+  }
+}
+
+}  // namespace esgd
