@@ -6,20 +6,24 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
-namespace esgd {
+// The element loop is written as scalar code over restrict pointers and vectorized by the
+// compiler (needs -fno-math-errno for sqrt, set in setup.py). On x86-64 the loop is cloned for
+// AVX2 and picked at load time (ifunc), so a portable build still runs 8-wide on current CPUs;
+// sqrt and division dominate, and at::vec::Vectorized in an extension only gets the baseline ISA.
+// No FMA clone: contraction would change rounding relative to the default clone.
+#if defined(__x86_64__) && defined(__linux__) && \
+    (defined(__clang__) ? __clang_major__ >= 14 : (defined(__GNUC__) && __GNUC__ >= 8))
+#define ESGD_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ESGD_CPU_CLONES
+#endif
 
-template <typename T>
-struct Sqrt<at::vec::Vectorized<T>> {
-  static inline at::vec::Vectorized<T> apply(const at::vec::Vectorized<T>& x) {
-    return x.sqrt();
-  }
-};
+namespace esgd {
 
 namespace {
 
@@ -27,76 +31,25 @@ namespace {
 // 19M-element model still spreads over every core.
 constexpr int64_t kGrain = 32768;
 
-template <typename T>
-Coeffs<at::vec::Vectorized<T>> broadcast(const Coeffs<T>& c) {
-  using Vec = at::vec::Vectorized<T>;
-  return Coeffs<Vec>{
-      Vec(c.beta1), Vec(c.one_minus_beta1), Vec(c.beta2), Vec(c.one_minus_beta2), Vec(c.v),
-      Vec(c.one_minus_v), Vec(c.eps), Vec(c.decay), Vec(c.lr_scale), Vec(c.denom_scale)};
-}
-
-// Loads Vec::size() parameter-typed values as math-typed lanes. For 16-bit parameters the
-// conversion goes through a small buffer, which the compiler turns into packed converts.
-template <typename P, typename S>
-inline at::vec::Vectorized<S> load_as(const P* src) {
-  using Vec = at::vec::Vectorized<S>;
-  if constexpr (std::is_same_v<P, S>) {
-    return Vec::loadu(src);
-  } else {
-    alignas(64) S buf[Vec::size()];
-    for (int k = 0; k < Vec::size(); ++k) {
-      buf[k] = static_cast<S>(src[k]);
-    }
-    return Vec::loadu(buf);
-  }
-}
-
-template <typename P, typename S>
-inline void store_as(P* dst, const at::vec::Vectorized<S>& value) {
-  using Vec = at::vec::Vectorized<S>;
-  if constexpr (std::is_same_v<P, S>) {
-    value.store(dst);
-  } else {
-    alignas(64) S buf[Vec::size()];
-    value.store(buf);
-    for (int k = 0; k < Vec::size(); ++k) {
-      dst[k] = static_cast<P>(buf[k]);
-    }
-  }
-}
-
 template <typename P, typename S, bool kHasHz>
-void update_range(
-    P* p,
-    const P* g,
-    S* m,
-    S* d,
-    const P* hz,
+C10_ALWAYS_INLINE void update_range(
+    P* __restrict__ p,
+    const P* __restrict__ g,
+    S* __restrict__ m,
+    S* __restrict__ d,
+    const P* __restrict__ hz,
     int64_t n,
-    const Coeffs<S>& c,
-    const Coeffs<at::vec::Vectorized<S>>& cv) {
-  using Vec = at::vec::Vectorized<S>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec pv = load_as<P, S>(p + i);
-    const Vec gv = load_as<P, S>(g + i);
-    Vec mv = Vec::loadu(m + i);
-    Vec dv = Vec::loadu(d + i);
-    const Vec hv = kHasHz ? load_as<P, S>(hz + i) : Vec(S(0));
-    update<kHasHz>(pv, gv, mv, dv, hv, cv);
-    store_as<P, S>(p + i, pv);
-    mv.store(m + i);
-    if constexpr (kHasHz) {
-      dv.store(d + i);
-    }
-  }
-  for (; i < n; ++i) {
+    const Coeffs<S>& coeffs) {
+  const Coeffs<S> c = coeffs;  // a local copy, so the compiler knows stores cannot alias it
+  for (int64_t i = 0; i < n; ++i) {
     S pi = static_cast<S>(p[i]);
-    const S gi = static_cast<S>(g[i]);
     S mi = m[i];
     S di = d[i];
-    const S hi = kHasHz ? static_cast<S>(hz[i]) : S(0);
-    update<kHasHz>(pi, gi, mi, di, hi, c);
+    S hi = S(0);
+    if constexpr (kHasHz) {
+      hi = static_cast<S>(hz[i]);
+    }
+    update<kHasHz>(pi, static_cast<S>(g[i]), mi, di, hi, c);
     p[i] = static_cast<P>(pi);
     m[i] = mi;
     if constexpr (kHasHz) {
@@ -104,6 +57,33 @@ void update_range(
     }
   }
 }
+
+template <typename P, typename S, bool kHasHz>
+using RangeFn = void (*)(P*, const P*, S*, S*, const P*, int64_t, const Coeffs<S>&);
+
+template <typename P, typename S, bool kHasHz>
+struct Range;
+
+// target_clones needs plain functions, hence one per (param type, state type, estimation).
+#define ESGD_DEFINE_RANGE(P, S, HAS_HZ, NAME)                                                   \
+  ESGD_CPU_CLONES void NAME(                                                                    \
+      P* p, const P* g, S* m, S* d, const P* hz, int64_t n, const Coeffs<S>& c) {              \
+    update_range<P, S, HAS_HZ>(p, g, m, d, hz, n, c);                                           \
+  }                                                                                             \
+  template <>                                                                                   \
+  struct Range<P, S, HAS_HZ> {                                                                  \
+    static constexpr RangeFn<P, S, HAS_HZ> fn = &NAME;                                          \
+  };
+
+ESGD_DEFINE_RANGE(float, float, false, range_f32)
+ESGD_DEFINE_RANGE(float, float, true, range_f32_hz)
+ESGD_DEFINE_RANGE(double, double, false, range_f64)
+ESGD_DEFINE_RANGE(double, double, true, range_f64_hz)
+ESGD_DEFINE_RANGE(at::Half, float, false, range_f16)
+ESGD_DEFINE_RANGE(at::Half, float, true, range_f16_hz)
+ESGD_DEFINE_RANGE(at::BFloat16, float, false, range_bf16)
+ESGD_DEFINE_RANGE(at::BFloat16, float, true, range_bf16_hz)
+#undef ESGD_DEFINE_RANGE
 
 template <typename P, typename S, bool kHasHz>
 void run(const Workspace& w, const Hyper& hyper) {
@@ -125,7 +105,7 @@ void run(const Workspace& w, const Hyper& hyper) {
     }
   }
   const Coeffs<S> c = make_coeffs<S>(hyper);
-  const Coeffs<at::vec::Vectorized<S>> cv = broadcast(c);
+  const RangeFn<P, S, kHasHz> range = Range<P, S, kHasHz>::fn;
   at::parallel_for(0, offsets[n], kGrain, [&](int64_t begin, int64_t end) {
     // Largest t with offsets[t] <= begin, which skips empty tensors.
     size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
@@ -133,9 +113,8 @@ void run(const Workspace& w, const Hyper& hyper) {
       const int64_t stop = std::min(end, offsets[t + 1]);
       const int64_t lo = begin - offsets[t];
       if (stop > begin) {
-        update_range<P, S, kHasHz>(
-            p[t] + lo, g[t] + lo, m[t] + lo, d[t] + lo, kHasHz ? hz[t] + lo : nullptr,
-            stop - begin, c, cv);
+        range(p[t] + lo, g[t] + lo, m[t] + lo, d[t] + lo, kHasHz ? hz[t] + lo : nullptr,
+              stop - begin, c);
       }
       begin = stop;
       ++t;

@@ -54,7 +54,7 @@ inline Coeffs<T> make_coeffs(const Hyper& h) {
   };
 }
 
-// Square root for the math type; the CPU kernel specializes it for Vectorized.
+// Square root for the math type; a vector type can specialize it.
 template <typename V>
 struct Sqrt {
   static C10_HOST_DEVICE inline V apply(const V& x) {

@@ -16,6 +16,12 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__CUDACC__)
+#define ESGD_UNROLL _Pragma("unroll")
+#else
+#define ESGD_UNROLL
+#endif
+
 namespace esgd {
 
 constexpr int kBlockSize = 512;
@@ -108,7 +114,7 @@ C10_HOST_DEVICE inline void process_block(
       if constexpr (kHasHz) {
         hp = load_pack(hz, i);
       }
-#pragma unroll
+      ESGD_UNROLL
       for (int k = 0; k < kIlp; ++k) {
         S pk = static_cast<S>(pp.v[k]);
         const S hk = kHasHz ? static_cast<S>(hp.v[k]) : S(0);
@@ -126,8 +132,9 @@ C10_HOST_DEVICE inline void process_block(
 
   // Misaligned views or a ragged tail: strided scalar accesses, still kIlp loads in flight.
   for (int base = 0; base < n; base += threads * kIlp) {
-    S pr[kIlp], gr[kIlp], mr[kIlp], dr[kIlp], hr[kIlp];
-#pragma unroll
+    // Zero-filled so that lanes past n hold defined values; they are never stored.
+    S pr[kIlp] = {}, gr[kIlp] = {}, mr[kIlp] = {}, dr[kIlp] = {}, hr[kIlp] = {};
+    ESGD_UNROLL
     for (int k = 0; k < kIlp; ++k) {
       const int i = base + thread + k * threads;
       if (i < n) {
@@ -138,7 +145,7 @@ C10_HOST_DEVICE inline void process_block(
         hr[k] = kHasHz ? static_cast<S>(hz[i]) : S(0);
       }
     }
-#pragma unroll
+    ESGD_UNROLL
     for (int k = 0; k < kIlp; ++k) {
       const int i = base + thread + k * threads;
       if (i < n) {
