@@ -111,8 +111,9 @@ def test_convergence_aggregate(bench):
         _run(p, "adam", 1e-1, 0, [1.0, 0.9, 0.8, 0.7], 1e-3),
         _run(p, "adam", 1e-1, 1, [1.0, 0.9, 0.8, 0.7], 1e-3),
         # ESGD: lr 1 diverges on one seed, so lr 0.1 is best; mean curve 1, 0.4, 0.15 hits at step 20.
+        # Seed 1 ran on a busier core: timings take the faster seed.
         _run(p, "esgd", 1e-1, 0, [1.0, 0.3, 0.1, 0.05], 3e-3),
-        _run(p, "esgd", 1e-1, 1, [1.0, 0.5, 0.2, 0.05], 3e-3),
+        _run(p, "esgd", 1e-1, 1, [1.0, 0.5, 0.2, 0.05], 5e-3),
         _run(p, "esgd", 1.0, 0, [1.0, 0.01, 0.001, 0.0001], 3e-3),
         _run(p, "esgd", 1.0, 1, [1.0, math.inf], 3e-3),
     ]
