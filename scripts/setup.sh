@@ -34,11 +34,13 @@ if ! python -m pip install -v --disable-pip-version-check --no-build-isolation -
   echo "setup.sh: building esgd_cuda failed (full log: build/install.log)" >&2
   exit 1
 fi
-grep -E "^esgd_cuda" build/install.log || true
-python - <<'PY'
-import json, sys
+grep -m1 "esgd_cuda setup:" build/install.log | sed "s/^ *//" || true
+# From outside the repository, so that the installed package is imported, not the source tree.
+(cd / && python - <<'PY'
+import json
 import esgd_cuda
 info = esgd_cuda.extension_info()
 print("== esgd_cuda installed:", esgd_cuda.__file__)
 print(json.dumps(info, indent=1, default=str))
 PY
+)
