@@ -375,7 +375,7 @@ def measure_steady_step_times(problems: list[str], optimizers: list[str], device
     """Amortized step time after ESGD-M's estimation warm-up, every optimizer on the same model.
 
     The training runs' own timings include ESGD-M's first `d_warmup` estimation steps and whatever
-    else the machine was doing. Here the optimizers take turns on one core: blocks of `block` steps
+    else the machine was doing. Here the optimizers take turns in this process: blocks of `block` steps
     (a multiple of update_d_every=10, so exactly one in ten is an estimation step), `rounds` times,
     the fastest block kept.
     """
@@ -559,7 +559,7 @@ def to_markdown(result: dict) -> str:
              "the seed-mean training loss is <= target; seconds count training steps only "
              "(no evaluation), the minimum over seeds (the run least disturbed by other processes). "
              "ms/step: amortized steady-state training step (forward, backward, step; ESGD-M with a "
-             "Hessian-vector product every 10th step), optimizers taking turns on one core, best of 3 "
+             "Hessian-vector product every 10th step), optimizers taking turns in one process, best of 5 "
              "blocks of 30 steps; the runs' own amortized step times (which include ESGD-M's 20 "
              "warm-up estimation steps) are in the JSON as run_ms_per_step.", ""]
     headers = ["problem", "optimizer", "best lr", "final train loss", "test", "steps to target",
@@ -717,7 +717,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     runs = run_tasks(tasks, jobs, threads, args.progress)
     steady = measure_steady_step_times(problems, list(grid), device, args.preset, threads,
-                                       rounds=1 if args.preset == "smoke" else 3,
+                                       rounds=1 if args.preset == "smoke" else 5,
                                        block=10 if args.preset == "smoke" else 30)
     elapsed = time.perf_counter() - started
     env["load_avg_end"] = load_average()

@@ -239,8 +239,9 @@ def run(args) -> dict:
     esgd_cuda = import_esgd()
     env = environment(device)
     started = time.perf_counter()
-    # The best of a few copies: the ceiling should not be lowered by a moment of contention.
-    copy_gbs = max(copy_bandwidth(device, preset["copy_mib"], min_run_time) for _ in range(rounds))
+    # The copy is re-measured in every round, next to the rows it is compared with, and the best kept:
+    # the ceiling must not be lowered by a moment of contention.
+    copies = [copy_bandwidth(device, preset["copy_mib"], min_run_time)]
     rows = []
     for shape_name in shapes:
         shape = SHAPES[shape_name]
@@ -255,6 +256,7 @@ def run(args) -> dict:
             # Rounds interleave the cases, so a burst of load from other processes hits one round of
             # a case rather than all of its samples; each round's median is kept, and the best reported.
             for _ in range(rounds):
+                copies.append(copy_bandwidth(device, preset["copy_mib"], min_run_time))
                 for row, (_, _, _, factory) in zip(group, specs):
                     if row["skipped"] is not None:
                         continue
@@ -272,7 +274,6 @@ def run(args) -> dict:
                 if row["skipped"] is None:
                     row["ms"] = min(row["round_ms"])
                     row["gbs"] = row["bytes_per_param"] * shape.numel / (row["ms"] / 1e3) / 1e9
-                    row["copy_fraction"] = row["gbs"] / copy_gbs
                 if args.verbose:
                     print(f"  {shape.name:>12} {dtype_name:>5} {row['case']:<46} {fmt(row['ms'])} ms"
                           + (f"  {row['skipped']}" if row["skipped"] else ""), file=sys.stderr, flush=True)
@@ -281,16 +282,22 @@ def run(args) -> dict:
                 if adam and r["ms"]:
                     r["vs_adam_fused"] = r["ms"] / adam
             rows.extend(group)
+    copy_gbs = max(copies)
+    for row in rows:
+        if row["gbs"] is not None:
+            row["copy_fraction"] = row["gbs"] / copy_gbs
     env["load_avg_end"] = load_average()
     return dict(environment=env, preset=args.preset, device=str(device), min_run_time=min_run_time,
-                rounds=rounds, copy_gbs=copy_gbs, copy_mib=preset["copy_mib"], rows=rows,
+                rounds=rounds, copy_gbs=copy_gbs, copy_gbs_samples=copies, copy_mib=preset["copy_mib"],
+                rows=rows,
                 elapsed_s=time.perf_counter() - started)
 
 
 def to_markdown(result: dict) -> str:
     env = result["environment"]
     parts = [f"## Optimizer step time ({result['device']})", "", environment_markdown(env),
-             f"- Copy bandwidth (`dst.copy_(src)`, {result['copy_mib']} MiB, 2 x bytes / time): "
+             f"- Copy bandwidth (`dst.copy_(src)`, {result['copy_mib']} MiB, 2 x bytes / time, best of "
+             f"{len(result['copy_gbs_samples'])} measurements interleaved with the rows): "
              f"{result['copy_gbs']:.1f} GB/s",
              f"- ms/step: median of `torch.utils.benchmark` blocked_autorange "
              f"(min_run_time={result['min_run_time']} s) after warm-up; best of "
