@@ -78,11 +78,14 @@ class ESGD(torch.optim.Optimizer):
     Rademacher probe z, keeps an exponential moving average D of (Hz)^2, and divides quasi-hyperbolic
     momentum by sqrt(D) (bias-corrected) plus ``eps``. Per parameter, on its t-th step::
 
-        m <- beta1*m + (1-beta1)*g                       mb <- mb*beta1
-        D <- beta2*D + (1-beta2)*(Hz)^2   (estimates)    db <- db*beta2
+        m <- beta1*m + (1-beta1)*g                       mb = beta1**t
+        D <- beta2*D + (1-beta2)*(Hz)^2   (estimates)    db = beta2**k   (k: estimates so far)
         step_size = lr*(1 - lr_warmup**t)
         p <- p*(1 - weight_decay*step_size)
         p <- p - step_size/(1 - mb*v) * (v*m + (1-v)*g) / (sqrt(D)/sqrt(1-db) + eps)
+
+    The state of a parameter is ``exp_avg`` (m), ``exp_hz_sq`` (D) and the integers ``step`` (t) and
+    ``estimates`` (k).
 
     Estimation steps need the gradient's autograd graph: call ``opt.backward(loss)`` (recommended),
     or ``loss.backward(create_graph=opt.should_create_graph())``, before ``opt.step()``.
@@ -293,36 +296,39 @@ class ESGD(torch.optim.Optimizer):
         self._graph_requested = False
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and p.grad.requires_grad:
-                    p.grad = p.grad.detach()
+                g = p.grad
+                if g is not None and g.requires_grad:
+                    p.grad = g.detach()
 
-    def _check_step_inputs(self) -> List[Tensor]:
-        """Validate everything before any state changes; return the params that have gradients."""
-        with_grad = []
+    def _collect(self) -> List[Tuple[List[Tensor], List[Tensor]]]:
+        """Validate everything before any state changes; return each group's params with gradients."""
+        work = []
+        checked = set()
         for i, group in enumerate(self.param_groups):
             _check_hparams(
                 group["lr"], group["betas"], group["v"], group["lr_warmup"], group["eps"],
                 group["weight_decay"], f" in param_groups[{i}]",
             )
+            params, grads = [], []
             for j, p in enumerate(group["params"]):
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                if p.grad.is_sparse:
+                if g.is_sparse:
                     raise RuntimeError(
                         f"ESGD does not support sparse gradients (param_groups[{i}]['params'][{j}])"
                     )
-                if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
-                    raise RuntimeError(
-                        f"ESGD: param_groups[{i}]['params'][{j}] has shape {tuple(p.shape)}, {p.dtype} on "
-                        f"{p.device} but its grad has shape {tuple(p.grad.shape)}, {p.grad.dtype} on {p.grad.device}"
-                    )
-                if self.fused and not _extension.fused_supported(p.device, p.dtype):
-                    raise RuntimeError(
-                        f"ESGD(fused=True): the fused kernel cannot run param_groups[{i}]['params'][{j}] "
-                        f"({p.dtype} on {p.device}): {_fused_unavailable_reason()}"
-                    )
-                with_grad.append(p)
-        return with_grad
+                if self.fused and (p.device, p.dtype) not in checked:
+                    if not _extension.fused_supported(p.device, p.dtype):
+                        raise RuntimeError(
+                            f"ESGD(fused=True): the fused kernel cannot run param_groups[{i}]['params'][{j}] "
+                            f"({p.dtype} on {p.device}): {_fused_unavailable_reason()}"
+                        )
+                    checked.add((p.device, p.dtype))
+                params.append(p)
+                grads.append(g)
+            work.append((params, grads))
+        return work
 
     def _use_fused(self, device: torch.device, dtype: torch.dtype) -> bool:
         if self.fused is False:
@@ -339,51 +345,50 @@ class ESGD(torch.optim.Optimizer):
 
         index = self._step_index
         estimate = self._is_estimation_step(index)
-        params = self._check_step_inputs()
+        work = self._collect()
+        all_params = [p for params, _ in work for p in params]
         hz_of: Dict[Tensor, Tensor] = {}
-        if estimate and params:
-            hz_of = dict(zip(params, self._hessian_vector_products(params, index)))
+        if estimate and all_params:
+            hz_of = dict(zip(all_params, self._hessian_vector_products(all_params, index)))
         self._release_graphs()
 
-        for group in self.param_groups:
+        for group, (params, grads) in zip(self.param_groups, work):
             beta1, beta2 = group["betas"]
             v = beta1 if group["v"] is None else group["v"]
-            lr = float(group["lr"])
+            # Tensors that share device, dtype and counters share one kernel call. Counters are per
+            # parameter (a parameter may join late), but normally all of a group's are equal.
             buckets: Dict[tuple, Tuple[List[Tensor], ...]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p, g in zip(params, grads):
                 state = self.state[p]
-                if len(state) == 0:
+                if not state:
                     if not estimate:
                         continue  # no curvature estimate yet: wait for the next estimation step
                     sdtype = state_dtype(p.dtype)
                     state["step"] = 0
-                    state["momentum_product"] = 1.0
-                    state["hz_product"] = 1.0
-                    state["warmup_product"] = 1.0
+                    state["estimates"] = 0
                     state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
                     state["exp_hz_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
-                state["step"] += 1
-                state["momentum_product"] *= beta1
-                state["warmup_product"] *= group["lr_warmup"]
+                t = state["step"] + 1
+                state["step"] = t
+                k = state["estimates"]
                 if estimate:
-                    state["hz_product"] *= beta2
-                step_size = lr * (1.0 - state["warmup_product"])
-                momentum_scale = 1.0 / (1.0 - state["momentum_product"] * v)
-                denom_scale = 1.0 / math.sqrt(1.0 - state["hz_product"])
-                key = (p.device, p.dtype, step_size, momentum_scale, denom_scale)
+                    k += 1
+                    state["estimates"] = k
+                key = (p.device, p.dtype, t, k)
                 lists = buckets.get(key)
                 if lists is None:
                     lists = buckets[key] = ([], [], [], [], [])
                 lists[0].append(p)
-                lists[1].append(p.grad)
+                lists[1].append(g)
                 lists[2].append(state["exp_avg"])
                 lists[3].append(state["exp_hz_sq"])
                 if estimate:
                     lists[4].append(hz_of[p])
 
-            for (device, dtype, step_size, momentum_scale, denom_scale), lists in buckets.items():
+            for (device, dtype, t, k), lists in buckets.items():
+                # mb = beta1**t, db = beta2**k, warm = lr_warmup**t: the running products of the
+                # algorithm, in closed form (as torch.optim.Adam does) so state is two integers.
+                step_size = float(group["lr"]) * (1.0 - group["lr_warmup"] ** t)
                 esgd_update(
                     lists[0],
                     lists[1],
@@ -396,8 +401,8 @@ class ESGD(torch.optim.Optimizer):
                     eps=group["eps"],
                     weight_decay=group["weight_decay"],
                     step_size=step_size,
-                    momentum_scale=momentum_scale,
-                    denom_scale=denom_scale,
+                    momentum_scale=1.0 / (1.0 - beta1**t * v),
+                    denom_scale=1.0 / math.sqrt(1.0 - beta2**k),
                     fused=self._use_fused(device, dtype),
                 )
 
