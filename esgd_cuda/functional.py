@@ -53,31 +53,8 @@ def esgd_update(
     """
     if len(params) == 0:
         return
-    if fused:
-        from . import ops
-
-        scalars = dict(
-            beta1=beta1,
-            v=v,
-            eps=eps,
-            weight_decay=weight_decay,
-            step_size=step_size,
-            momentum_scale=momentum_scale,
-            denom_scale=denom_scale,
-        )
-        if hzs is None:
-            ops.esgd_update_(params, grads, exp_avgs, exp_hz_sqs, **scalars)
-        else:
-            ops.esgd_update_hz_(params, grads, exp_avgs, exp_hz_sqs, hzs, beta2=beta2, **scalars)
-        return
-    _esgd_update_foreach(
-        params,
-        grads,
-        exp_avgs,
-        exp_hz_sqs,
-        hzs,
+    scalars = dict(
         beta1=beta1,
-        beta2=beta2,
         v=v,
         eps=eps,
         weight_decay=weight_decay,
@@ -85,6 +62,15 @@ def esgd_update(
         momentum_scale=momentum_scale,
         denom_scale=denom_scale,
     )
+    if not fused:
+        _esgd_update_foreach(params, grads, exp_avgs, exp_hz_sqs, hzs, beta2=beta2, **scalars)
+        return
+    from . import ops
+
+    if hzs is None:
+        ops.esgd_update_(params, grads, exp_avgs, exp_hz_sqs, **scalars)
+    else:
+        ops.esgd_update_hz_(params, grads, exp_avgs, exp_hz_sqs, hzs, beta2=beta2, **scalars)
 
 
 def _esgd_update_foreach(
