@@ -124,6 +124,11 @@ def get_extensions():
     # -fno-math-errno lets the compiler vectorize sqrt; it only drops the errno side effect, every
     # result stays IEEE-exact.
     cxx_flags = ["-O3", "-fno-math-errno"]
+    # at::parallel_for is a header template whose OpenMP backend is a `#pragma omp parallel`
+    # compiled into the extension: without -fopenmp it silently runs on one thread. Compile flag
+    # only: the GOMP symbols bind to the OpenMP runtime libtorch_cpu already loads.
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
     # -lineinfo only maps SASS to source lines for profilers; no fast-math, which would change
     # results relative to the CPU kernel and the PyTorch path.
     nvcc_flags = ["-O3", "-lineinfo"]
