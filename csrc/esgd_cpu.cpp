@@ -11,6 +11,12 @@
 #include <algorithm>
 #include <vector>
 
+// ATen's OpenMP parallel_for is a pragma inside a header template: compiled without OpenMP it
+// runs every range on the calling thread (setup.py passes -fopenmp on Linux).
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#warning "esgd_cpu.cpp compiled without OpenMP: the fused CPU kernel will run on one thread"
+#endif
+
 // The element loop is written as scalar code over restrict pointers and vectorized by the
 // compiler (needs -fno-math-errno for sqrt, set in setup.py). On x86-64 the loop is cloned for
 // AVX2 and picked at load time (ifunc), so a portable build still runs 8-wide on current CPUs;
