@@ -36,11 +36,12 @@ TORCH_LIBRARY(esgd_cuda, m) {
   m.def(
       "esgd_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_hz_sqs, *, float beta1, float v, float eps, float weight_decay, "
-      "float step_size, float momentum_scale, float denom_scale) -> ()");
+      "float step_size, float momentum_scale, float denom_scale, float grad_scale_inv=1.0) -> ()");
   m.def(
       "esgd_update_hz_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_hz_sqs, Tensor[] hzs, *, float beta1, float beta2, float v, float eps, "
-      "float weight_decay, float step_size, float momentum_scale, float denom_scale) -> ()");
+      "float weight_decay, float step_size, float momentum_scale, float denom_scale, "
+      "float grad_scale_inv=1.0, float hz_scale_inv=1.0) -> ()");
 }
 
 namespace {
@@ -93,19 +94,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
          const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_hz_sqs,
          py::object hzs, double beta1, double beta2, double v, double eps, double weight_decay,
-         double step_size, double momentum_scale, double denom_scale) {
+         double step_size, double momentum_scale, double denom_scale, double grad_scale_inv,
+         double hz_scale_inv) {
         const bool has_hz = !hzs.is_none();
         const std::vector<at::Tensor> hz_list =
             has_hz ? hzs.cast<std::vector<at::Tensor>>() : std::vector<at::Tensor>{};
         esgd::emulate_cuda_update(
             params, grads, exp_avgs, exp_hz_sqs, hz_list, has_hz,
             esgd::Hyper{beta1, beta2, v, eps, weight_decay, step_size, momentum_scale,
-                        denom_scale});
+                        denom_scale, grad_scale_inv, hz_scale_inv});
       },
       py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_hz_sqs"),
       py::arg("hzs"), py::kw_only(), py::arg("beta1"), py::arg("beta2"), py::arg("v"),
       py::arg("eps"), py::arg("weight_decay"), py::arg("step_size"), py::arg("momentum_scale"),
-      py::arg("denom_scale"),
+      py::arg("denom_scale"), py::arg("grad_scale_inv") = 1.0, py::arg("hz_scale_inv") = 1.0,
       "Test hook: the CUDA kernel's plan, tables and per-thread code run sequentially on CPU "
       "tensors (hzs=None for a plain step).");
   m.attr("CHUNK_SIZE") = esgd::kChunkSize;

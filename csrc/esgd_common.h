@@ -2,6 +2,8 @@
 
 // Argument checking and layout preparation shared by the CPU and CUDA implementations.
 
+#include "esgd_math.h"
+
 #include <ATen/core/Tensor.h>
 
 #include <string>
@@ -50,5 +52,59 @@ class Workspace {
  private:
   std::vector<std::pair<at::Tensor, at::Tensor>> writebacks_;
 };
+
+// A device's update routine: validates, then updates every tensor (hzs null on plain steps).
+using LaunchFn = void (*)(
+    const char* op,
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList exp_avgs,
+    at::TensorList exp_hz_sqs,
+    const at::TensorList* hzs,
+    const Hyper& hyper);
+
+// The op entry points in schema argument order (bindings.cpp), mapped onto Hyper once for every
+// device: each device file registers plain_op<its launch> and hz_op<its launch>.
+template <LaunchFn Launch>
+void plain_op(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList exp_avgs,
+    at::TensorList exp_hz_sqs,
+    double beta1,
+    double v,
+    double eps,
+    double weight_decay,
+    double step_size,
+    double momentum_scale,
+    double denom_scale,
+    double grad_scale_inv) {
+  // beta2 and hz_scale_inv only enter the D update, which plain steps skip.
+  const Hyper hyper{beta1, 0.0, v, eps, weight_decay, step_size, momentum_scale, denom_scale,
+                    grad_scale_inv, 1.0};
+  Launch("esgd_update_", params, grads, exp_avgs, exp_hz_sqs, nullptr, hyper);
+}
+
+template <LaunchFn Launch>
+void hz_op(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList exp_avgs,
+    at::TensorList exp_hz_sqs,
+    at::TensorList hzs,
+    double beta1,
+    double beta2,
+    double v,
+    double eps,
+    double weight_decay,
+    double step_size,
+    double momentum_scale,
+    double denom_scale,
+    double grad_scale_inv,
+    double hz_scale_inv) {
+  const Hyper hyper{beta1, beta2, v, eps, weight_decay, step_size, momentum_scale, denom_scale,
+                    grad_scale_inv, hz_scale_inv};
+  Launch("esgd_update_hz_", params, grads, exp_avgs, exp_hz_sqs, &hzs, hyper);
+}
 
 }  // namespace esgd

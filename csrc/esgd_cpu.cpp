@@ -224,45 +224,11 @@ void launch(
   w.finish();
 }
 
-void esgd_update_cpu(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList exp_avgs,
-    at::TensorList exp_hz_sqs,
-    double beta1,
-    double v,
-    double eps,
-    double weight_decay,
-    double step_size,
-    double momentum_scale,
-    double denom_scale) {
-  const Hyper hyper{beta1, 0.0, v, eps, weight_decay, step_size, momentum_scale, denom_scale};
-  launch("esgd_update_", params, grads, exp_avgs, exp_hz_sqs, nullptr, hyper);
-}
-
-void esgd_update_hz_cpu(
-    at::TensorList params,
-    at::TensorList grads,
-    at::TensorList exp_avgs,
-    at::TensorList exp_hz_sqs,
-    at::TensorList hzs,
-    double beta1,
-    double beta2,
-    double v,
-    double eps,
-    double weight_decay,
-    double step_size,
-    double momentum_scale,
-    double denom_scale) {
-  const Hyper hyper{beta1, beta2, v, eps, weight_decay, step_size, momentum_scale, denom_scale};
-  launch("esgd_update_hz_", params, grads, exp_avgs, exp_hz_sqs, &hzs, hyper);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(esgd_cuda, CPU, m) {
-  m.impl("esgd_update_", &esgd_update_cpu);
-  m.impl("esgd_update_hz_", &esgd_update_hz_cpu);
+  m.impl("esgd_update_", &plain_op<&launch>);
+  m.impl("esgd_update_hz_", &hz_op<&launch>);
 }
 
 }  // namespace esgd

@@ -20,6 +20,10 @@ struct Hyper {
   double step_size;
   double momentum_scale;
   double denom_scale;
+  // Inverse loss scales (GradScaler) of the gradient and of Hz; 1 when unscaled. They fold into
+  // the coefficients of g and hz*hz, so unscaling costs nothing per element.
+  double grad_scale_inv = 1.0;
+  double hz_scale_inv = 1.0;
 };
 
 // Coefficients in the math type. Differences such as 1 - beta1 are formed in double before the
@@ -42,11 +46,11 @@ template <typename T>
 inline Coeffs<T> make_coeffs(const Hyper& h) {
   return Coeffs<T>{
       static_cast<T>(h.beta1),
-      static_cast<T>(1.0 - h.beta1),
+      static_cast<T>((1.0 - h.beta1) * h.grad_scale_inv),
       static_cast<T>(h.beta2),
-      static_cast<T>(1.0 - h.beta2),
+      static_cast<T>((1.0 - h.beta2) * h.hz_scale_inv * h.hz_scale_inv),
       static_cast<T>(h.v),
-      static_cast<T>(1.0 - h.v),
+      static_cast<T>((1.0 - h.v) * h.grad_scale_inv),
       static_cast<T>(h.eps),
       static_cast<T>(1.0 - h.weight_decay * h.step_size),
       static_cast<T>(h.step_size * h.momentum_scale),

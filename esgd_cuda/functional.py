@@ -11,6 +11,9 @@ per-tensor scalars. The optimizer groups parameters into such lists; the fused n
     p     = p*(1 - weight_decay*step_size)
     p     = p - (step_size*momentum_scale) * est/denom      momentum_scale = 1/(1-mb*v)
 
+`grad_scale_inv` and `hz_scale_inv` undo a loss scale (torch.amp.GradScaler) on g and hz: they
+multiply the coefficients of g and of hz*hz, so the gradients themselves are left as they are.
+
 Math runs in the state dtype: float32 for float16/bfloat16/float32 parameters, float64 for float64.
 """
 
@@ -42,6 +45,8 @@ def esgd_update(
     step_size: float,
     momentum_scale: float,
     denom_scale: float,
+    grad_scale_inv: float = 1.0,
+    hz_scale_inv: float = 1.0,
     fused: bool = False,
 ) -> None:
     """Apply one ESGD-M step in place to `params`, `exp_avgs` and (when `hzs` is given) `exp_hz_sqs`.
@@ -61,16 +66,21 @@ def esgd_update(
         step_size=step_size,
         momentum_scale=momentum_scale,
         denom_scale=denom_scale,
+        grad_scale_inv=grad_scale_inv,
     )
     if not fused:
-        _esgd_update_foreach(params, grads, exp_avgs, exp_hz_sqs, hzs, beta2=beta2, **scalars)
+        _esgd_update_foreach(
+            params, grads, exp_avgs, exp_hz_sqs, hzs, beta2=beta2, hz_scale_inv=hz_scale_inv, **scalars
+        )
         return
     from . import ops
 
     if hzs is None:
         ops.esgd_update_(params, grads, exp_avgs, exp_hz_sqs, **scalars)
     else:
-        ops.esgd_update_hz_(params, grads, exp_avgs, exp_hz_sqs, hzs, beta2=beta2, **scalars)
+        ops.esgd_update_hz_(
+            params, grads, exp_avgs, exp_hz_sqs, hzs, beta2=beta2, hz_scale_inv=hz_scale_inv, **scalars
+        )
 
 
 def _esgd_update_foreach(
@@ -88,7 +98,13 @@ def _esgd_update_foreach(
     step_size: float,
     momentum_scale: float,
     denom_scale: float,
+    grad_scale_inv: float = 1.0,
+    hz_scale_inv: float = 1.0,
 ) -> None:
+    # The coefficients are formed in double exactly as csrc/esgd_math.h forms them.
+    g_coeff = (1.0 - beta1) * grad_scale_inv
+    est_coeff = (1.0 - v) * grad_scale_inv
+    hz_coeff = (1.0 - beta2) * hz_scale_inv * hz_scale_inv
     math_dtype = exp_avgs[0].dtype
     upcast = params[0].dtype != math_dtype
     if upcast:
@@ -102,17 +118,17 @@ def _esgd_update_foreach(
         work_params = params
 
     torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=g_coeff)
     if hzs is not None:
         torch._foreach_mul_(exp_hz_sqs, beta2)
-        torch._foreach_addcmul_(exp_hz_sqs, hzs, hzs, value=1.0 - beta2)
+        torch._foreach_addcmul_(exp_hz_sqs, hzs, hzs, value=hz_coeff)
 
     denom = torch._foreach_sqrt(exp_hz_sqs)
     torch._foreach_mul_(denom, denom_scale)
     torch._foreach_add_(denom, eps)
 
     est = torch._foreach_mul(exp_avgs, v)
-    torch._foreach_add_(est, grads, alpha=1.0 - v)
+    torch._foreach_add_(est, grads, alpha=est_coeff)
 
     if weight_decay != 0.0:
         torch._foreach_mul_(work_params, 1.0 - weight_decay * step_size)

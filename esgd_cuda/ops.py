@@ -36,6 +36,7 @@ def esgd_update_(
     step_size: float,
     momentum_scale: float,
     denom_scale: float,
+    grad_scale_inv: float = 1.0,
 ) -> None:
     """Plain ESGD-M step: updates params and exp_avgs in place; exp_hz_sqs is only read."""
     _require_extension()
@@ -53,6 +54,7 @@ def esgd_update_(
         step_size=step_size,
         momentum_scale=momentum_scale,
         denom_scale=denom_scale,
+        grad_scale_inv=grad_scale_inv,
     )
 
 
@@ -71,6 +73,8 @@ def esgd_update_hz_(
     step_size: float,
     momentum_scale: float,
     denom_scale: float,
+    grad_scale_inv: float = 1.0,
+    hz_scale_inv: float = 1.0,
 ) -> None:
     """Estimation step: also folds hzs (Hessian-vector products) into exp_hz_sqs, then updates."""
     _require_extension()
@@ -90,6 +94,8 @@ def esgd_update_hz_(
         step_size=step_size,
         momentum_scale=momentum_scale,
         denom_scale=denom_scale,
+        grad_scale_inv=grad_scale_inv,
+        hz_scale_inv=hz_scale_inv,
     )
 
 
@@ -114,14 +120,14 @@ if _extension.LOADED:
     @torch.library.register_fake("esgd_cuda::esgd_update_")
     def _esgd_update_fake(
         params, grads, exp_avgs, exp_hz_sqs, *, beta1, v, eps, weight_decay, step_size,
-        momentum_scale, denom_scale
+        momentum_scale, denom_scale, grad_scale_inv=1.0
     ):
         _check_fake("esgd_update_", params, grads=grads, exp_avgs=exp_avgs, exp_hz_sqs=exp_hz_sqs)
 
     @torch.library.register_fake("esgd_cuda::esgd_update_hz_")
     def _esgd_update_hz_fake(
         params, grads, exp_avgs, exp_hz_sqs, hzs, *, beta1, beta2, v, eps, weight_decay,
-        step_size, momentum_scale, denom_scale
+        step_size, momentum_scale, denom_scale, grad_scale_inv=1.0, hz_scale_inv=1.0
     ):
         _check_fake(
             "esgd_update_hz_", params, grads=grads, exp_avgs=exp_avgs, exp_hz_sqs=exp_hz_sqs,

@@ -1,9 +1,11 @@
 """ESGD-M: equilibrated SGD with quasi-hyperbolic momentum, as a torch.optim.Optimizer."""
 
+import contextlib
 import math
 import numbers
+import warnings
 from collections import OrderedDict
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -15,8 +17,10 @@ __all__ = ["ESGD"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _STATE_KEYS = ("exp_avg", "exp_hz_sq")
-# Probe seeds are derived from (seed, step index, device): a counter-based stream whose whole state is
-# two integers, so checkpoints are portable across devices and resumed runs draw the same probes.
+# Probe seeds are derived from (seed, step index, bucket): a counter-based stream whose whole state is
+# two integers, so checkpoints are portable, resumed runs draw the same probes, every micro-batch of a
+# step sees the same probe, and data-parallel replicas (whose parameters sit on different devices but
+# in the same order) draw identical probes.
 _MASK64 = (1 << 64) - 1
 
 
@@ -70,6 +74,73 @@ def _fused_unavailable_reason() -> str:
     return "the native extension was not built for this device or dtype (see esgd_cuda.extension_info())"
 
 
+def _read_scaler(grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tuple[bool, float]:
+    """(skip this step, 1/grad_scale) from GradScaler's tensors, read back in one copy."""
+    present = [t for t in (found_inf, grad_scale) if t is not None]
+    if not present:
+        return False, 1.0
+    device = present[0].device
+    values = torch.cat([t.detach().reshape(-1)[:1].to(device=device, dtype=torch.float64) for t in present]).tolist()
+    skip = found_inf is not None and values[0] != 0.0
+    scale = values[-1] if grad_scale is not None else 1.0
+    if grad_scale is not None and not skip and not (math.isfinite(scale) and scale > 0.0):
+        raise ValueError(f"ESGD: grad_scale must be a finite positive number, got {scale!r}")
+    return skip, 1.0 / scale
+
+
+def _check_process_group(group: Any) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("ESGD: process_group was given but torch.distributed is not initialized")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"ESGD: process_group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+
+
+def _broadcast_seed(seed: int, group: Any) -> int:
+    """The probe seed of the group's first rank: every replica must draw the same probes."""
+    import torch.distributed as dist
+
+    _check_process_group(group)
+    box = [seed]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return int(box[0])
+
+
+def _average_over_group(
+    params: List[Tensor], grads: List[Optional[Tensor]], hzs: List[Optional[Tensor]], group: Any
+) -> None:
+    """Replaces `grads` and `hzs` (in place, per entry) by their means over the process group.
+
+    One all-reduce per (device, dtype) carries both lists plus a presence flag per parameter, so a
+    parameter that has a gradient on some ranks only is averaged like DDP does, and one that has none
+    anywhere stays None. The mean of Hz, not of its square, is what the update squares: averaging
+    squares would estimate a different (biased) quantity.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    buckets: "OrderedDict[Tuple[torch.device, torch.dtype], List[int]]" = OrderedDict()
+    for i, p in enumerate(params):
+        buckets.setdefault((p.device, p.dtype), []).append(i)
+    for (device, dtype), idx in buckets.items():
+        parts = []
+        for lst in (grads, hzs):
+            for i in idx:
+                t = lst[i]
+                parts.append(torch.zeros(params[i].numel(), device=device, dtype=dtype) if t is None else t.reshape(-1))
+        flags = [float(lst[i] is not None) for lst in (grads, hzs) for i in idx]
+        parts.append(torch.tensor(flags, device=device, dtype=dtype))
+        flat = torch.cat(parts)
+        dist.all_reduce(flat, group=group)
+        flat.div_(world)
+        sizes = [params[i].numel() for i in idx] * 2 + [len(flags)]
+        chunks = flat.split(sizes)
+        present = chunks[-1].tolist()
+        for j, (lst, i) in enumerate([(lst, i) for lst in (grads, hzs) for i in idx]):
+            lst[i] = chunks[j].view(params[i].shape) if present[j] > 0 else None
+
+
 class ESGD(torch.optim.Optimizer):
     r"""ESGD-M: equilibrated SGD with quasi-hyperbolic momentum.
 
@@ -87,8 +158,9 @@ class ESGD(torch.optim.Optimizer):
     The state of a parameter is ``exp_avg`` (m), ``exp_hz_sq`` (D) and the integers ``step`` (t) and
     ``estimates`` (k).
 
-    Estimation steps need the gradient's autograd graph: call ``opt.backward(loss)`` (recommended),
-    or ``loss.backward(create_graph=opt.should_create_graph())``, before ``opt.step()``.
+    Estimation steps need the gradient's autograd graph: call ``opt.backward(loss)`` (recommended:
+    it supports gradient accumulation, GradScaler and data parallelism, and releases the graph at
+    once), or ``loss.backward(create_graph=opt.should_create_graph())``, before ``opt.step()``.
 
     Args:
         params: parameters or param groups.
@@ -105,11 +177,17 @@ class ESGD(torch.optim.Optimizer):
         seed: seed of the probe stream; default drawn from torch's global RNG at construction.
         fused: ``None`` uses the native fused kernel where it can run (and pure PyTorch elsewhere),
             ``True`` requires it (error if it cannot run), ``False`` always uses pure PyTorch.
+        process_group: for data-parallel training, the ``torch.distributed`` group of the replicas:
+            the seed is taken from its first rank, and estimation-step gradients and Hz are averaged
+            over it in ``backward()``. None (default) does no communication.
 
     A parameter's state starts on the first estimation step on which it has a gradient; until
     then (no curvature estimate exists) it is not updated. NaN/Inf in gradients propagate into the
-    parameters, as in torch.optim.
+    parameters, as in torch.optim, except under GradScaler, whose inf/NaN steps are skipped.
     """
+
+    # GradScaler hands the scale and its inf/NaN flag to step() instead of unscaling p.grad itself.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -125,6 +203,7 @@ class ESGD(torch.optim.Optimizer):
         *,
         seed: Optional[int] = None,
         fused: Optional[bool] = None,
+        process_group: Optional[Any] = None,
     ):
         _check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, "")
         _check_schedule(update_d_every, d_warmup)
@@ -134,6 +213,8 @@ class ESGD(torch.optim.Optimizer):
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
         elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"ESGD: seed must be an int or None, got {type(seed).__name__} {seed!r}")
+        if process_group is not None:
+            seed = _broadcast_seed(int(seed), process_group)
 
         self.fused = fused
         self.update_d_every = int(update_d_every)
@@ -141,9 +222,15 @@ class ESGD(torch.optim.Optimizer):
         self.seed = int(seed)
         self._step_index = 0  # optimizer steps taken so far
         self._last_estimate: Optional[int] = None  # step index of the latest estimation step
-        # Gradients carrying their autograd graph, kept by `backward()` for the next estimation step.
-        self._graph_grads: Dict[Tensor, Tensor] = {}
-        self._graph_requested = False
+        self.process_group = process_group
+        # Hessian-vector products accumulated by `backward()` for the next estimation step, and how
+        # they are scaled: "unscaled" (backward got the GradScaler) or "raw" (any loss scale is still
+        # in them, to be undone with the gradient's scale in step()).
+        self._hz: Dict[Tensor, Tensor] = {}
+        self._hz_kinds: set = set()
+        self._backward_estimated = False  # backward() ran an estimation-step pass since the last step
+        self._skipped_steps = 0  # steps skipped because the GradScaler found inf/NaN
+        self._last_step_estimated = False
         # Tests may replace the probe (a callable: list of params -> list of z); None draws Rademacher.
         self._probe_fn: Optional[Callable[[List[Tensor]], List[Tensor]]] = None
         defaults = dict(lr=lr, betas=tuple(betas), v=v, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay)
@@ -197,103 +284,160 @@ class ESGD(torch.optim.Optimizer):
     def _trainable_params(self) -> List[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
-    def backward(self, loss: Tensor, **kwargs) -> None:
-        """Backward pass for the next step: first-order on plain steps, with the graph on estimation steps.
+    def backward(self, loss: Tensor, *, scaler: Optional[Any] = None, retain_graph: Optional[bool] = None) -> None:
+        """Backward pass for the next step: first-order on plain steps, plus Hz on estimation steps.
 
-        On estimation steps the graph-carrying gradients are kept by the optimizer until ``step()``
-        (which consumes them) and ``p.grad`` receives detached copies, so no parameter <-> gradient
-        reference cycle is created. Gradients accumulate into ``p.grad`` as with ``loss.backward()``.
-        Extra keyword arguments (e.g. ``retain_graph``) go to the underlying autograd call.
+        On estimation steps the gradient is taken with its graph, the Hessian-vector product Hz with
+        the step's probe z is taken at once, and the graph is released before returning: nothing
+        second-order outlives the call. Gradients accumulate into ``p.grad`` and Hz into the
+        optimizer, so k calls on k micro-batches (each loss divided by k) followed by one ``step()``
+        equal one step on the whole batch: every call of a step uses the same z, and the summed Hz is
+        squared in the update.
+
+        Args:
+            loss: the (micro-batch) loss.
+            scaler: a ``torch.amp.GradScaler``: the loss is scaled by it and Hz unscaled at once, so
+                ``scaler.unscale_(opt)`` (e.g. for clipping) may precede ``scaler.step(opt)``.
+                A non-finite Hz makes the matching gradient entries NaN, so the scaler (or any
+                inf/NaN check) skips the step and lowers its scale.
+            retain_graph: as in ``Tensor.backward``.
+
+        With ``process_group`` set, estimation-step gradients and Hz are averaged over the group here
+        (run the forward inside ``opt.ddp_no_sync(model)``); plain-step gradients are DDP's job.
         """
         if not isinstance(loss, Tensor):
             raise TypeError(f"ESGD.backward: loss must be a Tensor, got {type(loss).__name__}")
+        if scaler is not None and not callable(getattr(scaler, "scale", None)):
+            raise TypeError(f"ESGD.backward: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if scaler is not None:
+            loss = scaler.scale(loss)
         if not self.should_create_graph():
-            loss.backward(**kwargs)
+            loss.backward(retain_graph=retain_graph)
             return
         params = self._trainable_params()
         if not params:
             return
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, **kwargs)
-        self._graph_requested = True
-        with torch.enable_grad():
-            for p, g in zip(params, grads):
-                if g is not None:
-                    # Summed with grad mode on: the accumulated gradient must keep both graphs.
-                    prev = self._graph_grads.get(p)
-                    self._graph_grads[p] = g if prev is None else prev + g
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                if g is None:
-                    continue
-                # A copy, not a view: in-place edits of p.grad (clipping, unscaling) must not bump the
-                # version of a tensor the double-backward may need.
-                if p.grad is None:
-                    p.grad = g.detach().clone(memory_format=torch.preserve_format)
-                else:
-                    p.grad.add_(g.detach())
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self._graph_grads.clear()
-        self._graph_requested = False
-        super().zero_grad(set_to_none=set_to_none)
-
-    # ------------------------------------------------------------------ the step
-
-    def _probe_generator(self, device: torch.device, dtype: torch.dtype, index: int) -> torch.Generator:
-        # Each (device, dtype) bucket draws from its own stream: equal seeds would give parameters of
-        # different dtypes identical probes and bias the estimate wherever the loss couples them.
-        dev_index = device.index if device.index is not None else -1
-        seed = _mix_seed(self.seed, index, dev_index + 1, _SUPPORTED_DTYPES.index(dtype))
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        return gen
-
-    def _draw_probes(self, params: List[Tensor], index: int) -> List[Tensor]:
-        # One flat Rademacher draw per (device, dtype): few launches whatever the number of tensors.
-        buckets: "OrderedDict[Tuple[torch.device, torch.dtype], List[int]]" = OrderedDict()
-        for i, p in enumerate(params):
-            buckets.setdefault((p.device, p.dtype), []).append(i)
-        zs: List[Optional[Tensor]] = [None] * len(params)
-        for (device, dtype), idx in buckets.items():
-            sizes = [params[i].numel() for i in idx]
-            flat = torch.empty(sum(sizes), device=device, dtype=dtype)
-            flat.bernoulli_(0.5, generator=self._probe_generator(device, dtype, index)).mul_(2).sub_(1)
-            for i, chunk in zip(idx, flat.split(sizes)):
-                zs[i] = chunk.view(params[i].shape)
-        return zs  # type: ignore[return-value]
-
-    def _hessian_vector_products(self, params: List[Tensor], index: int) -> List[Tensor]:
-        graph_grads = []
-        for p in params:
-            g = self._graph_grads.get(p)
-            if g is None and p.grad.requires_grad:
-                g = p.grad
-            graph_grads.append(g)
-        if all(g is None for g in graph_grads) and not self._graph_requested:
-            raise RuntimeError(
-                f"ESGD: step {index} estimates the curvature (opt.should_create_graph() is True), but no "
-                "parameter gradient carries an autograd graph. Call opt.backward(loss), or "
-                "loss.backward(create_graph=opt.should_create_graph()), before opt.step()."
-            )
-        if self._probe_fn is not None:
-            zs = list(self._probe_fn(params))
-        else:
-            zs = self._draw_probes(params, index)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, retain_graph=True)
+        zs = self._probes(params, self._step_index)
         outputs, grad_outputs = [], []
-        for g, z in zip(graph_grads, zs):
+        for g, z in zip(grads, zs):
             # A gradient without a graph does not depend on any parameter: its rows of H are zero.
             if g is not None and g.requires_grad:
                 outputs.append(g)
                 grad_outputs.append(z.to(g.dtype))
         hzs: List[Optional[Tensor]] = [None] * len(params)
         if outputs:
-            with torch.enable_grad():
-                hzs = list(torch.autograd.grad(outputs, params, grad_outputs=grad_outputs, allow_unused=True))
-        return [torch.zeros_like(p) if hz is None else hz.detach() for p, hz in zip(params, hzs)]
+            hzs = list(
+                torch.autograd.grad(
+                    outputs, params, grad_outputs=grad_outputs, allow_unused=True, retain_graph=retain_graph
+                )
+            )
+        del outputs, grad_outputs
+        with torch.no_grad():
+            gs = [None if g is None else g.detach() for g in grads]
+            hs = [None if h is None else h.detach() for h in hzs]
+            del grads, hzs
+            if self.process_group is not None:
+                _average_over_group(params, gs, hs, self.process_group)
+            if scaler is not None:
+                inv = 1.0 / float(scaler.get_scale())
+                hs = [None if h is None else h.mul_(inv) for h in hs]
+            for p, g, h in zip(params, gs, hs):
+                if g is not None and h is not None:
+                    # Reported through the gradient, where GradScaler and users look for overflow.
+                    g.masked_fill_(~torch.isfinite(h), float("nan"))
+                if g is not None:
+                    if p.grad is None:
+                        # The graph is gone, so g can become p.grad unless its layout differs.
+                        p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+                    else:
+                        p.grad.add_(g)
+                if h is not None:
+                    prev = self._hz.get(p)
+                    self._hz[p] = h if prev is None else prev.add_(h)
+        self._hz_kinds.add("unscaled" if scaler is not None else "raw")
+        self._backward_estimated = True
+
+    def ddp_no_sync(self, model: torch.nn.Module):
+        """``model.no_sync()`` when the next step estimates the curvature, else a null context.
+
+        ``backward(create_graph=True)`` is unsupported under DistributedDataParallel, so on estimation
+        steps the forward and ``opt.backward`` run outside DDP's reducer and ESGD averages gradients
+        and Hz over ``process_group`` itself.
+        """
+        if self.should_create_graph():
+            if not callable(getattr(model, "no_sync", None)):
+                raise TypeError(f"ESGD.ddp_no_sync: model must be a DistributedDataParallel, got {type(model).__name__}")
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._clear_pending()
+        super().zero_grad(set_to_none=set_to_none)
+
+    def _clear_pending(self) -> None:
+        self._hz.clear()
+        self._hz_kinds.clear()
+        self._backward_estimated = False
+
+    # ------------------------------------------------------------------ the step
+
+    def _probe_generator(self, device: torch.device, dtype: torch.dtype, index: int, bucket: int) -> torch.Generator:
+        # Each (device, dtype) bucket draws from its own stream: equal seeds would give parameters of
+        # different dtypes identical probes and bias the estimate wherever the loss couples them.
+        seed = _mix_seed(self.seed, index, bucket, _SUPPORTED_DTYPES.index(dtype))
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        return gen
+
+    def _probes(self, params: List[Tensor], index: int) -> List[Tensor]:
+        """The step's probe for each of `params`: one flat Rademacher draw per (device, dtype) bucket.
+
+        The draw covers every trainable parameter of the bucket, in param-group order, whichever of
+        them `params` asks for, so a parameter's probe does not depend on which others have gradients.
+        """
+        if self._probe_fn is not None:
+            return list(self._probe_fn(params))
+        buckets: "OrderedDict[Tuple[torch.device, torch.dtype], List[Tensor]]" = OrderedDict()
+        for p in self._trainable_params():
+            buckets.setdefault((p.device, p.dtype), []).append(p)
+        wanted = set(params)
+        z_of: Dict[Tensor, Tensor] = {}
+        for ordinal, ((device, dtype), members) in enumerate(buckets.items()):
+            if not any(p in wanted for p in members):
+                continue
+            sizes = [p.numel() for p in members]
+            flat = torch.empty(sum(sizes), device=device, dtype=dtype)
+            flat.bernoulli_(0.5, generator=self._probe_generator(device, dtype, index, ordinal)).mul_(2).sub_(1)
+            for p, chunk in zip(members, flat.split(sizes)):
+                z_of[p] = chunk.view(p.shape)
+        return [z_of[p] for p in params]
+
+    def _graph_hessian_vector_products(self, params: List[Tensor], index: int) -> None:
+        """Adds Hz for gradients that carry their graph in p.grad (``loss.backward(create_graph=True)``)."""
+        graph_params = [p for p in params if p.grad is not None and p.grad.requires_grad]
+        if not graph_params:
+            if not self._backward_estimated:
+                raise RuntimeError(
+                    f"ESGD: step {index} estimates the curvature (opt.should_create_graph() is True), but no "
+                    "parameter gradient carries an autograd graph. Call opt.backward(loss), or "
+                    "loss.backward(create_graph=opt.should_create_graph()), before opt.step()."
+                )
+            return
+        zs = self._probes(graph_params, index)
+        with torch.enable_grad():
+            hzs = torch.autograd.grad(
+                [p.grad for p in graph_params], params,
+                grad_outputs=[z.to(p.grad.dtype) for p, z in zip(graph_params, zs)], allow_unused=True,
+            )
+        for p, hz in zip(params, hzs):
+            if hz is not None:
+                prev = self._hz.get(p)
+                self._hz[p] = hz.detach() if prev is None else prev.add_(hz.detach())
+        self._hz_kinds.add("raw")
 
     def _release_graphs(self) -> None:
-        self._graph_grads.clear()
-        self._graph_requested = False
+        self._clear_pending()
         for group in self.param_groups:
             for p in group["params"]:
                 g = p.grad
@@ -337,7 +481,13 @@ class ESGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
-        """Perform one optimization step; ``closure`` re-evaluates the model and does the backward."""
+        """Perform one optimization step; ``closure`` re-evaluates the model and does the backward.
+
+        Under ``torch.amp.GradScaler`` (``scaler.step(opt)``) the gradient's scale is undone inside
+        the update, and a step on which the scaler found inf/NaN changes nothing: parameters, state,
+        counters and the estimation schedule stay bit-identical, and the step is retried (with the
+        same probe) by the next call.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -347,9 +497,36 @@ class ESGD(torch.optim.Optimizer):
         estimate = self._is_estimation_step(index)
         work = self._collect()
         all_params = [p for params, _ in work for p in params]
-        hz_of: Dict[Tensor, Tensor] = {}
+
+        # GradScaler's fused-optimizer protocol: it sets these two attributes around this call.
+        grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
+        found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        skip, grad_scale_inv = _read_scaler(grad_scale, found_inf)
+        hz_scale_inv = 1.0
+        if estimate and found_inf is not None:
+            raw = "raw" in self._hz_kinds or any(p.grad.requires_grad for p in all_params)
+            if raw and grad_scale is None:
+                raise RuntimeError(
+                    "ESGD: the gradients were unscaled (scaler.unscale_(opt)) but the Hessian-vector "
+                    "products of this estimation step still carry the unknown loss scale. Pass the "
+                    "scaler to the backward pass, opt.backward(loss, scaler=scaler), which unscales Hz "
+                    "at once."
+                )
+            if raw and "unscaled" in self._hz_kinds:
+                raise RuntimeError(
+                    "ESGD: this step's backward passes mixed opt.backward(loss, scaler=scaler) with "
+                    "backward passes of an already scaled loss; use one or the other within a step."
+                )
+            if raw:
+                hz_scale_inv = grad_scale_inv
+        if skip:
+            self._release_graphs()
+            self._skipped_steps += 1
+            return loss
+
         if estimate and all_params:
-            hz_of = dict(zip(all_params, self._hessian_vector_products(all_params, index)))
+            self._graph_hessian_vector_products(all_params, index)
+        hz_of = dict(self._hz)
         self._release_graphs()
 
         for group, (params, grads) in zip(self.param_groups, work):
@@ -383,7 +560,8 @@ class ESGD(torch.optim.Optimizer):
                 lists[2].append(state["exp_avg"])
                 lists[3].append(state["exp_hz_sq"])
                 if estimate:
-                    lists[4].append(hz_of[p])
+                    hz = hz_of.get(p)
+                    lists[4].append(torch.zeros_like(p) if hz is None else hz)
 
             for (device, dtype, t, k), lists in buckets.items():
                 # mb = beta1**t, db = beta2**k, warm = lr_warmup**t: the running products of the
@@ -403,13 +581,70 @@ class ESGD(torch.optim.Optimizer):
                     step_size=step_size,
                     momentum_scale=1.0 / (1.0 - beta1**t * v),
                     denom_scale=1.0 / math.sqrt(1.0 - beta2**k),
+                    grad_scale_inv=grad_scale_inv,
+                    hz_scale_inv=hz_scale_inv,
                     fused=self._use_fused(device, dtype),
                 )
 
         self._step_index = index + 1
+        self._last_step_estimated = estimate
         if estimate:
             self._last_estimate = index
         return loss
+
+    # ------------------------------------------------------------------ observability
+
+    @torch.no_grad()
+    def diagnostics(self) -> List[dict]:
+        """Per param group: where the schedule stands and summary statistics of the preconditioner.
+
+        Computed on demand from the state (one host sync per call), so it costs nothing in steps that
+        do not ask. Keys: ``step`` (optimizer steps taken), ``warmup_factor`` (1 - lr_warmup**t, the
+        fraction of lr in use), ``lr`` and ``effective_lr`` (lr * warmup_factor), ``estimated``
+        (whether the last step estimated the curvature), ``estimates`` (curvature estimates so far),
+        ``skipped_steps`` (steps GradScaler skipped for inf/NaN, all groups), ``sqrt_d``: min, mean and
+        max over the group's elements of the bias-corrected sqrt(D), the preconditioner the momentum is
+        divided by (None before the first estimate).
+        """
+        out = []
+        for group in self.param_groups:
+            beta2 = group["betas"][1]
+            t = k = 0
+            mins, maxs, sums, count = [], [], [], 0
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                t, k = max(t, state["step"]), max(k, state["estimates"])
+                if state["estimates"] == 0 or state["exp_hz_sq"].numel() == 0:
+                    continue
+                root = state["exp_hz_sq"].sqrt().mul_(1.0 / math.sqrt(1.0 - beta2 ** state["estimates"]))
+                lo, hi = torch.aminmax(root)
+                mins.append(lo.double().cpu())
+                maxs.append(hi.double().cpu())
+                sums.append(root.sum(dtype=torch.float64).cpu())
+                count += root.numel()
+            sqrt_d = None
+            if count:
+                lo, hi, total = (float(x) for x in torch.stack(
+                    [torch.stack(mins).min(), torch.stack(maxs).max(), torch.stack(sums).sum()]
+                ).tolist())
+                sqrt_d = {"min": lo, "mean": total / count, "max": hi}
+            lr = float(group["lr"])
+            warm = 1.0 - group["lr_warmup"] ** t
+            out.append(
+                {
+                    "step": t,
+                    "warmup_factor": warm,
+                    "lr": lr,
+                    "effective_lr": lr * warm,
+                    "estimated": self._last_step_estimated,
+                    "estimates": k,
+                    "skipped_steps": self._skipped_steps,
+                    "sqrt_d": sqrt_d,
+                }
+            )
+        return out
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -421,6 +656,8 @@ class ESGD(torch.optim.Optimizer):
             "update_d_every": self.update_d_every,
             "d_warmup": self.d_warmup,
             "seed": self.seed,
+            "skipped_steps": self._skipped_steps,
+            "last_step_estimated": self._last_step_estimated,
         }
         return sd
 
@@ -448,5 +685,6 @@ class ESGD(torch.optim.Optimizer):
         self.update_d_every = int(glob["update_d_every"])
         self.d_warmup = int(glob["d_warmup"])
         self.seed = int(glob["seed"])
-        self._graph_grads.clear()
-        self._graph_requested = False
+        self._skipped_steps = int(glob.get("skipped_steps", 0))
+        self._last_step_estimated = bool(glob.get("last_step_estimated", False))
+        self._clear_pending()
