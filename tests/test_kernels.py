@@ -166,6 +166,32 @@ def test_matches_reference_and_foreach(target, dtype):
             torch.testing.assert_close(a, b, rtol=STATE_TOL[a.dtype][0], atol=STATE_TOL[a.dtype][1])
 
 
+@pytest.mark.parametrize("target", TARGETS + ["foreach"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gscale, hscale", [(2.0**12, 2.0**12), (3000.0, 1.0), (1.0, 0.125)])
+def test_loss_scale_is_undone(target, dtype, gscale, hscale):
+    """grad_scale_inv / hz_scale_inv undo a loss scale on g and hz (GradScaler's fused protocol)."""
+    params, grads, exp_avgs, exp_hz_sqs, hzs = make_tensors(ODD_SIZES[:4] + [7], dtype, device_of(target), 3)
+    scaled_g = [(g.double() * gscale).to(dtype) for g in grads]
+    scaled_hz = [(hz.double() * hscale).to(dtype) for hz in hzs]
+    # The reference sees exactly what the kernel was given, divided by the scale in float64.
+    ref_g = [g.double() / gscale for g in scaled_g]
+    ref_hz = [hz.double() / hscale for hz in scaled_hz]
+    for estimate in (True, False):
+        h = dict(hyper(7 if estimate else 8), grad_scale_inv=1.0 / gscale)
+        if estimate:
+            h["hz_scale_inv"] = 1.0 / hscale
+        before = clone_lists(params, exp_avgs, exp_hz_sqs)
+        step_hzs = scaled_hz if estimate else None
+        if target == "foreach":
+            call(params, scaled_g, exp_avgs, exp_hz_sqs, step_hzs, h, fused=False)
+        else:
+            call_target(target, params, scaled_g, exp_avgs, exp_hz_sqs, step_hzs, h)
+        plain = {k: v for k, v in h.items() if k not in ("grad_scale_inv", "hz_scale_inv")}
+        assert_step_matches(before, (params, exp_avgs, exp_hz_sqs), ref_g, ref_hz if estimate else None,
+                            plain, dtype)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("estimate", [True, False], ids=["hz", "plain"])
@@ -312,6 +338,7 @@ def test_opcheck(device, dtype):
     params, grads, exp_avgs, exp_hz_sqs, hzs = make_tensors([3, 0, 130], dtype, device, 5)
     h = hyper(1)
     kwargs = {k: v for k, v in h.items() if k != "beta2"}
+    kwargs["grad_scale_inv"] = 0.25
     torch.library.opcheck(
         torch.ops.esgd_cuda.esgd_update_.default,
         (params, grads, exp_avgs, exp_hz_sqs),
@@ -320,7 +347,7 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(
         torch.ops.esgd_cuda.esgd_update_hz_.default,
         (params, grads, exp_avgs, exp_hz_sqs, hzs),
-        dict(kwargs, beta2=h["beta2"]),
+        dict(kwargs, beta2=h["beta2"], hz_scale_inv=0.5),
     )
 
 
