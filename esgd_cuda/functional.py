@@ -17,12 +17,12 @@ multiply the coefficients of g and of hz*hz, so the gradients themselves are lef
 Math runs in the state dtype: float32 for float16/bfloat16/float32 parameters, float64 for float64.
 """
 
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["esgd_update", "state_dtype"]
+__all__ = ["esgd_update", "esgd_update_capturable", "state_dtype"]
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -133,6 +133,97 @@ def _esgd_update_foreach(
     if weight_decay != 0.0:
         torch._foreach_mul_(work_params, 1.0 - weight_decay * step_size)
     torch._foreach_addcdiv_(work_params, est, denom, value=-(step_size * momentum_scale))
+
+    if upcast:
+        for p, w in zip(params, work_params):
+            p.copy_(w)
+
+
+def esgd_update_capturable(
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_hz_sqs: List[Tensor],
+    hzs: Optional[List[Tensor]],
+    *,
+    lr: Union[float, Tensor],
+    steps: List[Tensor],
+    estimates: List[Tensor],
+    beta1: float,
+    beta2: float,
+    v: float,
+    lr_warmup: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale_inv: float = 1.0,
+    hz_scale_inv: float = 1.0,
+) -> None:
+    """`esgd_update` with the step-dependent scalars computed on the device: no host synchronization.
+
+    `steps[i]` is parameter i's step count t (already incremented for this step) and `estimates[i]`
+    its estimate count k, as 0-dim tensors on the parameters' device; `lr` may be a 0-dim tensor
+    there too. mb = beta1**t, db = beta2**k and warm = lr_warmup**t are formed with tensor ops, so
+    the call can be captured in a CUDA graph and traced by torch.compile without specializing on the
+    counters. The per-element math (and the 16-bit upcast rule) is that of the pure-PyTorch
+    `esgd_update(..., fused=False)`. Counters are per parameter because a parameter that joined late
+    has fewer steps than its group, and the host cannot group by counter value without a sync.
+    """
+    if len(params) == 0:
+        return
+    math_dtype = exp_avgs[0].dtype
+    # The scalars are formed in float64, as the host path forms them in Python floats; each is
+    # rounded to the math dtype only where a foreach op consumes it, as a Python scalar would be.
+    coef_dtype = torch.float64
+    ts = [t.to(coef_dtype) for t in steps]
+    ks = [k.to(coef_dtype) for k in estimates]
+    lr_t = lr.to(coef_dtype) if isinstance(lr, Tensor) else lr
+    # step_size = lr*(1 - lr_warmup**t); momentum_scale = 1/(1 - beta1**t * v).
+    step_sizes = torch._foreach_pow(lr_warmup, ts)
+    torch._foreach_mul_(step_sizes, -1.0)
+    torch._foreach_add_(step_sizes, 1.0)
+    torch._foreach_mul_(step_sizes, lr_t)
+    momentum = torch._foreach_pow(beta1, ts)
+    torch._foreach_mul_(momentum, -v)
+    torch._foreach_add_(momentum, 1.0)
+    # coef = -(step_size*momentum_scale), the value of the final addcdiv of the host path.
+    coefs = torch._foreach_div(step_sizes, momentum)
+    torch._foreach_mul_(coefs, -1.0)
+    # denom_scale = 1/sqrt(1 - beta2**k).
+    denom_scales = torch._foreach_pow(beta2, ks)
+    torch._foreach_mul_(denom_scales, -1.0)
+    torch._foreach_add_(denom_scales, 1.0)
+    torch._foreach_rsqrt_(denom_scales)
+
+    upcast = params[0].dtype != math_dtype
+    if upcast:
+        work_params = [p.to(math_dtype) for p in params]
+        grads = [g.to(math_dtype) for g in grads]
+        if hzs is not None:
+            hzs = [h.to(math_dtype) for h in hzs]
+    else:
+        work_params = params
+
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=(1.0 - beta1) * grad_scale_inv)
+    if hzs is not None:
+        torch._foreach_mul_(exp_hz_sqs, beta2)
+        torch._foreach_addcmul_(exp_hz_sqs, hzs, hzs, value=(1.0 - beta2) * hz_scale_inv * hz_scale_inv)
+
+    denom = torch._foreach_sqrt(exp_hz_sqs)
+    torch._foreach_mul_(denom, [d.to(math_dtype) for d in denom_scales])
+    torch._foreach_add_(denom, eps)
+
+    est = torch._foreach_mul(exp_avgs, v)
+    torch._foreach_add_(est, grads, alpha=(1.0 - v) * grad_scale_inv)
+
+    if weight_decay != 0.0:
+        decay = torch._foreach_mul(step_sizes, -weight_decay)
+        torch._foreach_add_(decay, 1.0)
+        torch._foreach_mul_(work_params, [d.to(math_dtype) for d in decay])
+    # The host path's addcdiv(value=coef) takes a Python scalar; a tensor value would need a host
+    # copy, so the coefficient scales the (temporary) numerator instead.
+    torch._foreach_mul_(est, [c.to(math_dtype) for c in coefs])
+    torch._foreach_addcdiv_(work_params, est, denom)
 
     if upcast:
         for p, w in zip(params, work_params):

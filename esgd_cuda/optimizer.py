@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _extension
-from .functional import esgd_update, state_dtype
+from .functional import esgd_update, esgd_update_capturable, state_dtype
 
 __all__ = ["ESGD"]
 
@@ -35,14 +35,19 @@ def _mix_seed(*values: int) -> int:
     return x >> 1
 
 
-def _check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, where: str) -> None:
+def _check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, where: str, sync: bool = True) -> None:
     def bad(name, value, rule):
         raise ValueError(f"ESGD: invalid {name}{where}: {value!r} ({rule})")
 
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             bad("lr", lr, "a tensor lr must have one element")
-        lr = lr.item()
+        if not sync:
+            # Capturable steps must not read device values on the host; a tensor lr was range-checked
+            # when its group was added, and later in-place changes are the caller's responsibility.
+            lr = 0.0
+        else:
+            lr = lr.item()
     if not isinstance(lr, numbers.Real) or not lr >= 0.0:
         bad("lr", lr, "must be a real number >= 0")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -204,11 +209,17 @@ class ESGD(torch.optim.Optimizer):
         seed: Optional[int] = None,
         fused: Optional[bool] = None,
         process_group: Optional[Any] = None,
+        capturable: bool = False,
     ):
         _check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, "")
         _check_schedule(update_d_every, d_warmup)
         if fused not in (None, True, False):
             raise ValueError(f"ESGD: invalid fused: {fused!r} (must be None, True or False)")
+        if not isinstance(capturable, bool):
+            raise ValueError(f"ESGD: invalid capturable: {capturable!r} (must be True or False)")
+        if capturable and fused:
+            # The native ops take the step-dependent scalars as host numbers.
+            raise ValueError("ESGD: capturable=True runs the pure-PyTorch update; it cannot be combined with fused=True")
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
         elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -217,6 +228,7 @@ class ESGD(torch.optim.Optimizer):
             seed = _broadcast_seed(int(seed), process_group)
 
         self.fused = fused
+        self.capturable = bool(capturable)
         self.update_d_every = int(update_d_every)
         self.d_warmup = int(d_warmup)
         self.seed = int(seed)
@@ -451,7 +463,7 @@ class ESGD(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             _check_hparams(
                 group["lr"], group["betas"], group["v"], group["lr_warmup"], group["eps"],
-                group["weight_decay"], f" in param_groups[{i}]",
+                group["weight_decay"], f" in param_groups[{i}]", sync=not self.capturable,
             )
             params, grads = [], []
             for j, p in enumerate(group["params"]):
@@ -488,6 +500,7 @@ class ESGD(torch.optim.Optimizer):
         counters and the estimation schedule stay bit-identical, and the step is retried (with the
         same probe) by the next call.
         """
+        self._refuse_compiled_step()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -528,6 +541,10 @@ class ESGD(torch.optim.Optimizer):
             self._graph_hessian_vector_products(all_params, index)
         hz_of = dict(self._hz)
         self._release_graphs()
+        if self.capturable:
+            self._update_capturable(work, estimate, hz_of, grad_scale_inv, hz_scale_inv)
+            self._advance(index, estimate)
+            return loss
 
         for group, (params, grads) in zip(self.param_groups, work):
             beta1, beta2 = group["betas"]
@@ -586,11 +603,95 @@ class ESGD(torch.optim.Optimizer):
                     fused=self._use_fused(device, dtype),
                 )
 
+        self._advance(index, estimate)
+        return loss
+
+    def _advance(self, index: int, estimate: bool) -> None:
         self._step_index = index + 1
         self._last_step_estimated = estimate
         if estimate:
             self._last_estimate = index
-        return loss
+
+    # ------------------------------------------------------------------ capturable mode
+
+    def _update_capturable(
+        self, work, estimate: bool, hz_of: Dict[Tensor, Tensor], grad_scale_inv: float = 1.0,
+        hz_scale_inv: float = 1.0,
+    ) -> None:
+        """The update of `step()` with device-side counters: no host sync, no value-dependent branch."""
+        for group, (params, grads) in zip(self.param_groups, work):
+            beta1, beta2 = group["betas"]
+            v = beta1 if group["v"] is None else group["v"]
+            buckets: Dict[tuple, Tuple[List[Tensor], ...]] = {}
+            for p, g in zip(params, grads):
+                state = self.state[p]
+                if not state:
+                    if not estimate:
+                        continue  # no curvature estimate yet: wait for the next estimation step
+                    sdtype = state_dtype(p.dtype)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["estimates"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
+                    state["exp_hz_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
+                lists = buckets.get((p.device, p.dtype))
+                if lists is None:
+                    lists = buckets[(p.device, p.dtype)] = ([], [], [], [], [], [], [])
+                for lst, item in zip(lists, (p, g, state["exp_avg"], state["exp_hz_sq"], state["step"], state["estimates"])):
+                    lst.append(item)
+                if estimate:
+                    hz = hz_of.get(p)
+                    lists[6].append(torch.zeros_like(p) if hz is None else hz)
+            for lists in buckets.values():
+                torch._foreach_add_(lists[4], 1.0)
+                if estimate:
+                    torch._foreach_add_(lists[5], 1.0)
+                esgd_update_capturable(
+                    lists[0], lists[1], lists[2], lists[3], lists[6] if estimate else None,
+                    lr=group["lr"], steps=lists[4], estimates=lists[5], beta1=beta1, beta2=beta2, v=v,
+                    lr_warmup=group["lr_warmup"], eps=group["eps"], weight_decay=group["weight_decay"],
+                    grad_scale_inv=grad_scale_inv, hz_scale_inv=hz_scale_inv,
+                )
+
+    def _refuse_compiled_step(self) -> None:
+        # Dynamo (torch 2.14) drops attribute stores made inside a traced Optimizer.step, so a
+        # compiled step() would silently never advance the estimation schedule.
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "ESGD.step() cannot be compiled: the estimation schedule is host state. Construct "
+                "ESGD(..., capturable=True), compile a function that calls opt.plain_step() on steps "
+                "where opt.should_create_graph() is False, and call opt.count_plain_step() after it, "
+                "outside the compiled function."
+            )
+
+    @torch.no_grad()
+    def plain_step(self) -> None:
+        """Apply the update of a plain (non-estimation) step without advancing the host-side schedule.
+
+        Needs ``capturable=True``; does no host sync, so it can be compiled with
+        ``torch.compile(fullgraph=True)`` or captured in a CUDA graph. Neither a compiled call nor a
+        graph replay can advance the host-side schedule, so after each one call
+        ``opt.count_plain_step()`` (outside the compiled function). Use it only on steps for which
+        ``opt.should_create_graph()`` is False; estimation steps run eagerly through
+        ``opt.backward(loss); opt.step()``.
+        """
+        if not self.capturable:
+            raise RuntimeError("ESGD.plain_step() needs capturable=True (its counters live on the device)")
+        # Not checked while tracing: reading the step index would make torch.compile guard on it
+        # and recompile every step; count_plain_step() checks the schedule on the host instead.
+        if not torch.compiler.is_compiling() and self.should_create_graph():
+            raise RuntimeError(
+                f"ESGD.plain_step(): step {self._step_index} is an estimation step; use opt.step()"
+            )
+        self._update_capturable(self._collect(), False, {})
+
+    def count_plain_step(self) -> None:
+        """Advance the host-side schedule by one plain step applied by a compiled or replayed ``plain_step()``."""
+        if self.should_create_graph():
+            raise RuntimeError(
+                f"ESGD.count_plain_step(): step {self._step_index} is an estimation step, which a "
+                "replayed plain step does not perform; run it with opt.backward(loss); opt.step()"
+            )
+        self._advance(self._step_index, False)
 
     # ------------------------------------------------------------------ observability
 
@@ -680,6 +781,7 @@ class ESGD(torch.optim.Optimizer):
                 value = saved_state[pid].get(key)
                 if isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device, dtype=state_dtype(p.dtype), copy=True)
+        self._load_counters(saved_ids, saved_state)
         self._step_index = int(glob["step_index"])
         self._last_estimate = None if glob["last_estimate"] is None else int(glob["last_estimate"])
         self.update_d_every = int(glob["update_d_every"])
@@ -688,3 +790,20 @@ class ESGD(torch.optim.Optimizer):
         self._skipped_steps = int(glob.get("skipped_steps", 0))
         self._last_step_estimated = bool(glob.get("last_step_estimated", False))
         self._clear_pending()
+
+    def _load_counters(self, saved_ids: List[int], saved_state: dict) -> None:
+        # torch.optim casts tensor state to the parameter dtype (a float16 'estimates' would stop
+        # counting exactly at 2048), and checkpoints may come from the other mode: store the
+        # counters as this optimizer's mode expects them.
+        current = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, current):
+            if pid not in saved_state or p not in self.state:
+                continue
+            for key in ("step", "estimates"):
+                value = saved_state[pid].get(key)
+                if value is None:
+                    continue
+                if self.capturable:
+                    self.state[p][key] = torch.as_tensor(value, dtype=torch.float32).to(p.device).clone()
+                else:
+                    self.state[p][key] = int(value)

@@ -1,0 +1,114 @@
+"""esgd_update_capturable (device-side step scalars) against the host-scalar foreach update."""
+
+import math
+
+import pytest
+import torch
+
+from esgd_cuda.functional import _esgd_update_foreach, esgd_update_capturable, state_dtype
+
+SHAPES = [(7,), (3, 5), (1,), (33,), (2, 3, 4)]
+HYPER = dict(beta1=0.9, beta2=0.99, v=0.7, lr_warmup=0.9, eps=1e-4)
+# Relative to the parameter scale. 16-bit parameters are rounded once from float32 math in both
+# paths; the few-ulp float32 differences of the coefficients may flip that rounding, so one ulp
+# of the parameter dtype is allowed.
+RTOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+    torch.float16: torch.finfo(torch.float16).eps,
+}
+
+
+def _tensors(dtype, gen):
+    sdtype = state_dtype(dtype)
+
+    def draw(fn, dt):
+        return [fn(s, generator=gen, dtype=torch.float64).to(dt) for s in SHAPES]
+
+    return dict(
+        params=draw(torch.randn, dtype),
+        grads=draw(torch.randn, dtype),
+        exp_avgs=draw(torch.randn, sdtype),
+        exp_hz_sqs=[d + 0.01 for d in draw(torch.rand, sdtype)],
+        hzs=draw(torch.randn, dtype),
+    )
+
+
+def _clone(ts):
+    return {k: [t.clone() for t in v] for k, v in ts.items()}
+
+
+def _run_both(dtype, steps, estimates, lr, weight_decay, estimate, lr_as_tensor):
+    gen = torch.Generator().manual_seed(1234)
+    start = _tensors(dtype, gen)
+    host, dev = _clone(start), _clone(start)
+    for t, k in zip(steps, estimates):
+        # The host path runs one call per distinct (t, k), as the optimizer buckets it.
+        for i in range(len(SHAPES)):
+            _esgd_update_foreach(
+                [host["params"][i]], [host["grads"][i]], [host["exp_avgs"][i]], [host["exp_hz_sqs"][i]],
+                [host["hzs"][i]] if estimate else None,
+                beta1=HYPER["beta1"], beta2=HYPER["beta2"], v=HYPER["v"], eps=HYPER["eps"],
+                weight_decay=weight_decay,
+                step_size=lr * (1.0 - HYPER["lr_warmup"] ** t[i]),
+                momentum_scale=1.0 / (1.0 - HYPER["beta1"] ** t[i] * HYPER["v"]),
+                denom_scale=1.0 / math.sqrt(1.0 - HYPER["beta2"] ** k[i]),
+            )
+        esgd_update_capturable(
+            dev["params"], dev["grads"], dev["exp_avgs"], dev["exp_hz_sqs"], dev["hzs"] if estimate else None,
+            lr=torch.tensor(lr, dtype=torch.float64) if lr_as_tensor else lr,
+            steps=[torch.tensor(float(x)) for x in t],
+            estimates=[torch.tensor(float(x)) for x in k],
+            weight_decay=weight_decay, **HYPER,
+        )
+    return start, host, dev
+
+
+def _assert_close(got, ref, rtol, what):
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert g.dtype == r.dtype
+        scale = r.double().abs().max().clamp_min(1e-3)
+        err = (g.double() - r.double()).abs().max()
+        assert err <= rtol * scale, f"{what}[{i}] {tuple(r.shape)}: error {err:.3e} > {rtol:g} x {scale:.3e}"
+
+
+@pytest.mark.parametrize("dtype", list(RTOL), ids=str)
+@pytest.mark.parametrize("estimate", [True, False], ids=["estimation", "plain"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("lr_as_tensor", [False, True], ids=["lr=float", "lr=tensor"])
+def test_matches_host_update(dtype, estimate, weight_decay, lr_as_tensor):
+    # Several steps with per-parameter counters that differ (a parameter that joined late).
+    steps = [[1, 1, 1, 1, 1], [2, 2, 1, 2, 7], [3, 3, 2, 3, 8]]
+    estimates = [[1, 1, 1, 1, 1], [1, 2, 1, 1, 3], [2, 2, 1, 1, 4]]
+    start, host, dev = _run_both(dtype, steps, estimates, 0.3, weight_decay, estimate, lr_as_tensor)
+    rtol = RTOL[dtype]
+    _assert_close(dev["params"], host["params"], rtol, "params")
+    _assert_close(dev["exp_avgs"], host["exp_avgs"], RTOL[state_dtype(dtype)], "exp_avgs")
+    _assert_close(dev["exp_hz_sqs"], host["exp_hz_sqs"], RTOL[state_dtype(dtype)], "exp_hz_sqs")
+    # The update did something, and the curvature state changed only on estimation steps.
+    assert any(not torch.equal(p, q) for p, q in zip(dev["params"], start["params"]))
+    unchanged = all(torch.equal(d, s) for d, s in zip(dev["exp_hz_sqs"], start["exp_hz_sqs"]))
+    assert unchanged != estimate
+
+
+def test_counters_are_per_parameter():
+    # Swapping two parameters' counters must change their updates: each uses its own t and k.
+    gen = torch.Generator().manual_seed(0)
+    base = _tensors(torch.float64, gen)
+    results = []
+    for steps in ([1.0, 9.0], [9.0, 1.0]):
+        ts = {k: [v[0].clone(), v[0].clone()] for k, v in base.items()}
+        esgd_update_capturable(
+            ts["params"], ts["grads"], ts["exp_avgs"], ts["exp_hz_sqs"], None, lr=0.5,
+            steps=[torch.tensor(s) for s in steps], estimates=[torch.tensor(1.0)] * 2,
+            weight_decay=0.0, **HYPER,
+        )
+        results.append(ts["params"])
+    assert not torch.equal(results[0][0], results[0][1])
+    assert torch.equal(results[0][0], results[1][1])
+    assert torch.equal(results[0][1], results[1][0])
+
+
+def test_empty_lists_are_a_no_op():
+    esgd_update_capturable([], [], [], [], None, lr=1.0, steps=[], estimates=[], weight_decay=0.0, **HYPER)
