@@ -20,8 +20,9 @@ struct Hyper {
   double step_size;
   double momentum_scale;
   double denom_scale;
-  // Inverse loss scales (GradScaler) of the gradient and of Hz; 1 when unscaled. They fold into
-  // the coefficients of g and hz*hz, so unscaling costs nothing per element.
+  // Inverse loss scales (GradScaler) of the gradient and of Hz; 1 when unscaled. g and hz are
+  // multiplied by them before use: exact for GradScaler's power-of-two scales, whereas folding
+  // 1/S^2 into the coefficient of hz*hz would underflow in fp32 for S beyond about 2^60.
   double grad_scale_inv = 1.0;
   double hz_scale_inv = 1.0;
 };
@@ -37,6 +38,8 @@ struct Coeffs {
   T v;
   T one_minus_v;
   T eps;
+  T grad_scale;
+  T hz_scale;
   T decay;
   T lr_scale;
   T denom_scale;
@@ -46,12 +49,14 @@ template <typename T>
 inline Coeffs<T> make_coeffs(const Hyper& h) {
   return Coeffs<T>{
       static_cast<T>(h.beta1),
-      static_cast<T>((1.0 - h.beta1) * h.grad_scale_inv),
+      static_cast<T>(1.0 - h.beta1),
       static_cast<T>(h.beta2),
-      static_cast<T>((1.0 - h.beta2) * h.hz_scale_inv * h.hz_scale_inv),
+      static_cast<T>(1.0 - h.beta2),
       static_cast<T>(h.v),
-      static_cast<T>((1.0 - h.v) * h.grad_scale_inv),
+      static_cast<T>(1.0 - h.v),
       static_cast<T>(h.eps),
+      static_cast<T>(h.grad_scale_inv),
+      static_cast<T>(h.hz_scale_inv),
       static_cast<T>(1.0 - h.weight_decay * h.step_size),
       static_cast<T>(h.step_size * h.momentum_scale),
       static_cast<T>(h.denom_scale),
@@ -69,10 +74,12 @@ struct Sqrt {
 // One ESGD-M step for one element (or one vector of elements). kHasHz selects estimation steps,
 // which also fold Hz^2 into the curvature estimate d.
 template <bool kHasHz, typename V>
-C10_HOST_DEVICE inline void update(V& p, const V& g, V& m, V& d, const V& hz, const Coeffs<V>& c) {
+C10_HOST_DEVICE inline void update(V& p, const V& g_scaled, V& m, V& d, const V& hz, const Coeffs<V>& c) {
+  const V g = g_scaled * c.grad_scale;
   m = c.beta1 * m + c.one_minus_beta1 * g;
   if constexpr (kHasHz) {
-    d = c.beta2 * d + c.one_minus_beta2 * hz * hz;
+    const V h = hz * c.hz_scale;
+    d = c.beta2 * d + c.one_minus_beta2 * h * h;
   }
   const V denom = Sqrt<V>::apply(d) * c.denom_scale + c.eps;
   const V est = c.v * m + c.one_minus_v * g;

@@ -11,8 +11,8 @@ per-tensor scalars. The optimizer groups parameters into such lists; the fused n
     p     = p*(1 - weight_decay*step_size)
     p     = p - (step_size*momentum_scale) * est/denom      momentum_scale = 1/(1-mb*v)
 
-`grad_scale_inv` and `hz_scale_inv` undo a loss scale (torch.amp.GradScaler) on g and hz: they
-multiply the coefficients of g and of hz*hz, so the gradients themselves are left as they are.
+`grad_scale_inv` and `hz_scale_inv` undo a loss scale (torch.amp.GradScaler): g and hz are multiplied
+by them (in the math dtype, on temporaries) before use; the gradients themselves are left as they are.
 
 Math runs in the state dtype: float32 for float16/bfloat16/float32 parameters, float64 for float64.
 """
@@ -83,6 +83,30 @@ def esgd_update(
         )
 
 
+def _math_inputs(params, grads, hzs, math_dtype, grad_scale_inv, hz_scale_inv):
+    """(params, grads, hzs) as the update's math sees them: in the math dtype and unscaled.
+
+    16-bit parameters: the whole update runs on float32 copies and is rounded once at the end, so the
+    result matches the fused kernels, which also round only the final parameter. Loss scales are
+    undone on copies, in the math dtype, as the kernels do in registers.
+    """
+    if params[0].dtype != math_dtype:
+        work_params = [p.to(math_dtype) for p in params]
+        grads = [g.to(math_dtype) for g in grads]
+        if hzs is not None:
+            hzs = [h.to(math_dtype) for h in hzs]
+        if grad_scale_inv != 1.0:
+            torch._foreach_mul_(grads, grad_scale_inv)
+        if hzs is not None and hz_scale_inv != 1.0:
+            torch._foreach_mul_(hzs, hz_scale_inv)
+        return work_params, grads, hzs
+    if grad_scale_inv != 1.0:
+        grads = torch._foreach_mul(grads, grad_scale_inv)
+    if hzs is not None and hz_scale_inv != 1.0:
+        hzs = torch._foreach_mul(hzs, hz_scale_inv)
+    return params, grads, hzs
+
+
 def _esgd_update_foreach(
     params: List[Tensor],
     grads: List[Tensor],
@@ -101,34 +125,22 @@ def _esgd_update_foreach(
     grad_scale_inv: float = 1.0,
     hz_scale_inv: float = 1.0,
 ) -> None:
-    # The coefficients are formed in double exactly as csrc/esgd_math.h forms them.
-    g_coeff = (1.0 - beta1) * grad_scale_inv
-    est_coeff = (1.0 - v) * grad_scale_inv
-    hz_coeff = (1.0 - beta2) * hz_scale_inv * hz_scale_inv
     math_dtype = exp_avgs[0].dtype
     upcast = params[0].dtype != math_dtype
-    if upcast:
-        # 16-bit parameters: the whole update runs on float32 copies and is rounded once at the end,
-        # so the result matches the fused kernels, which also round only the final parameter.
-        work_params = [p.to(math_dtype) for p in params]
-        grads = [g.to(math_dtype) for g in grads]
-        if hzs is not None:
-            hzs = [h.to(math_dtype) for h in hzs]
-    else:
-        work_params = params
+    work_params, grads, hzs = _math_inputs(params, grads, hzs, math_dtype, grad_scale_inv, hz_scale_inv)
 
     torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=g_coeff)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
     if hzs is not None:
         torch._foreach_mul_(exp_hz_sqs, beta2)
-        torch._foreach_addcmul_(exp_hz_sqs, hzs, hzs, value=hz_coeff)
+        torch._foreach_addcmul_(exp_hz_sqs, hzs, hzs, value=1.0 - beta2)
 
     denom = torch._foreach_sqrt(exp_hz_sqs)
     torch._foreach_mul_(denom, denom_scale)
     torch._foreach_add_(denom, eps)
 
     est = torch._foreach_mul(exp_avgs, v)
-    torch._foreach_add_(est, grads, alpha=est_coeff)
+    torch._foreach_add_(est, grads, alpha=1.0 - v)
 
     if weight_decay != 0.0:
         torch._foreach_mul_(work_params, 1.0 - weight_decay * step_size)
@@ -195,26 +207,20 @@ def esgd_update_capturable(
     torch._foreach_rsqrt_(denom_scales)
 
     upcast = params[0].dtype != math_dtype
-    if upcast:
-        work_params = [p.to(math_dtype) for p in params]
-        grads = [g.to(math_dtype) for g in grads]
-        if hzs is not None:
-            hzs = [h.to(math_dtype) for h in hzs]
-    else:
-        work_params = params
+    work_params, grads, hzs = _math_inputs(params, grads, hzs, math_dtype, grad_scale_inv, hz_scale_inv)
 
     torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=(1.0 - beta1) * grad_scale_inv)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
     if hzs is not None:
         torch._foreach_mul_(exp_hz_sqs, beta2)
-        torch._foreach_addcmul_(exp_hz_sqs, hzs, hzs, value=(1.0 - beta2) * hz_scale_inv * hz_scale_inv)
+        torch._foreach_addcmul_(exp_hz_sqs, hzs, hzs, value=1.0 - beta2)
 
     denom = torch._foreach_sqrt(exp_hz_sqs)
     torch._foreach_mul_(denom, [d.to(math_dtype) for d in denom_scales])
     torch._foreach_add_(denom, eps)
 
     est = torch._foreach_mul(exp_avgs, v)
-    torch._foreach_add_(est, grads, alpha=(1.0 - v) * grad_scale_inv)
+    torch._foreach_add_(est, grads, alpha=1.0 - v)
 
     if weight_decay != 0.0:
         decay = torch._foreach_mul(step_sizes, -weight_decay)

@@ -1,0 +1,258 @@
+"""Data-parallel ESGD: DDP replicas over gloo (2 CPU processes), and sharded (FSDP-style) updates.
+
+The DDP tests spawn the two ranks once per module (fixture `ddp_runs`); each rank trains a small
+MLP on its half of every batch through DistributedDataParallel, with
+``with opt.ddp_no_sync(ddp): opt.backward(loss)`` so that estimation steps average the gradient
+and Hz over the group inside ESGD, and plain steps are DDP's. Ranks report through files; a failing
+rank fails the tests with its traceback, and a hung run is killed after DDP_TIMEOUT_S.
+"""
+
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from esgd_cuda import ESGD, _extension
+from esgd_cuda.functional import esgd_update, state_dtype
+
+WORLD = 2
+NUM_STEPS = 25  # d_warmup=5, update_d_every=4: estimation steps 0-4, 8, 12, ..., 24; the rest plain
+BATCH = 16
+KWARGS = dict(lr=0.3, update_d_every=4, d_warmup=5, v=0.8, weight_decay=0.01)
+DDP_TIMEOUT_S = 240
+
+# name -> (dtype, seed per rank (a function of the rank), micro-batches per step, reference seed)
+SCENARIOS = {
+    "fp64": (torch.float64, lambda rank: 42, 1, 42),
+    "fp32": (torch.float32, lambda rank: 42, 1, 42),
+    "seeds-differ": (torch.float64, lambda rank: 1000 + 7 * rank, 1, 1000),
+    "accumulate-k2": (torch.float64, lambda rank: 42, 2, 42),
+}
+FUSED = {"fused=False": False, "fused=None": None}
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4}
+
+
+def make_mlp(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.6)
+    return model.to(dtype)
+
+
+def batch(step, dtype):
+    gen = torch.Generator().manual_seed(500 + step)
+    x = torch.randn(BATCH, 5, generator=gen, dtype=torch.float64)
+    y = torch.stack([torch.sin(x.sum(1)), torch.cos(x[:, 0] * x[:, 1])], dim=1)
+    return x.to(dtype), y.to(dtype)
+
+
+def snapshot(model, opt):
+    params = [p.detach().clone() for p in model.parameters()]
+    state = [
+        {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()} for p in model.parameters()
+    ]
+    return params, state
+
+
+def train_single(dtype, seed, fused):
+    """The reference: one process, the whole batch, mean loss."""
+    model = make_mlp(dtype)
+    opt = ESGD(model.parameters(), **KWARGS, seed=seed, fused=fused)
+    for s in range(NUM_STEPS):
+        x, y = batch(s, dtype)
+        opt.zero_grad()
+        opt.backward(F.mse_loss(model(x), y))
+        opt.step()
+    return snapshot(model, opt)
+
+
+def train_replica(rank, dtype, seed, k, fused):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_mlp(dtype)
+    ddp = DDP(model)
+    opt = ESGD(ddp.parameters(), **KWARGS, seed=seed, fused=fused, process_group=dist.group.WORLD)
+    estimated = []
+    for s in range(NUM_STEPS):
+        x, y = batch(s, dtype)
+        x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        estimated.append(opt.should_create_graph())
+        opt.zero_grad()
+        for j, (xb, yb) in enumerate(zip(x.chunk(k), y.chunk(k))):
+            # Standard DDP accumulation: no_sync except on the last micro-batch, where ESGD decides.
+            ctx = opt.ddp_no_sync(ddp) if j == k - 1 else ddp.no_sync()
+            with ctx:
+                loss = F.mse_loss(ddp(xb), yb) / k
+                opt.backward(loss)
+        opt.step()
+    params, state = snapshot(model, opt)
+    return dict(params=params, state=state, seed=opt.seed, estimated=estimated)
+
+
+def _worker(rank, tmpdir):
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{os.path.join(tmpdir, 'rendezvous')}", rank=rank, world_size=WORLD
+        )
+        results = {}
+        for fused_name, fused in FUSED.items():
+            for name, (dtype, seed_of, k, _) in SCENARIOS.items():
+                results[(name, fused_name)] = train_replica(rank, dtype, seed_of(rank), k, fused)
+        # seed=None: each rank's global RNG differs, the broadcast must still agree.
+        torch.manual_seed(rank)
+        results["seed-none"] = ESGD(make_mlp(torch.float32).parameters(), process_group=dist.group.WORLD).seed
+        torch.save(results, os.path.join(tmpdir, f"rank{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(tmpdir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def _worker_errors(tmpdir):
+    out = []
+    for rank in range(WORLD):
+        path = os.path.join(tmpdir, f"rank{rank}.err")
+        if os.path.exists(path):
+            with open(path) as f:
+                out.append(f"--- rank {rank} ---\n{f.read()}")
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    tmpdir = str(tmp_path_factory.mktemp("ddp"))
+    ctx = mp.spawn(_worker, args=(tmpdir,), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + DDP_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    if proc.is_alive():
+                        proc.kill()
+                pytest.fail(f"DDP workers did not finish in {DDP_TIMEOUT_S}s (hang?)\n{_worker_errors(tmpdir)}")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+        pytest.fail(f"a DDP worker failed: {exc}\n{_worker_errors(tmpdir)}", pytrace=False)
+    return [torch.load(os.path.join(tmpdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+CASES = [(name, fused_name) for fused_name in FUSED for name in SCENARIOS]
+CASE_IDS = [f"{name}-{fused_name}" for name, fused_name in CASES]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_replicas_stay_bit_identical(ddp_runs, case):
+    a, b = ddp_runs[0][case], ddp_runs[1][case]
+    assert a["estimated"] == b["estimated"]
+    assert any(a["estimated"]) and not all(a["estimated"]), "the run must have estimation and plain steps"
+    for j, (p, q) in enumerate(zip(a["params"], b["params"])):
+        assert torch.equal(p, q), f"param {j} differs between ranks by {(p - q).abs().max():.3e}"
+    for j, (s, t) in enumerate(zip(a["state"], b["state"])):
+        assert s.keys() == t.keys()
+        for key in s:
+            same = torch.equal(s[key], t[key]) if torch.is_tensor(s[key]) else s[key] == t[key]
+            assert same, f"state[{j}][{key!r}] differs between ranks"
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_replicas_match_single_process_on_the_whole_batch(ddp_runs, case):
+    name, fused_name = case
+    dtype, _, _, ref_seed = SCENARIOS[name]
+    params, state = train_single(dtype, ref_seed, FUSED[fused_name])
+    got = ddp_runs[0][case]
+    rtol = TOLERANCE[dtype]
+    start = make_mlp(dtype)
+    moved = max((p - s.detach()).abs().max() for p, s in zip(params, start.parameters()))
+    assert moved > 0.05, "the run barely moved: the comparison would prove nothing"
+    for j, (p, q) in enumerate(zip(got["params"], params)):
+        err = (p - q).abs().max() / q.abs().max()
+        assert err <= rtol, f"{case}: param {j} is {err:.3e} away from the single-process run"
+    for j, (s, t) in enumerate(zip(got["state"], state)):
+        assert s["step"] == t["step"] == NUM_STEPS
+        assert s["estimates"] == t["estimates"]
+        for key in ("exp_avg", "exp_hz_sq"):
+            err = (s[key] - t[key]).abs().max() / t[key].abs().max()
+            assert err <= 10 * rtol, f"{case}: state[{j}][{key!r}] is {err:.3e} away from the single-process run"
+
+
+def test_seed_is_broadcast_from_the_first_rank(ddp_runs):
+    for fused_name in FUSED:
+        case = ("seeds-differ", fused_name)
+        assert ddp_runs[0][case]["seed"] == ddp_runs[1][case]["seed"] == 1000
+    assert ddp_runs[0]["seed-none"] == ddp_runs[1]["seed-none"]
+    # The broadcast seed is what makes the replicas agree: a different seed gives another run.
+    other, _ = train_single(torch.float64, 1007, False)
+    got = ddp_runs[0][("seeds-differ", "fused=False")]["params"]
+    assert max((p - q).abs().max() for p, q in zip(got, other)) > 1e-6
+
+
+# ------------------------------------------------------------------ sharded (FSDP-style) updates
+
+
+@pytest.mark.parametrize("fused_kernel", [False, True], ids=["foreach", "fused-kernel"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=["fp32", "fp64", "bf16", "fp16"]
+)
+@pytest.mark.parametrize("estimate", [True, False], ids=["estimation", "plain"])
+@pytest.mark.parametrize("layout", ["views", "copies"])
+def test_update_of_shards_equals_update_of_the_whole(fused_kernel, dtype, estimate, layout):
+    """The update is elementwise: 2 shards of a flat parameter (at an odd offset) update bit for bit
+    like the whole tensor, as FSDP needs; with views into the flat buffers or separate shard tensors."""
+    device = torch.device("cpu")
+    if fused_kernel and not _extension.fused_supported(device, dtype):
+        pytest.skip(f"the fused kernel does not run {dtype} on cpu")
+    n, cut = 1001, 517
+    gen = torch.Generator().manual_seed(7)
+    sdt = state_dtype(dtype)
+
+    def draw(lo, hi, dt):
+        return (lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)).to(dt)
+
+    p0, g0, hz0 = draw(-2, 2, dtype), draw(-1, 1, dtype), draw(-3, 3, dtype)
+    m0, d0 = draw(-0.5, 0.5, sdt), draw(0.01, 2.0, sdt)
+    scalars = dict(
+        beta1=0.9, beta2=0.99, v=0.7, eps=1e-3, weight_decay=0.01, step_size=0.05,
+        momentum_scale=1.3, denom_scale=1.7, grad_scale_inv=2.0**-3, hz_scale_inv=2.0**-3,
+    )
+    # The loss scale is undone inside the update: scale g and hz by 2^3 to keep the same math.
+    g0, hz0 = g0 * 8, hz0 * 8
+
+    whole = [t.clone() for t in (p0, g0, m0, d0, hz0)]
+    esgd_update([whole[0]], [whole[1]], [whole[2]], [whole[3]], [whole[4]] if estimate else None,
+                **scalars, fused=fused_kernel)
+
+    if layout == "views":
+        flat = [t.clone() for t in (p0, g0, m0, d0, hz0)]
+        shards = [[t[:cut], t[cut:]] for t in flat]
+    else:
+        shards = [[t[:cut].clone(), t[cut:].clone()] for t in (p0, g0, m0, d0, hz0)]
+    for r in range(2):  # each "rank" updates its own shard
+        sp, sg, sm, sd, sh = (s[r] for s in shards)
+        esgd_update([sp], [sg], [sm], [sd], [sh] if estimate else None, **scalars, fused=fused_kernel)
+    # Also the multi-tensor form: both shards in one call.
+    both = [[t[:cut].clone(), t[cut:].clone()] for t in (p0, g0, m0, d0, hz0)]
+    esgd_update(both[0], both[1], both[2], both[3], both[4] if estimate else None, **scalars, fused=fused_kernel)
+
+    for i, name in ((0, "param"), (2, "exp_avg"), (3, "exp_hz_sq")):
+        for label, parts in (("per-shard", shards[i]), ("one call", both[i])):
+            joined = torch.cat(parts)
+            assert torch.equal(joined, whole[i]), (
+                f"{label} {name} differs from the whole-tensor update at "
+                f"{(joined != whole[i]).nonzero().flatten()[:8].tolist()}"
+            )
+    assert not torch.equal(whole[0], p0), "the update did nothing"
+    if estimate:
+        assert not torch.equal(whole[3], d0)
+    else:
+        assert torch.equal(whole[3], d0)
