@@ -15,7 +15,8 @@ void emulate_cuda_update(
     const std::vector<at::Tensor>& exp_hz_sqs,
     const std::vector<at::Tensor>& hzs,
     bool has_hz,
-    const Hyper& hyper);
+    const Hyper& hyper,
+    const at::Tensor* step_scalars);
 }  // namespace esgd
 
 #ifdef ESGD_WITH_CUDA
@@ -42,6 +43,10 @@ TORCH_LIBRARY(esgd_cuda, m) {
       "Tensor(c!)[] exp_hz_sqs, Tensor[] hzs, *, float beta1, float beta2, float v, float eps, "
       "float weight_decay, float step_size, float momentum_scale, float denom_scale, "
       "float grad_scale_inv=1.0, float hz_scale_inv=1.0) -> ()");
+  m.def(
+      "esgd_update_capturable_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_hz_sqs, Tensor[] hzs, Tensor step_scalars, *, float beta1, float beta2, "
+      "float v, float eps, float grad_scale_inv=1.0, float hz_scale_inv=1.0) -> ()");
 }
 
 namespace {
@@ -95,21 +100,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_hz_sqs,
          py::object hzs, double beta1, double beta2, double v, double eps, double weight_decay,
          double step_size, double momentum_scale, double denom_scale, double grad_scale_inv,
-         double hz_scale_inv) {
+         double hz_scale_inv, py::object step_scalars) {
         const bool has_hz = !hzs.is_none();
+        at::Tensor rows;
+        if (!step_scalars.is_none()) {
+          rows = step_scalars.cast<at::Tensor>();
+        }
         const std::vector<at::Tensor> hz_list =
             has_hz ? hzs.cast<std::vector<at::Tensor>>() : std::vector<at::Tensor>{};
         esgd::emulate_cuda_update(
             params, grads, exp_avgs, exp_hz_sqs, hz_list, has_hz,
             esgd::Hyper{beta1, beta2, v, eps, weight_decay, step_size, momentum_scale,
-                        denom_scale, grad_scale_inv, hz_scale_inv});
+                        denom_scale, grad_scale_inv, hz_scale_inv},
+            step_scalars.is_none() ? nullptr : &rows);
       },
       py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_hz_sqs"),
       py::arg("hzs"), py::kw_only(), py::arg("beta1"), py::arg("beta2"), py::arg("v"),
       py::arg("eps"), py::arg("weight_decay"), py::arg("step_size"), py::arg("momentum_scale"),
       py::arg("denom_scale"), py::arg("grad_scale_inv") = 1.0, py::arg("hz_scale_inv") = 1.0,
+      py::arg("step_scalars") = py::none(),
       "Test hook: the CUDA kernel's plan, tables and per-thread code run sequentially on CPU "
-      "tensors (hzs=None for a plain step).");
+      "tensors (hzs=None for a plain step; step_scalars as for esgd_update_capturable_).");
   m.attr("CHUNK_SIZE") = esgd::kChunkSize;
   m.attr("MAX_BLOCKS") = esgd::kMaxBlocks;
   m.attr("MAX_TENSORS_PLAIN") = esgd::kMaxTensorsDepth4;

@@ -18,15 +18,21 @@ void emulate_cuda_update(
     const std::vector<at::Tensor>& exp_hz_sqs,
     const std::vector<at::Tensor>& hzs,
     bool has_hz,
-    const Hyper& hyper) {
+    const Hyper& hyper,
+    const at::Tensor* step_scalars) {
   const at::TensorList hz_list(hzs);
   const at::TensorList* hz_ptr = has_hz ? &hz_list : nullptr;
   check_inputs(
       "emulate_cuda_update", params, grads, exp_avgs, exp_hz_sqs, hz_ptr, c10::DeviceType::CPU);
+  std::vector<const double*> rows;
+  if (step_scalars != nullptr) {
+    rows = step_scalar_rows("emulate_cuda_update", *step_scalars, params);
+  }
   if (params.empty()) {
     return;
   }
   Workspace w(params, grads, exp_avgs, exp_hz_sqs, hz_ptr);
+  w.step_scalars = std::move(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), "emulate_cuda_update", [&] {
         using S = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

@@ -122,6 +122,33 @@ void check_inputs(
   }
 }
 
+std::vector<const double*> step_scalar_rows(
+    const char* op, const at::Tensor& step_scalars, at::TensorList params) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(step_scalars.defined(), op, ": step_scalars is undefined (None)");
+  TORCH_CHECK(
+      step_scalars.scalar_type() == at::kDouble,
+      op, ": step_scalars has dtype ", dtype_name(step_scalars.scalar_type()), ", expected float64");
+  TORCH_CHECK(
+      step_scalars.dim() == 2 && step_scalars.size(0) == n && step_scalars.size(1) == kStepScalars,
+      op, ": step_scalars has shape ", step_scalars.sizes(), ", expected [", n, ", ", kStepScalars,
+      "] (one row per tensor of params)");
+  TORCH_CHECK(step_scalars.is_contiguous(), op, ": step_scalars must be contiguous");
+  std::vector<const double*> rows(n);
+  if (n == 0) {
+    return rows;
+  }
+  TORCH_CHECK(
+      step_scalars.device() == params[0].device(),
+      op, ": step_scalars is on ", step_scalars.device(), ", expected ", params[0].device(),
+      " (the device of params[0])");
+  const double* base = step_scalars.const_data_ptr<double>();
+  for (int64_t i = 0; i < n; ++i) {
+    rows[i] = base + i * kStepScalars;
+  }
+  return rows;
+}
+
 namespace {
 
 bool dense_like(const at::Tensor& t, const at::Tensor& param) {

@@ -18,6 +18,11 @@ at::ScalarType state_dtype(at::ScalarType param_dtype);
 // Python spelling (float32, bfloat16, ...), which is what users see in their code.
 std::string dtype_name(at::ScalarType dtype);
 
+// Checks the step-scalar table of a capturable step (float64 [n, kStepScalars] on the params'
+// device) and returns a pointer to each tensor's row.
+std::vector<const double*> step_scalar_rows(
+    const char* op, const at::Tensor& step_scalars, at::TensorList params);
+
 // Validates every list against params before anything is written, so a bad call leaves the
 // parameters and state untouched. Errors name the list and index. hzs is null on plain steps.
 void check_inputs(
@@ -48,6 +53,8 @@ class Workspace {
   std::vector<at::Tensor> exp_avgs;
   std::vector<at::Tensor> exp_hz_sqs;
   std::vector<at::Tensor> hzs;
+  // Capturable steps: row i (kStepScalars doubles, on the device) holds tensor i's step scalars.
+  std::vector<const double*> step_scalars;
 
  private:
   std::vector<std::pair<at::Tensor, at::Tensor>> writebacks_;
@@ -61,7 +68,8 @@ using LaunchFn = void (*)(
     at::TensorList exp_avgs,
     at::TensorList exp_hz_sqs,
     const at::TensorList* hzs,
-    const Hyper& hyper);
+    const Hyper& hyper,
+    const at::Tensor* step_scalars);
 
 // The op entry points in schema argument order (bindings.cpp), mapped onto Hyper once for every
 // device: each device file registers plain_op<its launch> and hz_op<its launch>.
@@ -82,7 +90,7 @@ void plain_op(
   // beta2 and hz_scale_inv only enter the D update, which plain steps skip.
   const Hyper hyper{beta1, 0.0, v, eps, weight_decay, step_size, momentum_scale, denom_scale,
                     grad_scale_inv, 1.0};
-  Launch("esgd_update_", params, grads, exp_avgs, exp_hz_sqs, nullptr, hyper);
+  Launch("esgd_update_", params, grads, exp_avgs, exp_hz_sqs, nullptr, hyper, nullptr);
 }
 
 template <LaunchFn Launch>
@@ -104,7 +112,31 @@ void hz_op(
     double hz_scale_inv) {
   const Hyper hyper{beta1, beta2, v, eps, weight_decay, step_size, momentum_scale, denom_scale,
                     grad_scale_inv, hz_scale_inv};
-  Launch("esgd_update_hz_", params, grads, exp_avgs, exp_hz_sqs, &hzs, hyper);
+  Launch("esgd_update_hz_", params, grads, exp_avgs, exp_hz_sqs, &hzs, hyper, nullptr);
+}
+
+// Capturable step: the step-dependent scalars come from the device (step_scalars), so the call
+// can be captured in a CUDA graph and traced by torch.compile without host values that change
+// every step. An empty hzs list is a plain step.
+template <LaunchFn Launch>
+void capturable_op(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList exp_avgs,
+    at::TensorList exp_hz_sqs,
+    at::TensorList hzs,
+    const at::Tensor& step_scalars,
+    double beta1,
+    double beta2,
+    double v,
+    double eps,
+    double grad_scale_inv,
+    double hz_scale_inv) {
+  // step_size, momentum_scale, denom_scale and weight_decay only enter through step_scalars.
+  const Hyper hyper{beta1, beta2, v, eps, 0.0, 0.0, 1.0, 1.0, grad_scale_inv, hz_scale_inv};
+  const bool estimate = !hzs.empty() || params.empty();
+  Launch("esgd_update_capturable_", params, grads, exp_avgs, exp_hz_sqs, estimate ? &hzs : nullptr,
+         hyper, &step_scalars);
 }
 
 }  // namespace esgd

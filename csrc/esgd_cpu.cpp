@@ -181,7 +181,10 @@ void run(const Workspace& w, const Hyper& hyper) {
       hz[t] = w.hzs[t].data_ptr<P>();
     }
   }
-  const Coeffs<S> c = make_coeffs<S>(hyper);
+  std::vector<Coeffs<S>> coeffs(n, make_coeffs<S>(hyper));
+  for (size_t t = 0; t < w.step_scalars.size(); ++t) {
+    apply_step_scalars(coeffs[t], w.step_scalars[t]);
+  }
   const RangeFn<P, S, kHasHz> range = pick_range<P, S, kHasHz>();
   at::parallel_for(0, offsets[n], kGrain, [&](int64_t begin, int64_t end) {
     // Largest t with offsets[t] <= begin, which skips empty tensors.
@@ -191,7 +194,7 @@ void run(const Workspace& w, const Hyper& hyper) {
       const int64_t lo = begin - offsets[t];
       if (stop > begin) {
         range(p[t] + lo, g[t] + lo, m[t] + lo, d[t] + lo, kHasHz ? hz[t] + lo : nullptr,
-              stop - begin, c);
+              stop - begin, coeffs[t]);
       }
       begin = stop;
       ++t;
@@ -206,12 +209,18 @@ void launch(
     at::TensorList exp_avgs,
     at::TensorList exp_hz_sqs,
     const at::TensorList* hzs,
-    const Hyper& hyper) {
+    const Hyper& hyper,
+    const at::Tensor* step_scalars) {
   check_inputs(op, params, grads, exp_avgs, exp_hz_sqs, hzs, c10::DeviceType::CPU);
+  std::vector<const double*> rows;
+  if (step_scalars != nullptr) {
+    rows = step_scalar_rows(op, *step_scalars, params);
+  }
   if (params.empty()) {
     return;
   }
   Workspace w(params, grads, exp_avgs, exp_hz_sqs, hzs);
+  w.step_scalars = std::move(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), "esgd_update_cpu", [&] {
         using S = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -229,6 +238,7 @@ void launch(
 TORCH_LIBRARY_IMPL(esgd_cuda, CPU, m) {
   m.impl("esgd_update_", &plain_op<&launch>);
   m.impl("esgd_update_hz_", &hz_op<&launch>);
+  m.impl("esgd_update_capturable_", &capturable_op<&launch>);
 }
 
 }  // namespace esgd

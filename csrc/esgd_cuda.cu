@@ -48,8 +48,13 @@ void launch(
     at::TensorList exp_avgs,
     at::TensorList exp_hz_sqs,
     const at::TensorList* hzs,
-    const Hyper& hyper) {
+    const Hyper& hyper,
+    const at::Tensor* step_scalars) {
   check_inputs(op, params, grads, exp_avgs, exp_hz_sqs, hzs, c10::DeviceType::CUDA);
+  std::vector<const double*> rows;
+  if (step_scalars != nullptr) {
+    rows = step_scalar_rows(op, *step_scalars, params);
+  }
   if (params.empty()) {
     return;
   }
@@ -58,6 +63,7 @@ void launch(
   // gradients and can be captured into a CUDA graph.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(params[0].device().index()).stream();
   Workspace w(params, grads, exp_avgs, exp_hz_sqs, hzs);
+  w.step_scalars = std::move(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), "esgd_update_cuda", [&] {
         using S = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -75,6 +81,7 @@ void launch(
 TORCH_LIBRARY_IMPL(esgd_cuda, CUDA, m) {
   m.impl("esgd_update_", &plain_op<&launch>);
   m.impl("esgd_update_hz_", &hz_op<&launch>);
+  m.impl("esgd_update_capturable_", &capturable_op<&launch>);
 }
 
 }  // namespace esgd

@@ -46,7 +46,7 @@ struct Coeffs {
 };
 
 template <typename T>
-inline Coeffs<T> make_coeffs(const Hyper& h) {
+C10_HOST_DEVICE inline Coeffs<T> make_coeffs(const Hyper& h) {
   return Coeffs<T>{
       static_cast<T>(h.beta1),
       static_cast<T>(1.0 - h.beta1),
@@ -61,6 +61,18 @@ inline Coeffs<T> make_coeffs(const Hyper& h) {
       static_cast<T>(h.step_size * h.momentum_scale),
       static_cast<T>(h.denom_scale),
   };
+}
+
+// Capturable steps compute the step-dependent scalars on the device, one row per tensor:
+// {1 - weight_decay*step_size, step_size*momentum_scale, denom_scale} in float64, the values
+// make_coeffs forms on the host (the kernels read them when they start, so nothing syncs).
+constexpr int kStepScalars = 3;
+
+template <typename T>
+C10_HOST_DEVICE inline void apply_step_scalars(Coeffs<T>& c, const double* row) {
+  c.decay = static_cast<T>(row[0]);
+  c.lr_scale = static_cast<T>(row[1]);
+  c.denom_scale = static_cast<T>(row[2]);
 }
 
 // Square root for the math type; a vector type can specialize it.

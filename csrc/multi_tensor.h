@@ -45,6 +45,8 @@ template <int Depth>
 struct TensorTable {
   void* addresses[Depth][MaxTensors<Depth>::value];
   int64_t numel[MaxTensors<Depth>::value];
+  // Per-tensor step scalars (apply_step_scalars) of a capturable step; null otherwise.
+  const double* step_scalars[MaxTensors<Depth>::value];
   unsigned char block_slot[kMaxBlocks];
   int32_t block_chunk[kMaxBlocks];
 };
@@ -78,12 +80,16 @@ C10_HOST_DEVICE inline void store_pack(T* ptr, int i, const Pack<T>& pack) {
 template <typename P, typename S, int Depth>
 C10_HOST_DEVICE inline void process_block(
     const TensorTable<Depth>& table,
-    const Coeffs<S>& c,
+    const Coeffs<S>& coeffs,
     int block,
     int thread,
     int threads) {
   constexpr bool kHasHz = Depth == 5;
   const int slot = table.block_slot[block];
+  Coeffs<S> c = coeffs;
+  if (table.step_scalars[slot] != nullptr) {
+    apply_step_scalars(c, table.step_scalars[slot]);
+  }
   // 64-bit before the multiply: chunk * kChunkSize exceeds int32 in tensors of >= 2^31 elements.
   const int64_t start = static_cast<int64_t>(table.block_chunk[block]) * kChunkSize;
   const int64_t remaining = table.numel[slot] - start;
@@ -180,6 +186,7 @@ void for_each_launch(const Workspace& w, LaunchFn&& launch) {
         table.addresses[4][slot] = w.hzs[t].data_ptr();
       }
       table.numel[slot] = numels[t];
+      table.step_scalars[slot] = w.step_scalars.empty() ? nullptr : w.step_scalars[t];
     }
     const int blocks = static_cast<int>(plan.block_slot.size());
     for (int b = 0; b < blocks; ++b) {

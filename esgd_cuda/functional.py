@@ -22,7 +22,7 @@ from typing import List, Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["esgd_update", "esgd_update_capturable", "state_dtype"]
+__all__ = ["esgd_update", "esgd_update_capturable", "state_dtype", "step_scalar_table"]
 
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -169,6 +169,7 @@ def esgd_update_capturable(
     weight_decay: float,
     grad_scale_inv: float = 1.0,
     hz_scale_inv: float = 1.0,
+    fused: bool = False,
 ) -> None:
     """`esgd_update` with the step-dependent scalars computed on the device: no host synchronization.
 
@@ -179,8 +180,23 @@ def esgd_update_capturable(
     counters. The per-element math (and the 16-bit upcast rule) is that of the pure-PyTorch
     `esgd_update(..., fused=False)`. Counters are per parameter because a parameter that joined late
     has fewer steps than its group, and the host cannot group by counter value without a sync.
+    `fused=True` runs the native op `esgd_update_capturable_`, which reads each tensor's scalars from
+    a float64 table on the device.
     """
     if len(params) == 0:
+        return
+    if fused:
+        from . import ops
+
+        table = step_scalar_table(
+            steps, estimates, lr=lr, beta1=beta1, beta2=beta2, v=v, lr_warmup=lr_warmup,
+            weight_decay=weight_decay,
+        )
+        ops.esgd_update_capturable_(
+            params, grads, exp_avgs, exp_hz_sqs, hzs if hzs is not None else [], table,
+            beta1=beta1, beta2=beta2, v=v, eps=eps, grad_scale_inv=grad_scale_inv,
+            hz_scale_inv=hz_scale_inv,
+        )
         return
     math_dtype = exp_avgs[0].dtype
     # The scalars are formed in float64, as the host path forms them in Python floats; each is
@@ -234,3 +250,29 @@ def esgd_update_capturable(
     if upcast:
         for p, w in zip(params, work_params):
             p.copy_(w)
+
+
+def step_scalar_table(
+    steps: List[Tensor],
+    estimates: List[Tensor],
+    *,
+    lr: Union[float, Tensor],
+    beta1: float,
+    beta2: float,
+    v: float,
+    lr_warmup: float,
+    weight_decay: float,
+) -> Tensor:
+    """The float64 [n, 3] table of per-tensor step scalars the capturable native op reads.
+
+    Row i is (1 - weight_decay*step_size, step_size*momentum_scale, denom_scale) for tensor i, formed
+    with the same operations as the host path forms them in Python floats, on the counters' device.
+    """
+    t = torch.stack([s.reshape(()) for s in steps]).to(torch.float64)
+    k = torch.stack([e.reshape(()) for e in estimates]).to(torch.float64)
+    if isinstance(lr, Tensor):
+        lr = lr.to(device=t.device, dtype=torch.float64)
+    step_size = (1.0 - torch.pow(lr_warmup, t)) * lr
+    momentum_scale = (1.0 - torch.pow(beta1, t) * v).reciprocal()
+    denom_scale = (1.0 - torch.pow(beta2, k)).sqrt().reciprocal()
+    return torch.stack([1.0 - weight_decay * step_size, step_size * momentum_scale, denom_scale], dim=1)

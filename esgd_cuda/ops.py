@@ -12,7 +12,7 @@ from torch import Tensor
 
 from . import _extension
 
-__all__ = ["esgd_update_", "esgd_update_hz_"]
+__all__ = ["esgd_update_", "esgd_update_hz_", "esgd_update_capturable_"]
 
 
 def _require_extension() -> None:
@@ -99,6 +99,42 @@ def esgd_update_hz_(
     )
 
 
+def esgd_update_capturable_(
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_hz_sqs: List[Tensor],
+    hzs: List[Tensor],
+    step_scalars: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    v: float,
+    eps: float,
+    grad_scale_inv: float = 1.0,
+    hz_scale_inv: float = 1.0,
+) -> None:
+    """Capturable step: row i of `step_scalars` (float64 [n, 3] on the device, see
+    `functional.step_scalar_table`) holds tensor i's step-dependent scalars; empty `hzs` is a plain step."""
+    _require_extension()
+    if len(params) == 0 and len(grads) == len(exp_avgs) == len(exp_hz_sqs) == len(hzs) == 0:
+        return
+    torch.ops.esgd_cuda.esgd_update_capturable_.default(
+        params,
+        grads,
+        exp_avgs,
+        exp_hz_sqs,
+        hzs,
+        step_scalars,
+        beta1=beta1,
+        beta2=beta2,
+        v=v,
+        eps=eps,
+        grad_scale_inv=grad_scale_inv,
+        hz_scale_inv=hz_scale_inv,
+    )
+
+
 def _check_fake(op: str, params: List[Tensor], **lists: List[Tensor]) -> None:
     # Mirrors the shape checks of the native ops so that a traced graph fails at compile time
     # with the same message instead of at run time.
@@ -132,4 +168,19 @@ if _extension.LOADED:
         _check_fake(
             "esgd_update_hz_", params, grads=grads, exp_avgs=exp_avgs, exp_hz_sqs=exp_hz_sqs,
             hzs=hzs,
+        )
+
+    @torch.library.register_fake("esgd_cuda::esgd_update_capturable_")
+    def _esgd_update_capturable_fake(
+        params, grads, exp_avgs, exp_hz_sqs, hzs, step_scalars, *, beta1, beta2, v, eps,
+        grad_scale_inv=1.0, hz_scale_inv=1.0
+    ):
+        lists = dict(grads=grads, exp_avgs=exp_avgs, exp_hz_sqs=exp_hz_sqs)
+        if len(hzs):
+            lists["hzs"] = hzs
+        _check_fake("esgd_update_capturable_", params, **lists)
+        torch._check(
+            tuple(step_scalars.shape) == (len(params), 3),
+            lambda: f"esgd_update_capturable_: step_scalars has shape {list(step_scalars.shape)}, "
+            f"expected [{len(params)}, 3]",
         )

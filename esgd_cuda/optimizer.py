@@ -217,9 +217,6 @@ class ESGD(torch.optim.Optimizer):
             raise ValueError(f"ESGD: invalid fused: {fused!r} (must be None, True or False)")
         if not isinstance(capturable, bool):
             raise ValueError(f"ESGD: invalid capturable: {capturable!r} (must be True or False)")
-        if capturable and fused:
-            # The native ops take the step-dependent scalars as host numbers.
-            raise ValueError("ESGD: capturable=True runs the pure-PyTorch update; it cannot be combined with fused=True")
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
         elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -650,6 +647,7 @@ class ESGD(torch.optim.Optimizer):
                     lr=group["lr"], steps=lists[4], estimates=lists[5], beta1=beta1, beta2=beta2, v=v,
                     lr_warmup=group["lr_warmup"], eps=group["eps"], weight_decay=group["weight_decay"],
                     grad_scale_inv=grad_scale_inv, hz_scale_inv=hz_scale_inv,
+                    fused=self._use_fused(lists[0][0].device, lists[0][0].dtype),
                 )
 
     def _refuse_compiled_step(self) -> None:

@@ -10,7 +10,7 @@ import torch._dynamo
 from conftest import SeparableProblem, requires_cuda, run_steps
 from torch._dynamo.utils import counters
 
-from esgd_cuda import ESGD
+from esgd_cuda import ESGD, _extension
 
 SCHEDULE = dict(d_warmup=2, update_d_every=4, weight_decay=0.01)
 NUM_STEPS = 14
@@ -50,10 +50,22 @@ def _eager_trajectory(dtype, lrs):
     return traj, opt
 
 
-def _compiled_trajectory(dtype, lrs, backward_inside):
+def _recording_backend(targets):
+    """Inductor, after noting every op in the graph dynamo hands it."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        targets.update(str(node.target) for node in gm.graph.nodes)
+        return compile_fx(gm, example_inputs)
+
+    return backend
+
+
+def _compiled_trajectory(dtype, lrs, backward_inside, fused=None, targets=None):
     model, loss_fn = _model(dtype)
     lr = torch.tensor(lrs[0], dtype=torch.float64)
-    opt = ESGD(model.parameters(), lr=lr, capturable=True, **SCHEDULE)
+    opt = ESGD(model.parameters(), lr=lr, capturable=True, fused=fused, **SCHEDULE)
+    backend = _recording_backend(targets if targets is not None else set())
 
     def train_step():
         loss = loss_fn()
@@ -61,8 +73,8 @@ def _compiled_trajectory(dtype, lrs, backward_inside):
         opt.plain_step()
         return loss.detach()
 
-    compiled_train = torch.compile(train_step, fullgraph=True)
-    compiled_update = torch.compile(opt.plain_step, fullgraph=True)
+    compiled_train = torch.compile(train_step, fullgraph=True, backend=backend)
+    compiled_update = torch.compile(opt.plain_step, fullgraph=True, backend=backend)
     traj = []
     for value in lrs:
         lr.fill_(value)  # a schedule changes the tensor in place: no recompile
@@ -83,12 +95,17 @@ def _compiled_trajectory(dtype, lrs, backward_inside):
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=str)
 @pytest.mark.parametrize("backward_inside", [False, True], ids=["update-only", "fwd-bwd-update"])
-def test_compiled_plain_steps_match_eager(dtype, rtol, backward_inside):
+@pytest.mark.parametrize("fused", [False, None], ids=["fused=False", "fused=None"])
+def test_compiled_plain_steps_match_eager(dtype, rtol, backward_inside, fused):
     lrs = [0.1 * (0.95**i) for i in range(NUM_STEPS)]
     expected, eager_opt = _eager_trajectory(dtype, lrs)
+    targets = set()
     # loss.backward() inside a fullgraph region needs dynamo's autograd tracing (off by default).
     with torch._dynamo.config.patch(trace_autograd_ops=backward_inside):
-        got, opt = _compiled_trajectory(dtype, lrs, backward_inside)
+        got, opt = _compiled_trajectory(dtype, lrs, backward_inside, fused, targets)
+    # fused=None traces the native op through its fake kernel; fused=False the foreach ops.
+    native = any("esgd_update_capturable_" in t for t in targets)
+    assert native == (fused is None and _extension.fused_supported(torch.device("cpu"), dtype)), targets
 
     for step, (g, e) in enumerate(zip(got, expected)):
         scale = e.abs().max()
@@ -125,8 +142,6 @@ def test_plain_step_api_errors():
         opt.plain_step()
     with pytest.raises(RuntimeError, match="is an estimation step"):
         opt.count_plain_step()
-    with pytest.raises(ValueError, match="fused=True"):
-        ESGD(model.parameters(), capturable=True, fused=True)
     with pytest.raises(ValueError, match="capturable"):
         ESGD(model.parameters(), capturable=1.0)
 
