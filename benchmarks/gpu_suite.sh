@@ -59,7 +59,8 @@ print(json.dumps(info, indent=1))
 if not _extension.fused_supported(torch.device("cuda"), torch.float32):
     sys.exit("the CUDA kernels do not run on this GPU")' || true
   stage tests 240 "$PYTHON" -m pytest -q -ra -p no:cacheprovider \
-    tests/test_kernels.py tests/test_planning.py tests/test_extension_loading.py || true
+    tests/test_kernels.py tests/test_planning.py tests/test_extension_loading.py \
+    tests/test_capturable.py tests/test_compile.py tests/test_accumulation.py || true
 
   cat > "$LOGS/sanitize.py" <<'PY'
 import torch
@@ -82,6 +83,13 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
     many = [torch.rand(n % 700 + 1, generator=gen).cuda() for n in range(80)]
     st = [torch.rand(t.numel(), generator=gen).cuda() for t in many]
     ops.esgd_update_(many, [t.clone() for t in many], st, [s.clone() for s in st], **kw)
+    # The capturable op: step scalars read from a device table, one row per tensor.
+    from esgd_cuda.functional import step_scalar_table
+    ones = [torch.ones((), device="cuda") for _ in sizes]
+    table = step_scalar_table(ones, ones, lr=0.1, beta1=0.9, beta2=0.999, v=0.7, lr_warmup=0.9,
+                              weight_decay=0.01)
+    ops.esgd_update_capturable_(p, g, m, d, hz, table, beta1=0.9, beta2=0.999, v=0.7, eps=1e-4)
+    ops.esgd_update_capturable_(p, g, m, d, [], table, beta1=0.9, beta2=0.999, v=0.7, eps=1e-4)
 torch.cuda.synchronize()
 print("sanitize workload done")
 PY
