@@ -136,11 +136,14 @@ class Case:
         self.name, self.byte_kind, self.fn = name, byte_kind, fn
 
 
-def esgd_step_case(esgd_cuda, shape, dtype, device, gen, fused: bool) -> Case:
-    """opt.step() on a plain (non-estimation) step with existing state, grads fixed."""
+def esgd_step_case(esgd_cuda, shape, dtype, device, gen, fused: bool, capturable: bool = False) -> Case:
+    """opt.step() on a plain (non-estimation) step with existing state, grads fixed; with
+    capturable=True, opt.plain_step() (device-side counters and step scalars, no host sync)."""
     params = [torch.nn.Parameter(t) for t in make_tensors(shape, dtype, device, gen)]
     grads = make_tensors(shape, dtype, device, gen, scale=1e-2)
-    opt = esgd_cuda.ESGD(params, lr=1e-3, d_warmup=1, update_d_every=10 ** 9, seed=0, fused=fused)
+    lr = torch.tensor(1e-3, device=device) if capturable else 1e-3
+    opt = esgd_cuda.ESGD(params, lr=lr, d_warmup=1, update_d_every=10 ** 9, seed=0, fused=fused,
+                         capturable=capturable)
     if not opt.should_create_graph():
         raise RuntimeError("ESGD.should_create_graph() is False on step 0 with d_warmup=1; "
                            "the schedule does not match the documented API")
@@ -154,6 +157,8 @@ def esgd_step_case(esgd_cuda, shape, dtype, device, gen, fused: bool) -> Case:
     for p, g in zip(params, grads):
         p.grad = g
     label = "fused" if fused else "fused=False"
+    if capturable:
+        return Case(f"ESGD {label} capturable: plain_step()", "esgd", opt.plain_step)
     return Case(f"ESGD {label}: opt.step() plain", "esgd", opt.step)
 
 
@@ -200,6 +205,8 @@ def build_cases(esgd_cuda, shape: Shape, dtype: torch.dtype, device: torch.devic
     specs = [
         ("ESGD fused: opt.step() plain", "esgd", fused_why,
          lambda: esgd_step_case(esgd_cuda, shape, dtype, device, gen, fused=True)),
+        ("ESGD fused capturable: plain_step()", "esgd", fused_why,
+         lambda: esgd_step_case(esgd_cuda, shape, dtype, device, gen, fused=True, capturable=True)),
         ("ESGD fused: esgd_update plain", "esgd", fused_why,
          lambda: esgd_kernel_case(esgd_cuda, shape, dtype, device, gen, fused=True, hz=False)),
         ("ESGD fused: esgd_update estimation (+Hz)", "esgd_hz", fused_why,
