@@ -185,6 +185,9 @@ class ESGD(torch.optim.Optimizer):
         process_group: for data-parallel training, the ``torch.distributed`` group of the replicas:
             the seed is taken from its first rank, and estimation-step gradients and Hz are averaged
             over it in ``backward()``. None (default) does no communication.
+        capturable: keep the step counters on the device (``lr`` may be a tensor) and compute the
+            step scalars there, so that ``plain_step()`` does no host sync and can be compiled with
+            ``torch.compile(fullgraph=True)`` or captured in a CUDA graph (see ``plain_step``).
 
     A parameter's state starts on the first estimation step on which it has a gradient; until
     then (no curvature estimate exists) it is not updated. NaN/Inf in gradients propagate into the
