@@ -216,7 +216,7 @@ class ESGD(torch.optim.Optimizer):
     ):
         _check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, "")
         _check_schedule(update_d_every, d_warmup)
-        if fused not in (None, True, False):
+        if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"ESGD: invalid fused: {fused!r} (must be None, True or False)")
         if not isinstance(capturable, bool):
             raise ValueError(f"ESGD: invalid capturable: {capturable!r} (must be True or False)")

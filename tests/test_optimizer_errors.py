@@ -28,6 +28,10 @@ BAD_HYPERPARAMETERS = [
     (dict(update_d_every="10"), (TypeError, ValueError), r"update_d_every"),
     (dict(d_warmup=-1), ValueError, r"d_warmup"),
     (dict(d_warmup=1.5), (TypeError, ValueError), r"d_warmup"),
+    (dict(fused=1.0), ValueError, r"fused"),
+    (dict(fused="yes"), ValueError, r"fused"),
+    (dict(capturable=1), ValueError, r"capturable"),
+    (dict(process_group=object()), (TypeError, ValueError), r"process_group"),
 ]
 
 
