@@ -717,10 +717,12 @@ class ESGD(torch.optim.Optimizer):
                 state = self.state.get(p)
                 if not state:
                     continue
-                t, k = max(t, state["step"]), max(k, state["estimates"])
-                if state["estimates"] == 0 or state["exp_hz_sq"].numel() == 0:
+                # int(): capturable mode keeps the counters in device tensors.
+                pt, pk = int(state["step"]), int(state["estimates"])
+                t, k = max(t, pt), max(k, pk)
+                if pk == 0 or state["exp_hz_sq"].numel() == 0:
                     continue
-                root = state["exp_hz_sq"].sqrt().mul_(1.0 / math.sqrt(1.0 - beta2 ** state["estimates"]))
+                root = state["exp_hz_sq"].sqrt().mul_(1.0 / math.sqrt(1.0 - beta2**pk))
                 lo, hi = torch.aminmax(root)
                 mins.append(lo.double().cpu())
                 maxs.append(hi.double().cpu())

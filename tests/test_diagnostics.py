@@ -23,7 +23,7 @@ def loss_of(a, b, c):
 def expected_sqrt_d(opt, group):
     beta2 = group["betas"][1]
     roots = [
-        (opt.state[p]["exp_hz_sq"].sqrt() / math.sqrt(1 - beta2 ** opt.state[p]["estimates"])).flatten()
+        (opt.state[p]["exp_hz_sq"].sqrt() / math.sqrt(1 - beta2 ** int(opt.state[p]["estimates"]))).flatten()
         for p in group["params"]
         if opt.state.get(p)
     ]
@@ -43,11 +43,12 @@ def test_fresh_optimizer():
 
 
 @pytest.mark.parametrize("fused", [False, None], ids=["fused=False", "fused=None"])
-def test_tracks_schedule_and_state(fused):
+@pytest.mark.parametrize("capturable", [False, True], ids=["host counters", "capturable"])
+def test_tracks_schedule_and_state(fused, capturable):
     a, b, c = make_problem(1)
     opt = ESGD(
         [{"params": [a, b]}, {"params": [c], "lr": 0.2, "lr_warmup": 0.5, "betas": (0.8, 0.95)}],
-        lr=0.1, lr_warmup=0.9, d_warmup=2, update_d_every=3, seed=4, fused=fused,
+        lr=0.1, lr_warmup=0.9, d_warmup=2, update_d_every=3, seed=4, fused=fused, capturable=capturable,
     )
     estimates = 0
     for step in range(1, 10):
@@ -59,6 +60,7 @@ def test_tracks_schedule_and_state(fused):
         diags = opt.diagnostics()
         assert len(diags) == 2
         for d, group in zip(diags, opt.param_groups):
+            assert type(d["step"]) is int and type(d["estimates"]) is int
             assert d["step"] == step
             assert d["estimated"] is will_estimate
             assert d["estimates"] == estimates
