@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["LOADED", "LOAD_ERROR", "DISABLED", "fused_supported", "extension_info"]
+__all__ = ["LOADED", "LOAD_ERROR", "DISABLED", "COMPILABLE", "fused_supported", "extension_info"]
 
 SUPPORTED_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
 
@@ -47,6 +47,25 @@ _C, LOAD_ERROR = _load()
 LOADED: bool = _C is not None
 DISABLED: bool = _disabled()
 _BUILD: Dict[str, Any] = dict(_C.build_info()) if LOADED else {}
+
+
+def _ops_compilable() -> bool:
+    # The ops mutate Tensor[] arguments, which torch.compile's auto_functionalize rejects in older
+    # torch (2.4): there a compiled step must take the pure-PyTorch path.
+    if not LOADED:
+        return False
+    try:
+        from torch._higher_order_ops.auto_functionalize import can_auto_functionalize
+    except ImportError:  # private helper moved: assume a torch new enough
+        return True
+    try:
+        return bool(can_auto_functionalize(torch.ops.esgd_cuda.esgd_update_.default))
+    except Exception:
+        return True
+
+
+# Whether torch.compile can trace the native ops (fused=None falls back to pure PyTorch when not).
+COMPILABLE: bool = _ops_compilable()
 
 if not LOADED and not DISABLED:
     warnings.warn(

@@ -24,6 +24,9 @@ from torch import Tensor
 
 __all__ = ["esgd_update", "esgd_update_capturable", "state_dtype", "step_scalar_table"]
 
+# torch 2.4 has no torch._foreach_rsqrt_; sqrt then reciprocal is what the CPU rsqrt kernel computes.
+_HAS_FOREACH_RSQRT = hasattr(torch, "_foreach_rsqrt_")
+
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """The dtype of the optimizer state (and of the update math) for a parameter dtype."""
@@ -220,7 +223,11 @@ def esgd_update_capturable(
     denom_scales = torch._foreach_pow(beta2, ks)
     torch._foreach_mul_(denom_scales, -1.0)
     torch._foreach_add_(denom_scales, 1.0)
-    torch._foreach_rsqrt_(denom_scales)
+    if _HAS_FOREACH_RSQRT:
+        torch._foreach_rsqrt_(denom_scales)
+    else:
+        torch._foreach_sqrt_(denom_scales)
+        torch._foreach_reciprocal_(denom_scales)
 
     upcast = params[0].dtype != math_dtype
     work_params, grads, hzs = _math_inputs(params, grads, hzs, math_dtype, grad_scale_inv, hz_scale_inv)

@@ -489,6 +489,8 @@ class ESGD(torch.optim.Optimizer):
     def _use_fused(self, device: torch.device, dtype: torch.dtype) -> bool:
         if self.fused is False:
             return False
+        if self.fused is None and not _extension.COMPILABLE and torch.compiler.is_compiling():
+            return False  # this torch cannot compile the native ops (see _extension.COMPILABLE)
         return _extension.fused_supported(device, dtype)
 
     @torch.no_grad()

@@ -24,6 +24,20 @@ SEED = 123
 ESTIMATION_STEP, PLAIN_STEP = 2, 6
 
 
+def _cpu_mse_loss_supports(dtype):
+    """Whether this torch has CPU mse_loss forward and backward kernels for `dtype` (torch 2.4 lacks
+    them for bfloat16 and float16)."""
+    try:
+        a = torch.zeros(2, dtype=dtype, requires_grad=True)
+        F.mse_loss(a, torch.ones(2, dtype=dtype)).backward()
+    except RuntimeError:
+        return False
+    return True
+
+
+MSE_16BIT = {dt: _cpu_mse_loss_supports(dt) for dt in (torch.bfloat16, torch.float16)}
+
+
 def make_mlp(dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
@@ -114,7 +128,10 @@ def train(
         assert it < max_iters, f"only {taken_steps(opt)} of {num_steps} steps taken in {it} iterations"
         opt.zero_grad()
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            loss = F.mse_loss(model(x), y)
+            out, target = model(x), y
+            if not MSE_16BIT.get(out.dtype, True):
+                out, target = out.float(), y.float()  # the parameters (and their grads) stay 16-bit
+            loss = F.mse_loss(out, target)
         losses.append(loss.item())
         if poison is not None and poison.get("where") == "loss" and it == poison["iteration"]:
             loss = loss * math.inf

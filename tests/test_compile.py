@@ -4,6 +4,8 @@ Estimation steps (autograd.grad, probe generators) run eagerly; only plain steps
 captured, through `opt.plain_step()` plus `opt.count_plain_step()` on the host.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch._dynamo
@@ -101,11 +103,21 @@ def test_compiled_plain_steps_match_eager(dtype, rtol, backward_inside, fused):
     expected, eager_opt = _eager_trajectory(dtype, lrs)
     targets = set()
     # loss.backward() inside a fullgraph region needs dynamo's autograd tracing (off by default).
-    with torch._dynamo.config.patch(trace_autograd_ops=backward_inside):
+    if backward_inside:
+        if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+            pytest.skip(f"torch {torch.__version__} has no torch._dynamo.config.trace_autograd_ops")
+        tracing = torch._dynamo.config.patch(trace_autograd_ops=True)
+    else:
+        tracing = contextlib.nullcontext()
+    with tracing:
         got, opt = _compiled_trajectory(dtype, lrs, backward_inside, fused, targets)
-    # fused=None traces the native op through its fake kernel; fused=False the foreach ops.
+    # fused=None traces the native op through its fake kernel (where this torch can compile it);
+    # fused=False the foreach ops.
     native = any("esgd_update_capturable_" in t for t in targets)
-    assert native == (fused is None and _extension.fused_supported(torch.device("cpu"), dtype)), targets
+    expect_native = (
+        fused is None and _extension.COMPILABLE and _extension.fused_supported(torch.device("cpu"), dtype)
+    )
+    assert native == expect_native, targets
 
     for step, (g, e) in enumerate(zip(got, expected)):
         scale = e.abs().max()
@@ -128,7 +140,9 @@ def test_compiling_step_is_refused():
     opt.backward(loss_fn())
     opt.step()
     loss_fn().backward()
-    with pytest.raises(RuntimeError, match="cannot be compiled"):
+    # torch 2.4's dynamo cannot trace the raise inside step()'s no_grad block and refuses first, with
+    # its own Unsupported error (a RuntimeError): the compiled step fails loudly all the same.
+    with pytest.raises(RuntimeError, match="cannot be compiled|lasti=True while exception handling"):
         torch.compile(opt.step, fullgraph=True)()
 
 

@@ -136,3 +136,13 @@ def test_fused_supported():
 )
 def test_arch_compatibility(archs, capability, runs):
     assert _extension._arch_runs(archs, *capability) is runs
+
+
+@pytest.mark.skipif(not _extension.LOADED, reason="native extension not loaded")
+def test_native_ops_are_compilable_on_current_torch():
+    # COMPILABLE=False silently routes compiled steps to the pure-PyTorch path; it is only expected
+    # on torch 2.4-era auto_functionalize. torch 2.11 and 2.14 were checked to compile the ops.
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if version < (2, 11):
+        pytest.skip(f"torch {torch.__version__} predates the versions checked to compile the ops")
+    assert _extension.COMPILABLE
