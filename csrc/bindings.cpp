@@ -1,23 +1,10 @@
 // Op schemas (the dispatcher's single source of truth) and the Python module esgd_cuda._C.
 
-#include "esgd_math.h"
+#include "esgd_common.h"
 #include "launch_plan.h"
 
 #include <torch/extension.h>
 #include <torch/library.h>
-
-namespace esgd {
-// cuda_emulation.cpp
-void emulate_cuda_update(
-    const std::vector<at::Tensor>& params,
-    const std::vector<at::Tensor>& grads,
-    const std::vector<at::Tensor>& exp_avgs,
-    const std::vector<at::Tensor>& exp_hz_sqs,
-    const std::vector<at::Tensor>& hzs,
-    bool has_hz,
-    const Hyper& hyper,
-    const at::Tensor* step_scalars);
-}  // namespace esgd
 
 #ifdef ESGD_WITH_CUDA
 namespace esgd {

@@ -71,6 +71,18 @@ using LaunchFn = void (*)(
     const Hyper& hyper,
     const at::Tensor* step_scalars);
 
+// Test hook (cuda_emulation.cpp, bound as esgd_cuda._C.emulate_cuda_update): the CUDA kernel's
+// plan, tables and per-thread code run sequentially on CPU tensors. step_scalars may be null.
+void emulate_cuda_update(
+    const std::vector<at::Tensor>& params,
+    const std::vector<at::Tensor>& grads,
+    const std::vector<at::Tensor>& exp_avgs,
+    const std::vector<at::Tensor>& exp_hz_sqs,
+    const std::vector<at::Tensor>& hzs,
+    bool has_hz,
+    const Hyper& hyper,
+    const at::Tensor* step_scalars);
+
 // The op entry points in schema argument order (bindings.cpp), mapped onto Hyper once for every
 // device: each device file registers plain_op<its launch> and hz_op<its launch>.
 template <LaunchFn Launch>

@@ -24,10 +24,6 @@ from torch import Tensor
 
 __all__ = ["esgd_update", "esgd_update_capturable", "state_dtype", "step_scalar_table"]
 
-# torch 2.4 has no torch._foreach_rsqrt_; sqrt then reciprocal is what the CPU rsqrt kernel computes.
-_HAS_FOREACH_RSQRT = hasattr(torch, "_foreach_rsqrt_")
-
-
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """The dtype of the optimizer state (and of the update math) for a parameter dtype."""
     return torch.float64 if param_dtype == torch.float64 else torch.float32
@@ -128,6 +124,36 @@ def _esgd_update_foreach(
     grad_scale_inv: float = 1.0,
     hz_scale_inv: float = 1.0,
 ) -> None:
+    _foreach_apply(
+        params, grads, exp_avgs, exp_hz_sqs, hzs, beta1=beta1, beta2=beta2, v=v, eps=eps,
+        decay=1.0 - weight_decay * step_size, lr_scale=step_size * momentum_scale, denom_scale=denom_scale,
+        grad_scale_inv=grad_scale_inv, hz_scale_inv=hz_scale_inv,
+    )
+
+
+def _foreach_apply(
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_hz_sqs: List[Tensor],
+    hzs: Optional[List[Tensor]],
+    *,
+    beta1: float,
+    beta2: float,
+    v: float,
+    eps: float,
+    decay: Union[float, List[Tensor]],
+    lr_scale: Union[float, List[Tensor]],
+    denom_scale: Union[float, List[Tensor]],
+    grad_scale_inv: float,
+    hz_scale_inv: float,
+) -> None:
+    """The per-element update with torch._foreach_* ops, the pure-PyTorch twin of csrc/esgd_math.h.
+
+    decay (1 - weight_decay*step_size), lr_scale (step_size*momentum_scale) and denom_scale are
+    Python floats shared by every tensor (host path), or lists with one 0-dim tensor in the math
+    dtype per tensor (capturable path: no host values, nothing to sync).
+    """
     math_dtype = exp_avgs[0].dtype
     upcast = params[0].dtype != math_dtype
     work_params, grads, hzs = _math_inputs(params, grads, hzs, math_dtype, grad_scale_inv, hz_scale_inv)
@@ -145,9 +171,14 @@ def _esgd_update_foreach(
     est = torch._foreach_mul(exp_avgs, v)
     torch._foreach_add_(est, grads, alpha=1.0 - v)
 
-    if weight_decay != 0.0:
-        torch._foreach_mul_(work_params, 1.0 - weight_decay * step_size)
-    torch._foreach_addcdiv_(work_params, est, denom, value=-(step_size * momentum_scale))
+    if isinstance(decay, list) or decay != 1.0:
+        torch._foreach_mul_(work_params, decay)
+    if isinstance(lr_scale, list):
+        # addcdiv's value must be a host number, so a device lr_scale scales the temporary numerator.
+        torch._foreach_mul_(est, lr_scale)
+        torch._foreach_addcdiv_(work_params, est, denom, value=-1.0)
+    else:
+        torch._foreach_addcdiv_(work_params, est, denom, value=-lr_scale)
 
     if upcast:
         for p, w in zip(params, work_params):
@@ -188,75 +219,25 @@ def esgd_update_capturable(
     """
     if len(params) == 0:
         return
+    table = step_scalar_table(
+        steps, estimates, lr=lr, beta1=beta1, beta2=beta2, v=v, lr_warmup=lr_warmup, weight_decay=weight_decay
+    )
     if fused:
         from . import ops
 
-        table = step_scalar_table(
-            steps, estimates, lr=lr, beta1=beta1, beta2=beta2, v=v, lr_warmup=lr_warmup,
-            weight_decay=weight_decay,
-        )
         ops.esgd_update_capturable_(
             params, grads, exp_avgs, exp_hz_sqs, hzs if hzs is not None else [], table,
             beta1=beta1, beta2=beta2, v=v, eps=eps, grad_scale_inv=grad_scale_inv,
             hz_scale_inv=hz_scale_inv,
         )
         return
-    math_dtype = exp_avgs[0].dtype
-    # The scalars are formed in float64, as the host path forms them in Python floats; each is
-    # rounded to the math dtype only where a foreach op consumes it, as a Python scalar would be.
-    coef_dtype = torch.float64
-    ts = [t.to(coef_dtype) for t in steps]
-    ks = [k.to(coef_dtype) for k in estimates]
-    lr_t = lr.to(coef_dtype) if isinstance(lr, Tensor) else lr
-    # step_size = lr*(1 - lr_warmup**t); momentum_scale = 1/(1 - beta1**t * v).
-    step_sizes = torch._foreach_pow(lr_warmup, ts)
-    torch._foreach_mul_(step_sizes, -1.0)
-    torch._foreach_add_(step_sizes, 1.0)
-    torch._foreach_mul_(step_sizes, lr_t)
-    momentum = torch._foreach_pow(beta1, ts)
-    torch._foreach_mul_(momentum, -v)
-    torch._foreach_add_(momentum, 1.0)
-    # coef = -(step_size*momentum_scale), the value of the final addcdiv of the host path.
-    coefs = torch._foreach_div(step_sizes, momentum)
-    torch._foreach_mul_(coefs, -1.0)
-    # denom_scale = 1/sqrt(1 - beta2**k).
-    denom_scales = torch._foreach_pow(beta2, ks)
-    torch._foreach_mul_(denom_scales, -1.0)
-    torch._foreach_add_(denom_scales, 1.0)
-    if _HAS_FOREACH_RSQRT:
-        torch._foreach_rsqrt_(denom_scales)
-    else:
-        torch._foreach_sqrt_(denom_scales)
-        torch._foreach_reciprocal_(denom_scales)
-
-    upcast = params[0].dtype != math_dtype
-    work_params, grads, hzs = _math_inputs(params, grads, hzs, math_dtype, grad_scale_inv, hz_scale_inv)
-
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
-    if hzs is not None:
-        torch._foreach_mul_(exp_hz_sqs, beta2)
-        torch._foreach_addcmul_(exp_hz_sqs, hzs, hzs, value=1.0 - beta2)
-
-    denom = torch._foreach_sqrt(exp_hz_sqs)
-    torch._foreach_mul_(denom, [d.to(math_dtype) for d in denom_scales])
-    torch._foreach_add_(denom, eps)
-
-    est = torch._foreach_mul(exp_avgs, v)
-    torch._foreach_add_(est, grads, alpha=1.0 - v)
-
-    if weight_decay != 0.0:
-        decay = torch._foreach_mul(step_sizes, -weight_decay)
-        torch._foreach_add_(decay, 1.0)
-        torch._foreach_mul_(work_params, [d.to(math_dtype) for d in decay])
-    # The host path's addcdiv(value=coef) takes a Python scalar; a tensor value would need a host
-    # copy, so the coefficient scales the (temporary) numerator instead.
-    torch._foreach_mul_(est, [c.to(math_dtype) for c in coefs])
-    torch._foreach_addcdiv_(work_params, est, denom)
-
-    if upcast:
-        for p, w in zip(params, work_params):
-            p.copy_(w)
+    # The pure-PyTorch path reads the same table, one 0-dim tensor per tensor and column.
+    decay, lr_scale, denom_scale = (list(col.unbind()) for col in table.to(exp_avgs[0].dtype).unbind(1))
+    _foreach_apply(
+        params, grads, exp_avgs, exp_hz_sqs, hzs, beta1=beta1, beta2=beta2, v=v, eps=eps,
+        decay=decay if weight_decay != 0.0 else 1.0, lr_scale=lr_scale, denom_scale=denom_scale,
+        grad_scale_inv=grad_scale_inv, hz_scale_inv=hz_scale_inv,
+    )
 
 
 def step_scalar_table(

@@ -559,11 +559,7 @@ class ESGD(torch.optim.Optimizer):
                 if not state:
                     if not estimate:
                         continue  # no curvature estimate yet: wait for the next estimation step
-                    sdtype = state_dtype(p.dtype)
-                    state["step"] = 0
-                    state["estimates"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
-                    state["exp_hz_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
+                    self._init_state(p, state)
                 t = state["step"] + 1
                 state["step"] = t
                 k = state["estimates"]
@@ -608,6 +604,18 @@ class ESGD(torch.optim.Optimizer):
         self._advance(index, estimate)
         return loss
 
+    def _init_state(self, p: Tensor, state: dict) -> None:
+        # Counters are ints, or 0-dim float32 device tensors in capturable mode (exact to 2**24 steps).
+        if self.capturable:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["estimates"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        else:
+            state["step"] = 0
+            state["estimates"] = 0
+        sdtype = state_dtype(p.dtype)
+        state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
+        state["exp_hz_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
+
     def _advance(self, index: int, estimate: bool) -> None:
         self._step_index = index + 1
         self._last_step_estimated = estimate
@@ -630,11 +638,7 @@ class ESGD(torch.optim.Optimizer):
                 if not state:
                     if not estimate:
                         continue  # no curvature estimate yet: wait for the next estimation step
-                    sdtype = state_dtype(p.dtype)
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["estimates"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
-                    state["exp_hz_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
+                    self._init_state(p, state)
                 lists = buckets.get((p.device, p.dtype))
                 if lists is None:
                     lists = buckets[(p.device, p.dtype)] = ([], [], [], [], [], [], [])
