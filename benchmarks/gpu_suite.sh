@@ -5,7 +5,11 @@
 # measure the plain step against copy bandwidth, and run benchmarks/step_time.py on CUDA.
 # Every stage runs even when an earlier one failed (later stages that need the build are skipped);
 # a summary table is printed last and the exit status is non-zero if any stage failed.
-# Knobs: ESGD_ARCH (default 9.0), MAX_JOBS (default 16), PYTHON.
+# The stages share one time budget, ESGD_SUITE_BUDGET seconds (default 540, inside the device tool's
+# 10-minute call): a stage's own limit is cut to what is left, and a stage that would start with
+# under 20 s left is skipped, so the summary is always printed. Logs and the step_time results are
+# copied to $OUT when it is set (the device tool brings that folder back).
+# Knobs: ESGD_ARCH (default 9.0), MAX_JOBS (default 16), PYTHON, ESGD_SUITE_BUDGET.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python}"
@@ -20,11 +24,21 @@ LOGS="$(mktemp -d "${TMPDIR:-/tmp}/esgd_gpu_suite.XXXXXX")"
 SUMMARY=()
 FAILED=0
 BUILT=0
+BUDGET="${ESGD_SUITE_BUDGET:-540}"
 
 stage() {  # stage NAME TIMEOUT_S COMMAND...
   local name="$1" limit="$2"
   shift 2
-  echo "== [$name] $*"
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    skip "$name" "suite budget of ${BUDGET}s spent"
+    FAILED=1
+    return 1
+  fi
+  if [ "$limit" -gt "$left" ]; then
+    limit="$left"
+  fi
+  echo "== [$name] (limit ${limit}s) $*"
   local start=$SECONDS status=0
   timeout "$limit" "$@" > >(tee "$LOGS/$name.log") 2>&1 || status=$?
   local took=$((SECONDS - start))
@@ -153,6 +167,12 @@ PY
   fi
 else
   for s in info tests memcheck racecheck bandwidth step_time; do skip "$s" "build failed"; done
+fi
+
+if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
+  # One file for all logs: the tool brings back at most 8 files.
+  for f in "$LOGS"/*.log; do echo "===== $(basename "$f")"; cat "$f"; done >"$OUT/gpu_suite.log" 2>/dev/null || true
+  cp benchmarks/results/step_time_cuda.md benchmarks/results/step_time_cuda.json "$OUT"/ 2>/dev/null || true
 fi
 
 echo

@@ -95,7 +95,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }
         const std::vector<at::Tensor> hz_list =
             has_hz ? hzs.cast<std::vector<at::Tensor>>() : std::vector<at::Tensor>{};
-        esgd::emulate_cuda_update(
+        return esgd::emulate_cuda_update(
             params, grads, exp_avgs, exp_hz_sqs, hz_list, has_hz,
             esgd::Hyper{beta1, beta2, v, eps, weight_decay, step_size, momentum_scale,
                         denom_scale, grad_scale_inv, hz_scale_inv},
@@ -107,7 +107,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("denom_scale"), py::arg("grad_scale_inv") = 1.0, py::arg("hz_scale_inv") = 1.0,
       py::arg("step_scalars") = py::none(),
       "Test hook: the CUDA kernel's plan, tables and per-thread code run sequentially on CPU "
-      "tensors (hzs=None for a plain step; step_scalars as for esgd_update_capturable_).");
+      "tensors (hzs=None for a plain step; step_scalars as for esgd_update_capturable_). "
+      "Returns one (tensor index, chunk, took the vector path) tuple per block, in launch order.");
   m.attr("CHUNK_SIZE") = esgd::kChunkSize;
   m.attr("MAX_BLOCKS") = esgd::kMaxBlocks;
   m.attr("MAX_TENSORS_PLAIN") = esgd::kMaxTensorsDepth4;

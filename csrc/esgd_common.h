@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <string>
 #include <utility>
 #include <vector>
@@ -73,7 +74,8 @@ using LaunchFn = void (*)(
 
 // Test hook (cuda_emulation.cpp, bound as esgd_cuda._C.emulate_cuda_update): the CUDA kernel's
 // plan, tables and per-thread code run sequentially on CPU tensors. step_scalars may be null.
-void emulate_cuda_update(
+// Returns one (tensor index, chunk, took the vector path) row per block, in launch order.
+std::vector<std::array<int64_t, 3>> emulate_cuda_update(
     const std::vector<at::Tensor>& params,
     const std::vector<at::Tensor>& grads,
     const std::vector<at::Tensor>& exp_avgs,

@@ -26,8 +26,11 @@ int cuda_runtime_version_built() {
 
 namespace {
 
+// At least two blocks per SM: caps registers at 64 per thread, which the 16-bit kernels with Hz
+// (eight elements per thread, five lists) would otherwise exceed (about 100), halving occupancy.
+// scripts/check_kernel_resources.py checks the cap holds without spills.
 template <typename P, typename S, int Depth>
-__global__ void __launch_bounds__(kBlockSize)
+__global__ void __launch_bounds__(kBlockSize, 2)
     esgd_multi_tensor_kernel(const TensorTable<Depth> table, const Coeffs<S> c) {
   process_block<P, S, Depth>(table, c, blockIdx.x, threadIdx.x, blockDim.x);
 }

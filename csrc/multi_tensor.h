@@ -25,9 +25,14 @@
 namespace esgd {
 
 constexpr int kBlockSize = 512;
-// Elements per thread per iteration: four independent loads in flight per list hide DRAM
-// latency, and for fp32 they form one 16-byte access.
-constexpr int kIlp = 4;
+// Elements per thread per iteration, by parameter type: enough that each parameter, gradient and
+// Hz access is one 16-byte vector (8 fp16/bf16, 4 fp32, 2 fp64 values), the widest load a thread
+// can issue. The fp32 state of 16-bit parameters then takes two 16-byte accesses per list.
+// Several independent loads in flight per thread are what hides DRAM latency.
+template <typename P>
+constexpr int ilp_for() {
+  return static_cast<int>(16 / sizeof(P));
+}
 
 template <int Depth>
 struct MaxTensors;
@@ -54,26 +59,66 @@ struct TensorTable {
 static_assert(sizeof(TensorTable<4>) + sizeof(Coeffs<double>) <= 4096, "kernel params > 4 KB");
 static_assert(sizeof(TensorTable<5>) + sizeof(Coeffs<double>) <= 4096, "kernel params > 4 KB");
 static_assert(kMaxTensorsDepth4 <= 256 && kMaxTensorsDepth5 <= 256, "slots are stored as bytes");
-static_assert(kChunkSize % kIlp == 0, "the vector path assumes whole vectors per chunk");
+static_assert(kChunkSize % 8 == 0, "the vector path assumes whole vectors per chunk");
 
-template <typename T>
+template <typename T, int Ilp>
 C10_HOST_DEVICE inline bool is_aligned(const T* ptr) {
-  return reinterpret_cast<uintptr_t>(ptr) % (sizeof(T) * kIlp) == 0;
+  return reinterpret_cast<uintptr_t>(ptr) % (sizeof(T) * Ilp) == 0;
 }
 
-template <typename T>
-struct alignas(sizeof(T) * kIlp) Pack {
-  T v[kIlp];
+template <typename T, int Ilp>
+struct alignas(sizeof(T) * Ilp) Pack {
+  T v[Ilp];
 };
 
-template <typename T>
-C10_HOST_DEVICE inline Pack<T> load_pack(const T* ptr, int i) {
-  return reinterpret_cast<const Pack<T>*>(ptr)[i];
+template <int Ilp, typename T>
+C10_HOST_DEVICE inline Pack<T, Ilp> load_pack(const T* ptr, int i) {
+  return reinterpret_cast<const Pack<T, Ilp>*>(ptr)[i];
 }
 
-template <typename T>
-C10_HOST_DEVICE inline void store_pack(T* ptr, int i, const Pack<T>& pack) {
-  reinterpret_cast<Pack<T>*>(ptr)[i] = pack;
+template <int Ilp, typename T>
+C10_HOST_DEVICE inline void store_pack(T* ptr, int i, const Pack<T, Ilp>& pack) {
+  reinterpret_cast<Pack<T, Ilp>*>(ptr)[i] = pack;
+}
+
+// The slice of one tensor that block `block` of a launch owns: its chunk of every list.
+template <typename P, typename S>
+struct BlockSpan {
+  P* p;
+  const P* g;
+  S* m;
+  S* d;
+  const P* hz;  // null on plain steps
+  int n;  // elements in this chunk: kChunkSize, or fewer in a tensor's last chunk
+};
+
+template <typename P, typename S, int Depth>
+C10_HOST_DEVICE inline BlockSpan<P, S> block_span(const TensorTable<Depth>& table, int block) {
+  const int slot = table.block_slot[block];
+  // 64-bit before the multiply: chunk * kChunkSize exceeds int32 in tensors of >= 2^31 elements.
+  const int64_t start = static_cast<int64_t>(table.block_chunk[block]) * kChunkSize;
+  const int64_t remaining = table.numel[slot] - start;
+  BlockSpan<P, S> s;
+  s.n = static_cast<int>(remaining < kChunkSize ? remaining : kChunkSize);
+  s.p = static_cast<P*>(table.addresses[0][slot]) + start;
+  s.g = static_cast<const P*>(table.addresses[1][slot]) + start;
+  s.m = static_cast<S*>(table.addresses[2][slot]) + start;
+  s.d = static_cast<S*>(table.addresses[3][slot]) + start;
+  s.hz = nullptr;
+  if constexpr (Depth == 5) {
+    s.hz = static_cast<const P*>(table.addresses[4][slot]) + start;
+  }
+  return s;
+}
+
+// Whether a block can use whole-vector accesses: every list aligned to its vector width and the
+// chunk a whole number of vectors. Misaligned views and ragged tails take the scalar path.
+template <typename P, typename S>
+C10_HOST_DEVICE inline bool takes_vector_path(const BlockSpan<P, S>& s) {
+  constexpr int kIlp = ilp_for<P>();
+  return s.n % kIlp == 0 && is_aligned<P, kIlp>(s.p) && is_aligned<P, kIlp>(s.g) &&
+      is_aligned<S, kIlp>(s.m) && is_aligned<S, kIlp>(s.d) &&
+      (s.hz == nullptr || is_aligned<P, kIlp>(s.hz));
 }
 
 // The work of thread `thread` (of `threads`) in block `block` of one launch.
@@ -85,40 +130,30 @@ C10_HOST_DEVICE inline void process_block(
     int thread,
     int threads) {
   constexpr bool kHasHz = Depth == 5;
+  constexpr int kIlp = ilp_for<P>();
+  static_assert(kChunkSize % kIlp == 0, "the vector path assumes whole vectors per chunk");
   const int slot = table.block_slot[block];
   Coeffs<S> c = coeffs;
   if (table.step_scalars[slot] != nullptr) {
     apply_step_scalars(c, table.step_scalars[slot]);
   }
-  // 64-bit before the multiply: chunk * kChunkSize exceeds int32 in tensors of >= 2^31 elements.
-  const int64_t start = static_cast<int64_t>(table.block_chunk[block]) * kChunkSize;
-  const int64_t remaining = table.numel[slot] - start;
-  const int n = static_cast<int>(remaining < kChunkSize ? remaining : kChunkSize);
+  const BlockSpan<P, S> span = block_span<P, S, Depth>(table, block);
+  const int n = span.n;
+  P* __restrict__ p = span.p;
+  const P* __restrict__ g = span.g;
+  S* __restrict__ m = span.m;
+  S* __restrict__ d = span.d;
+  const P* __restrict__ hz = span.hz;
 
-  P* __restrict__ p = static_cast<P*>(table.addresses[0][slot]) + start;
-  const P* __restrict__ g = static_cast<const P*>(table.addresses[1][slot]) + start;
-  S* __restrict__ m = static_cast<S*>(table.addresses[2][slot]) + start;
-  S* __restrict__ d = static_cast<S*>(table.addresses[3][slot]) + start;
-  const P* __restrict__ hz = nullptr;
-  if constexpr (kHasHz) {
-    hz = static_cast<const P*>(table.addresses[4][slot]) + start;
-  }
-
-  bool vectorizable = n % kIlp == 0 && is_aligned(p) && is_aligned(g) && is_aligned(m) &&
-      is_aligned(d);
-  if constexpr (kHasHz) {
-    vectorizable = vectorizable && is_aligned(hz);
-  }
-
-  if (vectorizable) {
+  if (takes_vector_path(span)) {
     for (int i = thread; i * kIlp < n; i += threads) {
-      Pack<P> pp = load_pack(p, i);
-      const Pack<P> gp = load_pack(g, i);
-      Pack<S> mp = load_pack(m, i);
-      Pack<S> dp = load_pack(d, i);
-      Pack<P> hp{};
+      Pack<P, kIlp> pp = load_pack<kIlp>(p, i);
+      const Pack<P, kIlp> gp = load_pack<kIlp>(g, i);
+      Pack<S, kIlp> mp = load_pack<kIlp>(m, i);
+      Pack<S, kIlp> dp = load_pack<kIlp>(d, i);
+      Pack<P, kIlp> hp{};
       if constexpr (kHasHz) {
-        hp = load_pack(hz, i);
+        hp = load_pack<kIlp>(hz, i);
       }
       ESGD_UNROLL
       for (int k = 0; k < kIlp; ++k) {
@@ -127,10 +162,10 @@ C10_HOST_DEVICE inline void process_block(
         update<kHasHz>(pk, static_cast<S>(gp.v[k]), mp.v[k], dp.v[k], hk, c);
         pp.v[k] = static_cast<P>(pk);
       }
-      store_pack(p, i, pp);
-      store_pack(m, i, mp);
+      store_pack<kIlp>(p, i, pp);
+      store_pack<kIlp>(m, i, mp);
       if constexpr (kHasHz) {
-        store_pack(d, i, dp);
+        store_pack<kIlp>(d, i, dp);
       }
     }
     return;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build checks for esgd_cuda, run after the package is installed into the active environment:
 #   1. the installed extension loads and, when torch is a CUDA build and a toolkit is present,
-#      carries sm_90 device code (read from its .nv_fatbin section);
+#      carries sm_90 device code (read from its .nv_fatbin section), and the sm_90 kernels compile
+#      without spills inside their register budget (scripts/check_kernel_resources.py);
 #   2. the CPU-only build path (what a user without nvcc gets) compiles in a temporary directory,
 #      and the kernel, planning and loading tests pass against it.
 # Exits non-zero on the first failure. PYTHON overrides the interpreter; ESGD_CHECK_ARCH the arch.
@@ -43,6 +44,9 @@ if [ "$WANT_CUDA" = 1 ] && [ "$CUDA" != 1 ]; then
 fi
 if [ "$CUDA" = 1 ]; then
   "$PYTHON" "$ROOT/scripts/check_fatbin.py" "$LIB" "$ARCH" || fail "no $ARCH device code in $LIB"
+  # ptxas's register and spill report for every kernel instantiation (device code only, seconds).
+  "$PYTHON" "$ROOT/scripts/check_kernel_resources.py" --arch "$ARCH" \
+    || fail "the $ARCH kernels spill or exceed their register budget"
 else
   echo "no CUDA kernels in this build (torch $("$PYTHON" -c 'import torch; print(torch.__version__)')), skipping the device-code check"
 fi

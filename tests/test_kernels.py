@@ -197,6 +197,65 @@ def test_loss_scale_is_undone(target, dtype, gscale, hscale):
                             plain, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("estimate", [True, False], ids=["hz", "plain"])
+def test_cuda_vector_path_choice(dtype, estimate):
+    """Which blocks of the CUDA kernel take the 16-byte vector path, through the emulation.
+
+    A slower scalar path that still computes the right answer would pass every other test, so
+    this pins the choice: a chunk is vectorized exactly when every list's address is aligned to
+    its vector (16 bytes of parameters: 8 fp16/bf16, 4 fp32, 2 fp64 elements; the same number of
+    state elements) and the chunk is a whole number of vectors. Results match the reference on
+    both paths.
+    """
+    from esgd_cuda import _C
+
+    chunk = _C.CHUNK_SIZE
+    sd = state_dtype(dtype)
+    width = 16 // torch.empty((), dtype=dtype).element_size()
+    gen = torch.Generator().manual_seed(11)
+
+    def draw(n, dt, offset=0, positive=False, scale=1.0):
+        x = torch.rand(n + offset, generator=gen, dtype=torch.float64) if positive else torch.randn(
+            n + offset, generator=gen, dtype=torch.float64)
+        return (x * scale).to(dt)[offset:]  # the view last, so its offset reaches the kernel
+
+    # (numel, element offset of the parameter view, element offset of the exp_avg view)
+    layouts = [
+        (2 * chunk + 3, 0, 0),  # two whole aligned chunks, then a 3-element tail: scalar
+        (chunk + width, 0, 0),  # a tail of exactly one vector: vector
+        (chunk + 2 * width, 1, 0),  # parameter view one element off: scalar throughout
+        (chunk, 0, width // 2),  # state half a vector off: scalar
+        (chunk, width, width),  # both one whole vector off, still aligned: vector
+        (width - 1, 0, 0),  # shorter than a vector: scalar
+    ]
+    params = [draw(n, dtype, po) for n, po, _ in layouts]
+    grads = [draw(n, dtype) for n, _, _ in layouts]
+    exp_avgs = [draw(n, sd, mo, scale=0.1) for n, _, mo in layouts]
+    exp_hz_sqs = [draw(n, sd, positive=True) for n, _, _ in layouts]
+    hzs = [draw(n, dtype) for n, _, _ in layouts] if estimate else None
+    h = hyper(4)
+    before = clone_lists(params, exp_avgs, exp_hz_sqs)
+    rows = _C.emulate_cuda_update(params, grads, exp_avgs, exp_hz_sqs, hzs, **h)
+    assert_step_matches(before, (params, exp_avgs, exp_hz_sqs), grads, hzs, h, dtype)
+
+    blocks = {(t, c): bool(v) for t, c, v in rows}
+    assert len(blocks) == len(rows), "a chunk was processed twice"
+    assert set(blocks) == {(t, c) for t, (n, _, _) in enumerate(layouts)
+                           for c in range(-(-n // chunk))}, "a chunk was never processed"
+    lists = [params, grads, exp_avgs, exp_hz_sqs] + ([hzs] if estimate else [])
+    for (t, c), vectorized in blocks.items():
+        n = min(chunk, layouts[t][0] - c * chunk)
+        aligned = all(
+            (x[t].data_ptr() + c * chunk * x[t].element_size()) % (width * x[t].element_size()) == 0
+            for x in lists)
+        assert vectorized == (aligned and n % width == 0), f"tensor {t} chunk {c}"
+    # The rule above, pinned on cases whose answer does not depend on the allocator.
+    assert blocks[(0, 0)] and blocks[(0, 1)] and not blocks[(0, 2)]
+    assert blocks[(1, 1)] and blocks[(4, 0)]
+    assert not any(blocks[(2, c)] for c in range(2)) and not blocks[(3, 0)] and not blocks[(5, 0)]
+
+
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("estimate", [True, False], ids=["hz", "plain"])

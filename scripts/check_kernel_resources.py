@@ -1,0 +1,190 @@
+"""Compile the CUDA kernels for one architecture and check their code, without a GPU.
+
+Runs `nvcc --cubin --resource-usage --keep` on csrc/esgd_cuda.cu (device code only, seconds rather
+than minutes), then reads ptxas's report and the PTX for every instantiation of
+esgd_multi_tensor_kernel:
+  - no stack frame and no spill stores or loads: a spill turns the memory-bound update into one
+    that also waits on local memory;
+  - at most MAX_REGISTERS registers per thread, so two 512-thread blocks fit one SM's register
+    file (the occupancy the kernel's __launch_bounds__ asks for);
+  - 16-byte global loads and stores (ld/st.global.v4 of 32-bit or .v2 of 64-bit words), the
+    aligned vector path, in every kernel;
+  - every parameter dtype (fp32, fp16, bf16, fp64) for both list depths (4: plain, 5: with Hz).
+Prints one line per kernel and exits 1 naming what failed.
+Usage: python scripts/check_kernel_resources.py [--arch sm_90] [--nvcc PATH]
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from typing import Dict, List, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL = "esgd_multi_tensor_kernel"
+# 65536 registers per SM on sm_70..sm_100 / (2 blocks x 512 threads).
+MAX_REGISTERS = 64
+# Itanium-mangled template arguments of esgd_multi_tensor_kernel<P, S, Depth>.
+PARAM_TYPES = {"N3c104HalfE": "fp16", "N3c108BFloat16E": "bf16", "f": "fp32", "d": "fp64"}
+EXPECTED = {(p, depth) for p in PARAM_TYPES.values() for depth in (4, 5)}
+
+_FUNCTION = re.compile(r"ptxas info\s*:\s*(?:Compiling entry function|Function properties for) '?([^'\s]+)")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"ptxas info\s*:\s*Used (\d+) registers")
+_ENTRY = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)?\.entry\s+(\S+?)\s*\(")
+_WIDE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global(?:\.nc)?(?:\.L1::\S+)?\.(?:v4\.[bfsu]32|v2\.[bfsu]64)\b")
+
+
+def kernel_signature(mangled: str) -> Tuple[str, int]:
+    """(parameter dtype, depth) of a mangled esgd_multi_tensor_kernel<P, S, Depth> name."""
+    match = re.search(KERNEL + r"I(N3c104HalfE|N3c108BFloat16E|f|d)[fd]Li(\d+)E", mangled)
+    if match is None:
+        raise ValueError(f"unrecognised kernel instantiation {mangled!r}")
+    return PARAM_TYPES[match.group(1)], int(match.group(2))
+
+
+def parse_resource_usage(text: str) -> Dict[Tuple[str, int], Dict[str, int]]:
+    """Per kernel: registers, stack, spill_stores, spill_loads, from ptxas -v style output."""
+    kernels: Dict[Tuple[str, int], Dict[str, int]] = {}
+    current = None
+    for line in text.splitlines():
+        function = _FUNCTION.search(line)
+        if function:
+            name = function.group(1)
+            current = kernel_signature(name) if KERNEL in name else None
+            if current is not None:
+                kernels.setdefault(current, {})
+            continue
+        if current is None:
+            continue
+        frame = _FRAME.search(line)
+        if frame:
+            stack, stores, loads = map(int, frame.groups())
+            kernels[current].update(stack=stack, spill_stores=stores, spill_loads=loads)
+        used = _USED.search(line)
+        if used:
+            kernels[current]["registers"] = int(used.group(1))
+    return kernels
+
+
+def parse_ptx_vector_accesses(ptx: str) -> Dict[Tuple[str, int], Dict[str, int]]:
+    """Per kernel: how many 16-byte global loads (wide_loads) and stores (wide_stores) its PTX has."""
+    kernels: Dict[Tuple[str, int], Dict[str, int]] = {}
+    current = None
+    for line in ptx.splitlines():
+        entry = _ENTRY.search(line)
+        if entry:
+            name = entry.group(1)
+            current = kernel_signature(name) if KERNEL in name else None
+            if current is not None:
+                kernels[current] = {"wide_loads": 0, "wide_stores": 0}
+            continue
+        wide = _WIDE.search(line) if current is not None else None
+        if wide:
+            kernels[current]["wide_loads" if wide.group(1) == "ld" else "wide_stores"] += 1
+    return kernels
+
+
+def expected_wide_accesses(dtype: str, depth: int) -> Tuple[int, int]:
+    """16-byte (loads, stores) one vector-path iteration needs: one per parameter-typed list
+    (p, g[, hz] read; p written), and per state list (m, d read; m[, d] written) one, or two for
+    16-bit parameters, whose eight elements of fp32 state span 32 bytes."""
+    state_words = 2 if dtype in ("fp16", "bf16") else 1
+    loads = (3 if depth == 5 else 2) + 2 * state_words
+    stores = 1 + (2 if depth == 5 else 1) * state_words
+    return loads, stores
+
+
+def problems(kernels: Dict[Tuple[str, int], Dict[str, int]]) -> List[str]:
+    found = []
+    for key in sorted(EXPECTED - set(kernels)):
+        found.append(f"no {key[0]} depth-{key[1]} kernel in the ptxas report")
+    for (dtype, depth), usage in sorted(kernels.items()):
+        name = f"{dtype} depth-{depth}"
+        missing = {"registers", "stack", "spill_stores", "spill_loads"} - set(usage)
+        if missing:
+            found.append(f"{name}: ptxas did not report {', '.join(sorted(missing))}")
+            continue
+        if usage["stack"] or usage["spill_stores"] or usage["spill_loads"]:
+            found.append(
+                f"{name}: {usage['stack']} bytes stack frame, {usage['spill_stores']} bytes spill "
+                f"stores, {usage['spill_loads']} bytes spill loads (want none)"
+            )
+        for access, want in zip(("wide_loads", "wide_stores"), expected_wide_accesses(dtype, depth)):
+            if access in usage and usage[access] < want:
+                found.append(f"{name}: {usage[access]} 16-byte global {access.split('_')[1]} in the "
+                             f"PTX, want at least {want} (a list left the vector path)")
+        if usage["registers"] > MAX_REGISTERS:
+            found.append(f"{name}: {usage['registers']} registers (at most {MAX_REGISTERS} for two "
+                         "512-thread blocks per SM)")
+    return found
+
+
+def compile_report(nvcc: str, arch: str) -> Tuple[str, str]:
+    """(ptxas's resource report, the PTX) of csrc/esgd_cuda.cu compiled for `arch`."""
+    import torch
+
+    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+    cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    includes = [torch_include, os.path.join(torch_include, "torch", "csrc", "api", "include"),
+                os.path.join(cuda_home, "include"), sysconfig.get_paths()["include"]]
+    # The flags torch.utils.cpp_extension passes for every CUDA source, plus this project's.
+    base = [nvcc, "--cubin", f"-arch={arch}", "--resource-usage", "--keep", "-O3",
+            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+            "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+            "--expt-relaxed-constexpr", "-DTORCH_API_INCLUDE_EXTENSION_H",
+            "-DTORCH_EXTENSION_NAME=_C", "-DESGD_WITH_CUDA"]
+    base += [f"-I{path}" for path in includes]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "esgd_cuda.cubin")
+        # Newer torch headers need C++20 and torch 2.4's were written for C++17: take the first
+        # standard the installed headers compile with, as cpp_extension would.
+        errors = []
+        for std in ("-std=c++20", "-std=c++17"):
+            cmd = base + [std, f"--keep-dir={tmp}", os.path.join(ROOT, "csrc", "esgd_cuda.cu"),
+                          "-o", out]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode == 0:
+                ptx_files = [f for f in os.listdir(tmp) if f.endswith(".ptx")]
+                if len(ptx_files) != 1:
+                    raise RuntimeError(f"expected one .ptx file from nvcc --keep, found {ptx_files}")
+                with open(os.path.join(tmp, ptx_files[0])) as f:
+                    return run.stdout + run.stderr, f.read()
+            errors.append(f"$ {' '.join(cmd)}\n{(run.stdout + run.stderr)[-3000:]}")
+    raise RuntimeError("nvcc failed to compile csrc/esgd_cuda.cu:\n" + "\n".join(errors))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sm_90", help="real architecture, e.g. sm_90 (default)")
+    parser.add_argument("--nvcc", default=None, help="nvcc to use (default: $CUDA_HOME/bin/nvcc)")
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r"sm_\d+a?", args.arch):
+        parser.error(f"--arch must look like sm_90, got {args.arch!r}")
+    nvcc = args.nvcc
+    if nvcc is None and os.environ.get("CUDA_HOME"):
+        nvcc = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+    nvcc = nvcc or shutil.which("nvcc")
+    if not nvcc or not os.path.isfile(nvcc):
+        parser.error("no nvcc found: set CUDA_HOME or pass --nvcc")
+    report, ptx = compile_report(nvcc, args.arch)
+    kernels = parse_resource_usage(report)
+    for key, accesses in parse_ptx_vector_accesses(ptx).items():
+        kernels.setdefault(key, {}).update(accesses)
+    for (dtype, depth), usage in sorted(kernels.items()):
+        print(f"{args.arch} {KERNEL}<{dtype}, depth {depth}>: {usage.get('registers')} registers, "
+              f"{usage.get('stack')} B stack, {usage.get('spill_stores')}/{usage.get('spill_loads')} "
+              f"B spill stores/loads, {usage.get('wide_loads')}/{usage.get('wide_stores')} "
+              "16-byte loads/stores")
+    found = problems(kernels)
+    for problem in found:
+        print(f"check_kernel_resources: {problem}", file=sys.stderr)
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
