@@ -10,9 +10,13 @@ from esgd_cuda.functional import _esgd_update_foreach, esgd_update_capturable, s
 
 # "foreach": the pure-PyTorch capturable path; "fused": the native op esgd_update_capturable_ on the
 # CPU; "cuda-emulated": the CUDA kernel's plan, tables and per-thread code (with the device-side
-# scalar table) run on the CPU by esgd_cuda._C.emulate_cuda_update.
+# scalar table) run on the CPU by esgd_cuda._C.emulate_cuda_update; "cuda": the native op on a GPU
+# (the tensors copied there and back).
 NATIVE = pytest.mark.skipif(not _extension.LOADED, reason="native extension not loaded")
-TARGETS = ["foreach", pytest.param("fused", marks=NATIVE), pytest.param("cuda-emulated", marks=NATIVE)]
+HAS_CUDA = torch.cuda.is_available() and _extension.fused_supported(torch.device("cuda"), torch.float32)
+CUDA_ONLY = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and the CUDA kernels")
+TARGETS = ["foreach", pytest.param("fused", marks=NATIVE), pytest.param("cuda-emulated", marks=NATIVE),
+           pytest.param("cuda", marks=CUDA_ONLY)]
 
 SHAPES = [(7,), (3, 5), (1,), (33,), (2, 3, 4)]
 HYPER = dict(beta1=0.9, beta2=0.99, v=0.7, lr_warmup=0.9, eps=1e-4)
@@ -47,6 +51,17 @@ def _clone(ts):
 
 
 def _capturable(target, params, grads, exp_avgs, exp_hz_sqs, hzs, **kw):
+    if target == "cuda":
+        lists = [None if ts is None else [t.cuda() for t in ts]
+                 for ts in (params, grads, exp_avgs, exp_hz_sqs, hzs)]
+        kw = dict(kw, steps=[s.cuda() for s in kw["steps"]], estimates=[k.cuda() for k in kw["estimates"]])
+        if isinstance(kw["lr"], torch.Tensor):
+            kw["lr"] = kw["lr"].cuda()
+        esgd_update_capturable(*lists, fused=True, **kw)
+        for host, device in zip((params, exp_avgs, exp_hz_sqs), (lists[0], lists[2], lists[3])):
+            for h, d in zip(host, device):
+                h.copy_(d.cpu())
+        return
     if target != "cuda-emulated":
         esgd_update_capturable(params, grads, exp_avgs, exp_hz_sqs, hzs, fused=target == "fused", **kw)
         return
