@@ -22,7 +22,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL = "esgd_multi_tensor_kernel"
@@ -35,7 +35,8 @@ EXPECTED = {(p, depth) for p in PARAM_TYPES.values() for depth in (4, 5)}
 _FUNCTION = re.compile(r"ptxas info\s*:\s*(?:Compiling entry function|Function properties for) '?([^'\s]+)")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"ptxas info\s*:\s*Used (\d+) registers")
-_ENTRY = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)?\.entry\s+(\S+?)\s*\(")
+# Kernels (.entry) and device functions (.func, whose lines must not count for the kernel before).
+_ENTRY = re.compile(r"^\s*(?:\.(?:visible|weak|extern)\s+)*\.(?:entry|func)\s+(?:\([^)]*\)\s*)?([^\s(]+)\s*\(")
 _WIDE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global(?:\.nc)?(?:\.L1::\S+)?\.(?:v4\.[bfsu]32|v2\.[bfsu]64)\b")
 
 
@@ -47,45 +48,44 @@ def kernel_signature(mangled: str) -> Tuple[str, int]:
     return PARAM_TYPES[match.group(1)], int(match.group(2))
 
 
+def kernel_lines(text: str, header: "re.Pattern[str]") -> Iterator[Tuple[Tuple[str, int], Optional[str]]]:
+    """(kernel, None) where one of our kernels' sections starts (a `header` match), then
+    (kernel, line) for each line of it; lines of other functions are dropped."""
+    current = None
+    for line in text.splitlines():
+        match = header.search(line)
+        if match:
+            name = match.group(1)
+            current = kernel_signature(name) if KERNEL in name else None
+            if current is not None:
+                yield current, None
+        elif current is not None:
+            yield current, line
+
+
 def parse_resource_usage(text: str) -> Dict[Tuple[str, int], Dict[str, int]]:
     """Per kernel: registers, stack, spill_stores, spill_loads, from ptxas -v style output."""
     kernels: Dict[Tuple[str, int], Dict[str, int]] = {}
-    current = None
-    for line in text.splitlines():
-        function = _FUNCTION.search(line)
-        if function:
-            name = function.group(1)
-            current = kernel_signature(name) if KERNEL in name else None
-            if current is not None:
-                kernels.setdefault(current, {})
-            continue
-        if current is None:
-            continue
-        frame = _FRAME.search(line)
+    for key, line in kernel_lines(text, _FUNCTION):
+        usage = kernels.setdefault(key, {})
+        frame = _FRAME.search(line) if line else None
         if frame:
             stack, stores, loads = map(int, frame.groups())
-            kernels[current].update(stack=stack, spill_stores=stores, spill_loads=loads)
-        used = _USED.search(line)
+            usage.update(stack=stack, spill_stores=stores, spill_loads=loads)
+        used = _USED.search(line) if line else None
         if used:
-            kernels[current]["registers"] = int(used.group(1))
+            usage["registers"] = int(used.group(1))
     return kernels
 
 
 def parse_ptx_vector_accesses(ptx: str) -> Dict[Tuple[str, int], Dict[str, int]]:
     """Per kernel: how many 16-byte global loads (wide_loads) and stores (wide_stores) its PTX has."""
     kernels: Dict[Tuple[str, int], Dict[str, int]] = {}
-    current = None
-    for line in ptx.splitlines():
-        entry = _ENTRY.search(line)
-        if entry:
-            name = entry.group(1)
-            current = kernel_signature(name) if KERNEL in name else None
-            if current is not None:
-                kernels[current] = {"wide_loads": 0, "wide_stores": 0}
-            continue
-        wide = _WIDE.search(line) if current is not None else None
+    for key, line in kernel_lines(ptx, _ENTRY):
+        counts = kernels.setdefault(key, {"wide_loads": 0, "wide_stores": 0})
+        wide = _WIDE.search(line) if line else None
         if wide:
-            kernels[current]["wide_loads" if wide.group(1) == "ld" else "wide_stores"] += 1
+            counts["wide_loads" if wide.group(1) == "ld" else "wide_stores"] += 1
     return kernels
 
 

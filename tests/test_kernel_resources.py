@@ -123,3 +123,10 @@ def test_flags_a_list_off_the_vector_path(checker):
     found = checker.problems(merged(checker, ptx(skip_store_of=("fp16", 5))))
     assert found == ["fp16 depth-5: 4 16-byte global stores in the PTX, want at least 5 "
                      "(a list left the vector path)"]
+
+
+def test_device_functions_end_a_kernel_section(checker):
+    text = ptx() + "\n.visible .func  (.param .b32 func_retval0) _Z6helperPf(\n)\n{\n" + \
+        "\tst.global.v4.f32 \t[%rd1], {%f1, %f2, %f3, %f4};\n}"
+    accesses = checker.parse_ptx_vector_accesses(text)
+    assert accesses == checker.parse_ptx_vector_accesses(ptx())
