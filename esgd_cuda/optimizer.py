@@ -35,7 +35,9 @@ def _mix_seed(*values: int) -> int:
     return x >> 1
 
 
-def _check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, where: str, sync: bool = True) -> None:
+def _check_hparams(
+    lr, betas, v, lr_warmup, eps, weight_decay, where: str, sync: bool = True, maximize: bool = False
+) -> None:
     def bad(name, value, rule):
         raise ValueError(f"ESGD: invalid {name}{where}: {value!r} ({rule})")
 
@@ -63,6 +65,8 @@ def _check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, where: str, sync:
         bad("eps", eps, "must be a finite real number >= 0")
     if not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0.0 or math.isinf(weight_decay):
         bad("weight_decay", weight_decay, "must be a finite real number >= 0")
+    if not isinstance(maximize, bool):
+        bad("maximize", maximize, "must be True or False")
 
 
 def _check_schedule(update_d_every, d_warmup) -> None:
@@ -146,6 +150,13 @@ def _average_over_group(
             lst[i] = chunks[j].view(params[i].shape) if present[j] > 0 else None
 
 
+def _signed(grad_scale_inv: float, group: dict) -> float:
+    """The gradient's multiplier in the update: maximize ascends by negating the gradient, which
+    the update already multiplies by the inverse loss scale. Hz needs no sign: only (Hz)^2 is used,
+    and the Hessian of -f is -H."""
+    return -grad_scale_inv if group.get("maximize", False) else grad_scale_inv
+
+
 class ESGD(torch.optim.Optimizer):
     r"""ESGD-M: equilibrated SGD with quasi-hyperbolic momentum.
 
@@ -188,6 +199,9 @@ class ESGD(torch.optim.Optimizer):
         capturable: keep the step counters on the device (``lr`` may be a tensor) and compute the
             step scalars there, so that ``plain_step()`` does no host sync and can be compiled with
             ``torch.compile(fullgraph=True)`` or captured in a CUDA graph (see ``plain_step``).
+        maximize: maximize the objective instead of minimizing it (per param group, as in
+            torch.optim): the gradient is negated; the curvature estimate is unchanged, since
+            (-Hz)^2 = (Hz)^2.
 
     A parameter's state starts on the first estimation step on which it has a gradient; until
     then (no curvature estimate exists) it is not updated. NaN/Inf in gradients propagate into the
@@ -213,8 +227,9 @@ class ESGD(torch.optim.Optimizer):
         fused: Optional[bool] = None,
         process_group: Optional[Any] = None,
         capturable: bool = False,
+        maximize: bool = False,
     ):
-        _check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, "")
+        _check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, "", maximize=maximize)
         _check_schedule(update_d_every, d_warmup)
         if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"ESGD: invalid fused: {fused!r} (must be None, True or False)")
@@ -245,7 +260,8 @@ class ESGD(torch.optim.Optimizer):
         self._last_step_estimated = False
         # Tests may replace the probe (a callable: list of params -> list of z); None draws Rademacher.
         self._probe_fn: Optional[Callable[[List[Tensor]], List[Tensor]]] = None
-        defaults = dict(lr=lr, betas=tuple(betas), v=v, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), v=v, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay,
+                        maximize=maximize)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ param groups
@@ -259,7 +275,7 @@ class ESGD(torch.optim.Optimizer):
         merged = {**self.defaults, **param_group}
         _check_hparams(
             merged["lr"], merged["betas"], merged["v"], merged["lr_warmup"], merged["eps"],
-            merged["weight_decay"], where,
+            merged["weight_decay"], where, maximize=merged["maximize"],
         )
         for j, p in enumerate(plist):
             if isinstance(p, Tensor) and p.is_complex():
@@ -464,6 +480,7 @@ class ESGD(torch.optim.Optimizer):
             _check_hparams(
                 group["lr"], group["betas"], group["v"], group["lr_warmup"], group["eps"],
                 group["weight_decay"], f" in param_groups[{i}]", sync=not self.capturable,
+                maximize=group.get("maximize", False),
             )
             params, grads = [], []
             for j, p in enumerate(group["params"]):
@@ -596,7 +613,7 @@ class ESGD(torch.optim.Optimizer):
                     step_size=step_size,
                     momentum_scale=1.0 / (1.0 - beta1**t * v),
                     denom_scale=1.0 / math.sqrt(1.0 - beta2**k),
-                    grad_scale_inv=grad_scale_inv,
+                    grad_scale_inv=_signed(grad_scale_inv, group),
                     hz_scale_inv=hz_scale_inv,
                     fused=self._use_fused(device, dtype),
                 )
@@ -655,7 +672,7 @@ class ESGD(torch.optim.Optimizer):
                     lists[0], lists[1], lists[2], lists[3], lists[6] if estimate else None,
                     lr=group["lr"], steps=lists[4], estimates=lists[5], beta1=beta1, beta2=beta2, v=v,
                     lr_warmup=group["lr_warmup"], eps=group["eps"], weight_decay=group["weight_decay"],
-                    grad_scale_inv=grad_scale_inv, hz_scale_inv=hz_scale_inv,
+                    grad_scale_inv=_signed(grad_scale_inv, group), hz_scale_inv=hz_scale_inv,
                     fused=self._use_fused(lists[0][0].device, lists[0][0].dtype),
                 )
 
@@ -780,6 +797,8 @@ class ESGD(torch.optim.Optimizer):
         saved_state = sd.get("state", {})
         saved_ids = [i for g in sd.get("param_groups", []) for i in g["params"]]
         super().load_state_dict(sd)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)  # checkpoints from before the option existed
         # torch.optim casts floating state to the parameter dtype; ESGD keeps float32 state for 16-bit
         # parameters, so reload those tensors from the checkpoint at full precision.
         current = [p for g in self.param_groups for p in g["params"]]
