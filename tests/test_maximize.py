@@ -101,3 +101,16 @@ def test_checkpoints_keep_maximize_and_old_ones_load():
         del group["maximize"]
     fresh.load_state_dict(old)
     assert [g["maximize"] for g in fresh.param_groups] == [False, False]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradients_are_not_negated_in_place(fused, dtype):
+    problem = SeparableProblem(SHAPES, dtype=dtype, seed=9)
+    opt = ESGD(problem.params, maximize=True, d_warmup=1, update_d_every=2, seed=1, fused=fused)
+    for _ in range(3):  # an estimation step, a plain step, an estimation step
+        opt.zero_grad(set_to_none=True)
+        opt.backward(problem.loss())
+        grads = [p.grad.clone() for p in problem.params]
+        opt.step()
+        for g, p in zip(grads, problem.params):
+            assert torch.equal(p.grad, g)
