@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES, SeparableProblem, assert_trajectory_matches, run_steps
+from conftest import DEVICES, SeparableProblem, assert_trajectory_matches, requires_cuda, run_steps
 from reference import Hyper, run_reference
 
 from esgd_cuda import ESGD
@@ -376,3 +376,32 @@ def test_fused_true_runs_or_refuses_clearly():
             opt.backward(problem.loss())
             opt.step()
         assert torch.equal(problem.params[0].detach(), before)
+
+
+@requires_cuda
+@pytest.mark.parametrize("capturable", [False, True], ids=["step", "capturable-plain_step"])
+def test_cuda_plain_step_does_not_synchronize(fused, capturable):
+    """A plain step launches its work and returns: no device-to-host copy or stream sync, which
+    would stall the training loop once per step (float lr; a tensor lr needs capturable=True)."""
+    problem = SeparableProblem([(300,), (7, 9), (1,)], dtype=torch.float32, seed=2, device="cuda")
+    lr = torch.tensor(0.1, device="cuda") if capturable else 0.1
+    opt = ESGD(problem.params, lr=lr, d_warmup=2, update_d_every=10**6, seed=0, fused=fused,
+               capturable=capturable)
+    run_steps(opt, problem, 2)  # the estimation steps
+    assert not opt.should_create_graph()
+    opt.zero_grad(set_to_none=True)
+    problem.loss().backward()
+    before = [p.detach().clone() for p in problem.params]
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            if capturable:
+                opt.plain_step()
+                opt.count_plain_step()
+            else:
+                opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert all(not torch.equal(p, b) for p, b in zip(problem.params, before))
