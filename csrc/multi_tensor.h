@@ -59,7 +59,6 @@ struct TensorTable {
 static_assert(sizeof(TensorTable<4>) + sizeof(Coeffs<double>) <= 4096, "kernel params > 4 KB");
 static_assert(sizeof(TensorTable<5>) + sizeof(Coeffs<double>) <= 4096, "kernel params > 4 KB");
 static_assert(kMaxTensorsDepth4 <= 256 && kMaxTensorsDepth5 <= 256, "slots are stored as bytes");
-static_assert(kChunkSize % 8 == 0, "the vector path assumes whole vectors per chunk");
 
 template <typename T, int Ilp>
 C10_HOST_DEVICE inline bool is_aligned(const T* ptr) {
