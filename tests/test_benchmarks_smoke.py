@@ -6,6 +6,9 @@ must exist and hold finite, sane numbers. The analysis helpers are checked on ha
 
 import json
 import math
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -166,3 +169,48 @@ def test_convergence_smoke(bench, tmp_path):
             assert best["loss"][-1] < best["loss"][0], best
     acc = next(r["test_metric"] for r in summary if r["problem"] == "digits-mlp" and r["optimizer"] == "adam")
     assert 0.1 < acc <= 1.0
+
+
+# benchmarks/gpu_suite.sh is meant for the rare session with a GPU, inside one 10-minute call; these
+# run it with a stand-in interpreter, so its control flow is checked on every CI run.
+GPU_SUITE = BENCH_DIR / "gpu_suite.sh"
+
+
+def _suite_stages():
+    return re.findall(r"\bstage (\w+) \d+ ", GPU_SUITE.read_text())
+
+
+def _run_suite(tmp_path, python, budget):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PYTHON=str(python), OUT=str(out), TMPDIR=str(tmp_path),
+               ESGD_SUITE_BUDGET=str(budget), PATH="/usr/bin:/bin")
+    env.pop("CUDA_HOME", None)  # no compute-sanitizer or ncu: those stages report "not found"
+    run = subprocess.run(["bash", str(GPU_SUITE)], env=env, capture_output=True, text=True, timeout=120)
+    assert "== gpu_suite summary" in run.stdout, run.stdout + run.stderr
+    summary = run.stdout[run.stdout.index("== gpu_suite summary"):]
+    return run, summary, out
+
+
+def test_gpu_suite_reports_every_stage_when_the_build_fails(tmp_path):
+    stages = _suite_stages()
+    assert stages[0] == "build" and len(stages) == len(set(stages)) >= 8, stages
+    run, summary, out = _run_suite(tmp_path, "false", 540)
+    assert run.returncode == 1
+    assert re.search(r"^build\s+FAILED", summary, re.M), summary
+    for name in stages[1:]:
+        assert re.search(rf"^{name}\s+skipped\s+\(build failed\)", summary, re.M), (name, summary)
+    assert (out / "gpu_suite.log").is_file()
+
+
+def test_gpu_suite_budget_skips_stages_but_prints_the_summary(tmp_path):
+    slow = tmp_path / "slow-python"
+    slow.write_text("#!/bin/sh\nsleep 2\nexit 0\n")
+    slow.chmod(0o755)
+    run, summary, _ = _run_suite(tmp_path, slow, 24)
+    assert run.returncode == 1, summary
+    assert re.search(r"^build\s+ok", summary, re.M), summary
+    cut = re.findall(r"^(\w+)\s+skipped\s+\(suite budget of 24s spent\)", summary, re.M)
+    assert "bandwidth" in cut and "step_time" in cut, summary
+    for name in _suite_stages():
+        assert re.search(rf"^{name}\s", summary, re.M), (name, summary)
