@@ -570,31 +570,13 @@ class ESGD(torch.optim.Optimizer):
             v = beta1 if group["v"] is None else group["v"]
             # Tensors that share device, dtype and counters share one kernel call. Counters are per
             # parameter (a parameter may join late), but normally all of a group's are equal.
-            buckets: Dict[tuple, Tuple[List[Tensor], ...]] = {}
-            for p, g in zip(params, grads):
-                state = self.state[p]
-                if not state:
-                    if not estimate:
-                        continue  # no curvature estimate yet: wait for the next estimation step
-                    self._init_state(p, state)
-                t = state["step"] + 1
-                state["step"] = t
-                k = state["estimates"]
+            def advance_counters(p: Tensor, state: dict) -> tuple:
+                state["step"] += 1
                 if estimate:
-                    k += 1
-                    state["estimates"] = k
-                key = (p.device, p.dtype, t, k)
-                lists = buckets.get(key)
-                if lists is None:
-                    lists = buckets[key] = ([], [], [], [], [])
-                lists[0].append(p)
-                lists[1].append(g)
-                lists[2].append(state["exp_avg"])
-                lists[3].append(state["exp_hz_sq"])
-                if estimate:
-                    hz = hz_of.get(p)
-                    lists[4].append(torch.zeros_like(p) if hz is None else hz)
+                    state["estimates"] += 1
+                return (p.device, p.dtype, state["step"], state["estimates"])
 
+            buckets = self._buckets(params, grads, estimate, hz_of, advance_counters)
             for (device, dtype, t, k), lists in buckets.items():
                 # mb = beta1**t, db = beta2**k, warm = lr_warmup**t: the running products of the
                 # algorithm, in closed form (as torch.optim.Adam does) so state is two integers.
@@ -620,6 +602,34 @@ class ESGD(torch.optim.Optimizer):
 
         self._advance(index, estimate)
         return loss
+
+    def _buckets(
+        self, params: List[Tensor], grads: List[Tensor], estimate: bool, hz_of: Dict[Tensor, Tensor],
+        key_of: Callable[[Tensor, dict], tuple],
+    ) -> Dict[tuple, Tuple[list, ...]]:
+        """The parameters to update, grouped by key_of(p, state) into lists (params, grads,
+        exp_avgs, exp_hz_sqs, hzs (estimation steps only), states). State starts on an estimation
+        step; key_of is called once per updated parameter, in order."""
+        buckets: Dict[tuple, Tuple[list, ...]] = {}
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if not state:
+                if not estimate:
+                    continue  # no curvature estimate yet: wait for the next estimation step
+                self._init_state(p, state)
+            key = key_of(p, state)
+            lists = buckets.get(key)
+            if lists is None:
+                lists = buckets[key] = ([], [], [], [], [], [])
+            lists[0].append(p)
+            lists[1].append(g)
+            lists[2].append(state["exp_avg"])
+            lists[3].append(state["exp_hz_sq"])
+            if estimate:
+                hz = hz_of.get(p)
+                lists[4].append(torch.zeros_like(p) if hz is None else hz)
+            lists[5].append(state)
+        return buckets
 
     def _init_state(self, p: Tensor, state: dict) -> None:
         # Counters are ints, or 0-dim float32 device tensors in capturable mode (exact to 2**24 steps).
@@ -649,28 +659,16 @@ class ESGD(torch.optim.Optimizer):
         for group, (params, grads) in zip(self.param_groups, work):
             beta1, beta2 = group["betas"]
             v = beta1 if group["v"] is None else group["v"]
-            buckets: Dict[tuple, Tuple[List[Tensor], ...]] = {}
-            for p, g in zip(params, grads):
-                state = self.state[p]
-                if not state:
-                    if not estimate:
-                        continue  # no curvature estimate yet: wait for the next estimation step
-                    self._init_state(p, state)
-                lists = buckets.get((p.device, p.dtype))
-                if lists is None:
-                    lists = buckets[(p.device, p.dtype)] = ([], [], [], [], [], [], [])
-                for lst, item in zip(lists, (p, g, state["exp_avg"], state["exp_hz_sq"], state["step"], state["estimates"])):
-                    lst.append(item)
-                if estimate:
-                    hz = hz_of.get(p)
-                    lists[6].append(torch.zeros_like(p) if hz is None else hz)
+            buckets = self._buckets(params, grads, estimate, hz_of, lambda p, state: (p.device, p.dtype))
             for lists in buckets.values():
-                torch._foreach_add_(lists[4], 1.0)
+                steps = [state["step"] for state in lists[5]]
+                estimates = [state["estimates"] for state in lists[5]]
+                torch._foreach_add_(steps, 1.0)
                 if estimate:
-                    torch._foreach_add_(lists[5], 1.0)
+                    torch._foreach_add_(estimates, 1.0)
                 esgd_update_capturable(
-                    lists[0], lists[1], lists[2], lists[3], lists[6] if estimate else None,
-                    lr=group["lr"], steps=lists[4], estimates=lists[5], beta1=beta1, beta2=beta2, v=v,
+                    lists[0], lists[1], lists[2], lists[3], lists[4] if estimate else None,
+                    lr=group["lr"], steps=steps, estimates=estimates, beta1=beta1, beta2=beta2, v=v,
                     lr_warmup=group["lr_warmup"], eps=group["eps"], weight_decay=group["weight_decay"],
                     grad_scale_inv=_signed(grad_scale_inv, group), hz_scale_inv=hz_scale_inv,
                     fused=self._use_fused(lists[0][0].device, lists[0][0].dtype),
