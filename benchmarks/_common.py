@@ -13,7 +13,10 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-DEFAULT_OUT = BENCH_DIR / "results"
+# Runs write here (ignored by git), so a run leaves the clone clean; the committed tables and plot
+# in benchmarks/results/ are regenerated on purpose, with --out benchmarks/results.
+DEFAULT_OUT = BENCH_DIR / "out"
+OUT_HELP = "output folder (default: benchmarks/out/, ignored by git; benchmarks/results/ holds the committed results)"
 
 
 def import_esgd():

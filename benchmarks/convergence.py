@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _common import (DEFAULT_OUT, environment, environment_markdown, fmt, import_esgd,
+from _common import (DEFAULT_OUT, OUT_HELP, environment, environment_markdown, fmt, import_esgd,
                      load_average, markdown_table, resolve_device, write_outputs)
 
 # ----------------------------------------------------------------------------------------- presets
@@ -681,7 +681,7 @@ def parse_args(argv=None):
                    help="parallel worker processes (default: one per core on CPU, 1 on CUDA)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: cores / jobs)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=OUT_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
     return p.parse_args(argv)
 

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch.utils import benchmark as tbench
 
-from _common import (DEFAULT_OUT, environment, environment_markdown, fmt, import_esgd,
+from _common import (DEFAULT_OUT, OUT_HELP, environment, environment_markdown, fmt, import_esgd,
                      load_average, markdown_table, resolve_device, write_outputs)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -349,7 +349,7 @@ def parse_args(argv=None):
                    help="interleaved timing rounds per row; the best round median is reported")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=OUT_HELP)
     p.add_argument("--quiet", dest="verbose", action="store_false", help="no per-row progress")
     return p.parse_args(argv)
 

@@ -1,12 +1,15 @@
 """Loads the native kernels (esgd_cuda._C) and reports what they support.
 
 A missing or broken extension is not an error: the optimizer falls back to the pure-PyTorch path,
-and one warning at import says why. ESGD_CUDA_DISABLE_EXTENSION=1 skips loading altogether.
+and one warning at import says why, including the common case of Python importing an unbuilt source
+checkout (the current directory) instead of the installed package. ESGD_CUDA_DISABLE_EXTENSION=1
+skips loading altogether.
 """
 
 import importlib
 import os
 import re
+import sys
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -17,6 +20,11 @@ __all__ = ["LOADED", "LOAD_ERROR", "DISABLED", "COMPILABLE", "fused_supported", 
 SUPPORTED_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
 
 _DISABLE_VAR = "ESGD_CUDA_DISABLE_EXTENSION"
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_INPLACE_BUILD = "python setup.py build_ext --inplace"
+# --use-pep517: pip 23's legacy `setup.py develop` path reruns pip with build isolation under
+# setuptools >= 80, where torch is not importable.
+_EDITABLE_INSTALL = "pip install -e . --no-build-isolation --use-pep517"
 
 
 def _disabled() -> bool:
@@ -31,16 +39,57 @@ def _load() -> Tuple[Optional[Any], Optional[str]]:
     except ModuleNotFoundError as exc:
         if exc.name != f"{__package__}._C":
             return None, f"{type(exc).__name__}: {exc}"
-        return None, (
-            f"{__package__}._C is not installed: the package was built without native kernels "
-            "(ESGD_CUDA_BUILD=none, or the build failed)"
-        )
+        return None, _missing_reason()
     except Exception as exc:  # an ABI mismatch surfaces as ImportError or OSError, or worse
         return None, f"{type(exc).__name__}: {exc}"
     for op in ("esgd_update_", "esgd_update_hz_"):
         if not hasattr(torch.ops.esgd_cuda, op):
             return None, f"{_C.__file__} loaded but did not register torch.ops.esgd_cuda.{op}"
     return _C, None
+
+
+def _source_checkout() -> Optional[str]:
+    """The repository root when this package is being imported from its source checkout."""
+    root = os.path.dirname(_PACKAGE_DIR)
+    if os.path.isfile(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "csrc")):
+        return root
+    return None
+
+
+def _installed_elsewhere(checkout: str) -> Optional[str]:
+    """Where an installed copy of the package lives, if sys.path holds one besides the checkout."""
+    import importlib.machinery
+
+    def same(entry: str) -> bool:
+        return os.path.realpath(os.path.abspath(entry or os.curdir)) == os.path.realpath(checkout)
+
+    spec = importlib.machinery.PathFinder.find_spec(__package__, [e for e in sys.path if not same(e)])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def _missing_reason() -> str:
+    checkout = _source_checkout()
+    if checkout is None:
+        return (
+            f"{__package__}._C is not installed: the package was built without native kernels "
+            "(ESGD_CUDA_BUILD=none, or the build failed)"
+        )
+    installed = _installed_elsewhere(checkout)
+    if installed is not None:
+        return (
+            f"{__package__} was imported from the source checkout {_PACKAGE_DIR}, which has no compiled "
+            f"kernels, instead of the installed package in {installed}: Python puts the current "
+            f"directory (or PYTHONPATH) ahead of site-packages. Run from outside {checkout}, or build "
+            f"the kernels into the checkout with `{_INPLACE_BUILD}` there"
+        )
+    return (
+        f"{__package__} was imported from the source checkout {_PACKAGE_DIR}, whose kernels have not "
+        f"been built: build them in place with `{_INPLACE_BUILD}` (or `{_EDITABLE_INSTALL}`) in "
+        f"{checkout}, or install with `pip install --no-build-isolation .` and run from outside the "
+        "checkout"
+    )
 
 
 _C, LOAD_ERROR = _load()
@@ -67,11 +116,20 @@ def _ops_compilable() -> bool:
 # Whether torch.compile can trace the native ops (fused=None falls back to pure PyTorch when not).
 COMPILABLE: bool = _ops_compilable()
 
+
+def _remedy() -> str:
+    checkout = _source_checkout()
+    if checkout is None:
+        return "Reinstall with `pip install --no-build-isolation .` to build them, or set"
+    if LOAD_ERROR is not None and "source checkout" in LOAD_ERROR:
+        return "Set"  # the reason already says what to do
+    return f"Rebuild them with `{_INPLACE_BUILD}` in {checkout}, or set"
+
+
 if not LOADED and not DISABLED:
     warnings.warn(
         f"esgd_cuda: native kernels are not available ({LOAD_ERROR}); ESGD uses the pure-PyTorch "
-        f"path. Reinstall with `pip install --no-build-isolation .` to build them, or set "
-        f"{_DISABLE_VAR}=1 to silence this warning.",
+        f"path. {_remedy()} {_DISABLE_VAR}=1 to silence this warning.",
         RuntimeWarning,
         stacklevel=2,
     )
