@@ -24,9 +24,10 @@ def check_hparams(
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             bad("lr", lr, "a tensor lr must have one element")
-        if not sync:
+        if not sync or lr.device.type == "meta":
             # Capturable steps must not read device values on the host; a tensor lr was range-checked
             # when its group was added, and later in-place changes are the caller's responsibility.
+            # A meta tensor has no value to check.
             lr = 0.0
         else:
             lr = lr.item()
@@ -80,6 +81,20 @@ def check_param(p, j: int, where: str, fused) -> None:
             f"ESGD(fused=True): the fused kernel cannot run params[{j}]{where} "
             f"({p.dtype} on {p.device}): {fused_unavailable_reason()}"
         )
+
+
+def check_capturable_lr(lr, params, where: str) -> None:
+    """A tensor lr in capturable mode must live on its parameters' device: the step reads it there,
+    and a copy from host memory inside the update cannot be captured in a CUDA graph."""
+    if not isinstance(lr, Tensor):
+        return
+    for j, p in enumerate(params):
+        if isinstance(p, Tensor) and p.device != lr.device:
+            raise ValueError(
+                f"ESGD(capturable=True): lr{where} is a tensor on {lr.device}, but params[{j}] is on "
+                f"{p.device}; put lr on the parameters' device (torch.tensor(lr, device={str(p.device)!r})) "
+                "or pass a float"
+            )
 
 
 def fused_unavailable_reason() -> str:

@@ -7,6 +7,12 @@ import torch
 from torch import Tensor
 
 
+# Alignment of each gradient and Hz inside the all-reduce buffer: the CUDA kernel's vector path needs
+# every list aligned to its access width, 16 bytes for gradients and Hz (32 for the float32 state of
+# 16-bit parameters, which is not in this buffer); 32 is a whole number of vectors for every dtype.
+BUFFER_ALIGN = 32
+
+
 def check_process_group(group: Any) -> None:
     import torch.distributed as dist
 
@@ -43,18 +49,23 @@ def average_over_group(
     for i, p in enumerate(params):
         buckets.setdefault((p.device, p.dtype), []).append(i)
     for (device, dtype), idx in buckets.items():
-        parts = []
-        for lst in (grads, hzs):
-            for i in idx:
-                t = lst[i]
-                parts.append(torch.zeros(params[i].numel(), device=device, dtype=dtype) if t is None else t.reshape(-1))
-        flags = [float(lst[i] is not None) for lst in (grads, hzs) for i in idx]
-        parts.append(torch.tensor(flags, device=device, dtype=dtype))
-        flat = torch.cat(parts)
+        entries = [(lst, i) for lst in (grads, hzs) for i in idx]
+        # Every entry starts on a BUFFER_ALIGN-byte boundary of the flat buffer, so the views it
+        # hands back keep the fused kernels' vector path (a packed buffer would misalign them).
+        step = max(1, BUFFER_ALIGN // params[idx[0]].element_size())
+        offsets, end = [], 0
+        for _, i in entries:
+            offsets.append(end)
+            end += -(-params[i].numel() // step) * step
+        flat = torch.zeros(end + len(entries), device=device, dtype=dtype)
+        for (lst, i), start in zip(entries, offsets):
+            if lst[i] is not None:
+                flat[start:start + params[i].numel()].copy_(lst[i].reshape(-1))
+        flags = flat[end:]
+        flags.copy_(torch.tensor([float(lst[i] is not None) for lst, i in entries], dtype=dtype))
         dist.all_reduce(flat, group=group)
         flat.div_(world)
-        sizes = [params[i].numel() for i in idx] * 2 + [len(flags)]
-        chunks = flat.split(sizes)
-        present = chunks[-1].tolist()
-        for j, (lst, i) in enumerate([(lst, i) for lst in (grads, hzs) for i in idx]):
-            lst[i] = chunks[j].view(params[i].shape) if present[j] > 0 else None
+        present = flags.tolist()
+        for (lst, i), start, here in zip(entries, offsets, present):
+            n = params[i].numel()
+            lst[i] = flat[start:start + n].view(params[i].shape) if here > 0 else None

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from . import _checkpoint, _extension
-from ._validation import check_group, check_hparams, check_param, check_schedule, fused_unavailable_reason
+from ._validation import (check_capturable_lr, check_group, check_hparams, check_param, check_schedule,
+                          fused_unavailable_reason)
 from .curvature import CurvatureEstimator, release_graphs
 from .distributed import broadcast_seed
 from .functional import esgd_update, esgd_update_capturable, state_dtype
@@ -154,8 +155,19 @@ class ESGD(torch.optim.Optimizer):
         where = f" in param_groups[{len(self.param_groups)}]"
         merged = {**self.defaults, **param_group}
         check_group(merged, where)
+        seen: Dict[int, int] = {}
         for j, p in enumerate(plist):
             check_param(p, j, where, self.fused)
+            if isinstance(p, Tensor):
+                # A parameter listed twice would be updated twice per step, and on CUDA by two blocks
+                # of one launch writing the same memory at once.
+                first = seen.setdefault(id(p), j)
+                if first != j:
+                    raise ValueError(
+                        f"ESGD: params[{j}]{where} is the same tensor as params[{first}]; list each parameter once"
+                    )
+        if self.capturable:
+            check_capturable_lr(merged["lr"], plist, where)
         if "betas" in param_group:
             param_group = {**param_group, "betas": tuple(param_group["betas"])}
         super().add_param_group(param_group)
