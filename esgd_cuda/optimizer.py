@@ -1,86 +1,27 @@
-"""ESGD-M: equilibrated SGD with quasi-hyperbolic momentum, as a torch.optim.Optimizer."""
+"""ESGD-M: equilibrated SGD with quasi-hyperbolic momentum, as a torch.optim.Optimizer.
+
+This module holds the optimizer: param groups, the estimation schedule, the step, capturable mode
+and diagnostics. Where an estimation step's Hessian-vector products come from is
+`esgd_cuda.curvature`; argument checks are `_validation`, checkpoints `_checkpoint`, data-parallel
+glue `distributed`, and the per-element update `functional`.
+"""
 
 import contextlib
 import math
 import numbers
-import warnings
-from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _extension
+from . import _checkpoint, _extension
+from ._validation import (check_capturable_lr, check_group, check_hparams, check_param, check_schedule,
+                          fused_unavailable_reason)
+from .curvature import CurvatureEstimator, release_graphs
+from .distributed import broadcast_seed
 from .functional import esgd_update, esgd_update_capturable, state_dtype
 
 __all__ = ["ESGD"]
-
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_STATE_KEYS = ("exp_avg", "exp_hz_sq")
-# Probe seeds are derived from (seed, step index, bucket): a counter-based stream whose whole state is
-# two integers, so checkpoints are portable, resumed runs draw the same probes, every micro-batch of a
-# step sees the same probe, and data-parallel replicas (whose parameters sit on different devices but
-# in the same order) draw identical probes.
-_MASK64 = (1 << 64) - 1
-
-
-def _mix_seed(*values: int) -> int:
-    """splitmix64 over the values: nearby inputs (consecutive steps) give unrelated 63-bit seeds."""
-    x = 0
-    for value in values:
-        x = ((x ^ (value & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-        x ^= x >> 31
-    return x >> 1
-
-
-def _check_hparams(
-    lr, betas, v, lr_warmup, eps, weight_decay, where: str, sync: bool = True, maximize: bool = False
-) -> None:
-    def bad(name, value, rule):
-        raise ValueError(f"ESGD: invalid {name}{where}: {value!r} ({rule})")
-
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            bad("lr", lr, "a tensor lr must have one element")
-        if not sync:
-            # Capturable steps must not read device values on the host; a tensor lr was range-checked
-            # when its group was added, and later in-place changes are the caller's responsibility.
-            lr = 0.0
-        else:
-            lr = lr.item()
-    if not isinstance(lr, numbers.Real) or not lr >= 0.0:
-        bad("lr", lr, "must be a real number >= 0")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        bad("betas", betas, "must be a pair (beta1, beta2)")
-    for i, beta in enumerate(betas):
-        if not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
-            bad(f"betas[{i}]", beta, "must be in [0, 1)")
-    if v is not None and (not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0):
-        bad("v", v, "must be None (= beta1) or in [0, 1]")
-    if not isinstance(lr_warmup, numbers.Real) or not 0.0 <= lr_warmup < 1.0:
-        bad("lr_warmup", lr_warmup, "must be in [0, 1)")
-    if not isinstance(eps, numbers.Real) or not eps >= 0.0 or math.isinf(eps):
-        bad("eps", eps, "must be a finite real number >= 0")
-    if not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0.0 or math.isinf(weight_decay):
-        bad("weight_decay", weight_decay, "must be a finite real number >= 0")
-    if not isinstance(maximize, bool):
-        bad("maximize", maximize, "must be True or False")
-
-
-def _check_schedule(update_d_every, d_warmup) -> None:
-    for name, value, low in (("update_d_every", update_d_every, 1), ("d_warmup", d_warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"ESGD: {name} must be an int, got {type(value).__name__} {value!r}")
-        if value < low:
-            raise ValueError(f"ESGD: invalid {name}: {value!r} (must be >= {low})")
-
-
-def _fused_unavailable_reason() -> str:
-    if not _extension.LOADED:
-        return f"the native extension is not loaded ({_extension.LOAD_ERROR})"
-    return "the native extension was not built for this device or dtype (see esgd_cuda.extension_info())"
 
 
 def _read_scaler(grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tuple[bool, float]:
@@ -95,59 +36,6 @@ def _read_scaler(grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> T
     if grad_scale is not None and not skip and not (math.isfinite(scale) and scale > 0.0):
         raise ValueError(f"ESGD: grad_scale must be a finite positive number, got {scale!r}")
     return skip, 1.0 / scale
-
-
-def _check_process_group(group: Any) -> None:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("ESGD: process_group was given but torch.distributed is not initialized")
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"ESGD: process_group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
-
-
-def _broadcast_seed(seed: int, group: Any) -> int:
-    """The probe seed of the group's first rank: every replica must draw the same probes."""
-    import torch.distributed as dist
-
-    _check_process_group(group)
-    box = [seed]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-    return int(box[0])
-
-
-def _average_over_group(
-    params: List[Tensor], grads: List[Optional[Tensor]], hzs: List[Optional[Tensor]], group: Any
-) -> None:
-    """Replaces `grads` and `hzs` (in place, per entry) by their means over the process group.
-
-    One all-reduce per (device, dtype) carries both lists plus a presence flag per parameter, so a
-    parameter that has a gradient on some ranks only is averaged like DDP does, and one that has none
-    anywhere stays None. The mean of Hz, not of its square, is what the update squares: averaging
-    squares would estimate a different (biased) quantity.
-    """
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    buckets: "OrderedDict[Tuple[torch.device, torch.dtype], List[int]]" = OrderedDict()
-    for i, p in enumerate(params):
-        buckets.setdefault((p.device, p.dtype), []).append(i)
-    for (device, dtype), idx in buckets.items():
-        parts = []
-        for lst in (grads, hzs):
-            for i in idx:
-                t = lst[i]
-                parts.append(torch.zeros(params[i].numel(), device=device, dtype=dtype) if t is None else t.reshape(-1))
-        flags = [float(lst[i] is not None) for lst in (grads, hzs) for i in idx]
-        parts.append(torch.tensor(flags, device=device, dtype=dtype))
-        flat = torch.cat(parts)
-        dist.all_reduce(flat, group=group)
-        flat.div_(world)
-        sizes = [params[i].numel() for i in idx] * 2 + [len(flags)]
-        chunks = flat.split(sizes)
-        present = chunks[-1].tolist()
-        for j, (lst, i) in enumerate([(lst, i) for lst in (grads, hzs) for i in idx]):
-            lst[i] = chunks[j].view(params[i].shape) if present[j] > 0 else None
 
 
 def _signed(grad_scale_inv: float, group: dict) -> float:
@@ -229,8 +117,8 @@ class ESGD(torch.optim.Optimizer):
         capturable: bool = False,
         maximize: bool = False,
     ):
-        _check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, "", maximize=maximize)
-        _check_schedule(update_d_every, d_warmup)
+        check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, "", maximize=maximize)
+        check_schedule(update_d_every, d_warmup)
         if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"ESGD: invalid fused: {fused!r} (must be None, True or False)")
         if not isinstance(capturable, bool):
@@ -240,26 +128,19 @@ class ESGD(torch.optim.Optimizer):
         elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"ESGD: seed must be an int or None, got {type(seed).__name__} {seed!r}")
         if process_group is not None:
-            seed = _broadcast_seed(int(seed), process_group)
+            seed = broadcast_seed(int(seed), process_group)
 
         self.fused = fused
         self.capturable = bool(capturable)
         self.update_d_every = int(update_d_every)
         self.d_warmup = int(d_warmup)
-        self.seed = int(seed)
         self._step_index = 0  # optimizer steps taken so far
         self._last_estimate: Optional[int] = None  # step index of the latest estimation step
         self.process_group = process_group
-        # Hessian-vector products accumulated by `backward()` for the next estimation step, and how
-        # they are scaled: "unscaled" (backward got the GradScaler) or "raw" (any loss scale is still
-        # in them, to be undone with the gradient's scale in step()).
-        self._hz: Dict[Tensor, Tensor] = {}
-        self._hz_kinds: set = set()
-        self._backward_estimated = False  # backward() ran an estimation-step pass since the last step
+        # Probes, and the Hessian-vector products accumulated for the next estimation step.
+        self._curvature = CurvatureEstimator(int(seed), process_group)
         self._skipped_steps = 0  # steps skipped because the GradScaler found inf/NaN
         self._last_step_estimated = False
-        # Tests may replace the probe (a callable: list of params -> list of z); None draws Rademacher.
-        self._probe_fn: Optional[Callable[[List[Tensor]], List[Tensor]]] = None
         defaults = dict(lr=lr, betas=tuple(betas), v=v, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay,
                         maximize=maximize)
         super().__init__(params, defaults)
@@ -273,25 +154,32 @@ class ESGD(torch.optim.Optimizer):
         plist = [params] if isinstance(params, Tensor) else list(params or [])
         where = f" in param_groups[{len(self.param_groups)}]"
         merged = {**self.defaults, **param_group}
-        _check_hparams(
-            merged["lr"], merged["betas"], merged["v"], merged["lr_warmup"], merged["eps"],
-            merged["weight_decay"], where, maximize=merged["maximize"],
-        )
+        check_group(merged, where)
+        seen: Dict[int, int] = {}
         for j, p in enumerate(plist):
-            if isinstance(p, Tensor) and p.is_complex():
-                raise ValueError(f"ESGD: params[{j}]{where} is complex ({p.dtype}); complex parameters are not supported")
-            if isinstance(p, Tensor) and p.dtype not in _SUPPORTED_DTYPES:
-                raise ValueError(
-                    f"ESGD: params[{j}]{where} has dtype {p.dtype}; supported: float16, bfloat16, float32, float64"
-                )
-            if isinstance(p, Tensor) and self.fused and not _extension.fused_supported(p.device, p.dtype):
-                raise RuntimeError(
-                    f"ESGD(fused=True): the fused kernel cannot run params[{j}]{where} "
-                    f"({p.dtype} on {p.device}): {_fused_unavailable_reason()}"
-                )
+            check_param(p, j, where, self.fused)
+            if isinstance(p, Tensor):
+                # A parameter listed twice would be updated twice per step, and on CUDA by two blocks
+                # of one launch writing the same memory at once.
+                first = seen.setdefault(id(p), j)
+                if first != j:
+                    raise ValueError(
+                        f"ESGD: params[{j}]{where} is the same tensor as params[{first}]; list each parameter once"
+                    )
+        if self.capturable:
+            check_capturable_lr(merged["lr"], plist, where)
         if "betas" in param_group:
             param_group = {**param_group, "betas": tuple(param_group["betas"])}
         super().add_param_group(param_group)
+
+    @property
+    def seed(self) -> int:
+        """The seed of the probe stream (shared by every replica of a process group)."""
+        return self._curvature.seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._curvature.seed = int(value)
 
     # ------------------------------------------------------------------ schedule
 
@@ -345,46 +233,7 @@ class ESGD(torch.optim.Optimizer):
         params = self._trainable_params()
         if not params:
             return
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, retain_graph=True)
-        zs = self._probes(params, self._step_index)
-        outputs, grad_outputs = [], []
-        for g, z in zip(grads, zs):
-            # A gradient without a graph does not depend on any parameter: its rows of H are zero.
-            if g is not None and g.requires_grad:
-                outputs.append(g)
-                grad_outputs.append(z.to(g.dtype))
-        hzs: List[Optional[Tensor]] = [None] * len(params)
-        if outputs:
-            hzs = list(
-                torch.autograd.grad(
-                    outputs, params, grad_outputs=grad_outputs, allow_unused=True, retain_graph=retain_graph
-                )
-            )
-        del outputs, grad_outputs
-        with torch.no_grad():
-            gs = [None if g is None else g.detach() for g in grads]
-            hs = [None if h is None else h.detach() for h in hzs]
-            del grads, hzs
-            if self.process_group is not None:
-                _average_over_group(params, gs, hs, self.process_group)
-            if scaler is not None:
-                inv = 1.0 / float(scaler.get_scale())
-                hs = [None if h is None else h.mul_(inv) for h in hs]
-            for p, g, h in zip(params, gs, hs):
-                if g is not None and h is not None:
-                    # Reported through the gradient, where GradScaler and users look for overflow.
-                    g.masked_fill_(~torch.isfinite(h), float("nan"))
-                if g is not None:
-                    if p.grad is None:
-                        # The graph is gone, so g can become p.grad unless its layout differs.
-                        p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
-                    else:
-                        p.grad.add_(g)
-                if h is not None:
-                    prev = self._hz.get(p)
-                    self._hz[p] = h if prev is None else prev.add_(h)
-        self._hz_kinds.add("unscaled" if scaler is not None else "raw")
-        self._backward_estimated = True
+        self._curvature.exact_backward(loss, params, self._step_index, scaler, retain_graph)
 
     def ddp_no_sync(self, model: torch.nn.Module):
         """``model.no_sync()`` when the next step estimates the curvature, else a null context.
@@ -404,84 +253,20 @@ class ESGD(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
 
     def _clear_pending(self) -> None:
-        self._hz.clear()
-        self._hz_kinds.clear()
-        self._backward_estimated = False
+        self._curvature.clear()
 
     # ------------------------------------------------------------------ the step
 
-    def _probe_generator(self, device: torch.device, dtype: torch.dtype, index: int, bucket: int) -> torch.Generator:
-        # Each (device, dtype) bucket draws from its own stream: equal seeds would give parameters of
-        # different dtypes identical probes and bias the estimate wherever the loss couples them.
-        seed = _mix_seed(self.seed, index, bucket, _SUPPORTED_DTYPES.index(dtype))
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        return gen
-
-    def _probes(self, params: List[Tensor], index: int) -> List[Tensor]:
-        """The step's probe for each of `params`: one flat Rademacher draw per (device, dtype) bucket.
-
-        The draw covers every trainable parameter of the bucket, in param-group order, whichever of
-        them `params` asks for, so a parameter's probe does not depend on which others have gradients.
-        """
-        if self._probe_fn is not None:
-            return list(self._probe_fn(params))
-        buckets: "OrderedDict[Tuple[torch.device, torch.dtype], List[Tensor]]" = OrderedDict()
-        for p in self._trainable_params():
-            buckets.setdefault((p.device, p.dtype), []).append(p)
-        wanted = set(params)
-        z_of: Dict[Tensor, Tensor] = {}
-        for ordinal, ((device, dtype), members) in enumerate(buckets.items()):
-            if not any(p in wanted for p in members):
-                continue
-            sizes = [p.numel() for p in members]
-            flat = torch.empty(sum(sizes), device=device, dtype=dtype)
-            flat.bernoulli_(0.5, generator=self._probe_generator(device, dtype, index, ordinal)).mul_(2).sub_(1)
-            for p, chunk in zip(members, flat.split(sizes)):
-                z_of[p] = chunk.view(p.shape)
-        return [z_of[p] for p in params]
-
-    def _graph_hessian_vector_products(self, params: List[Tensor], index: int) -> None:
-        """Adds Hz for gradients that carry their graph in p.grad (``loss.backward(create_graph=True)``)."""
-        graph_params = [p for p in params if p.grad is not None and p.grad.requires_grad]
-        if not graph_params:
-            if not self._backward_estimated:
-                raise RuntimeError(
-                    f"ESGD: step {index} estimates the curvature (opt.should_create_graph() is True), but no "
-                    "parameter gradient carries an autograd graph. Call opt.backward(loss), or "
-                    "loss.backward(create_graph=opt.should_create_graph()), before opt.step()."
-                )
-            return
-        zs = self._probes(graph_params, index)
-        with torch.enable_grad():
-            hzs = torch.autograd.grad(
-                [p.grad for p in graph_params], params,
-                grad_outputs=[z.to(p.grad.dtype) for p, z in zip(graph_params, zs)], allow_unused=True,
-            )
-        for p, hz in zip(params, hzs):
-            if hz is not None:
-                prev = self._hz.get(p)
-                self._hz[p] = hz.detach() if prev is None else prev.add_(hz.detach())
-        self._hz_kinds.add("raw")
-
     def _release_graphs(self) -> None:
         self._clear_pending()
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is not None and g.requires_grad:
-                    p.grad = g.detach()
+        release_graphs(self.param_groups)
 
     def _collect(self) -> List[Tuple[List[Tensor], List[Tensor]]]:
         """Validate everything before any state changes; return each group's params with gradients."""
         work = []
         checked = set()
         for i, group in enumerate(self.param_groups):
-            _check_hparams(
-                group["lr"], group["betas"], group["v"], group["lr_warmup"], group["eps"],
-                group["weight_decay"], f" in param_groups[{i}]", sync=not self.capturable,
-                maximize=group.get("maximize", False),
-            )
+            check_group(group, f" in param_groups[{i}]", sync=not self.capturable)
             params, grads = [], []
             for j, p in enumerate(group["params"]):
                 g = p.grad
@@ -495,7 +280,7 @@ class ESGD(torch.optim.Optimizer):
                     if not _extension.fused_supported(p.device, p.dtype):
                         raise RuntimeError(
                             f"ESGD(fused=True): the fused kernel cannot run param_groups[{i}]['params'][{j}] "
-                            f"({p.dtype} on {p.device}): {_fused_unavailable_reason()}"
+                            f"({p.dtype} on {p.device}): {fused_unavailable_reason()}"
                         )
                     checked.add((p.device, p.dtype))
                 params.append(p)
@@ -536,7 +321,7 @@ class ESGD(torch.optim.Optimizer):
         skip, grad_scale_inv = _read_scaler(grad_scale, found_inf)
         hz_scale_inv = 1.0
         if estimate and found_inf is not None:
-            raw = "raw" in self._hz_kinds or any(p.grad.requires_grad for p in all_params)
+            raw = "raw" in self._curvature.kinds or any(p.grad.requires_grad for p in all_params)
             if raw and grad_scale is None:
                 raise RuntimeError(
                     "ESGD: the gradients were unscaled (scaler.unscale_(opt)) but the Hessian-vector "
@@ -544,7 +329,7 @@ class ESGD(torch.optim.Optimizer):
                     "scaler to the backward pass, opt.backward(loss, scaler=scaler), which unscales Hz "
                     "at once."
                 )
-            if raw and "unscaled" in self._hz_kinds:
+            if raw and "unscaled" in self._curvature.kinds:
                 raise RuntimeError(
                     "ESGD: this step's backward passes mixed opt.backward(loss, scaler=scaler) with "
                     "backward passes of an already scaled loss; use one or the other within a step."
@@ -557,8 +342,8 @@ class ESGD(torch.optim.Optimizer):
             return loss
 
         if estimate and all_params:
-            self._graph_hessian_vector_products(all_params, index)
-        hz_of = dict(self._hz)
+            self._curvature.graph_products(all_params, self._trainable_params(), index)
+        hz_of = dict(self._curvature.hz)
         self._release_graphs()
         if self.capturable:
             self._update_capturable(work, estimate, hz_of, grad_scale_inv, hz_scale_inv)
@@ -775,61 +560,9 @@ class ESGD(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["esgd"] = {
-            "step_index": self._step_index,
-            "last_estimate": self._last_estimate,
-            "update_d_every": self.update_d_every,
-            "d_warmup": self.d_warmup,
-            "seed": self.seed,
-            "skipped_steps": self._skipped_steps,
-            "last_step_estimated": self._last_step_estimated,
-        }
+        sd["esgd"] = _checkpoint.global_state(self)
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if not isinstance(state_dict, dict) or "esgd" not in state_dict:
-            raise ValueError("ESGD.load_state_dict: state_dict has no 'esgd' entry; it was not saved by ESGD")
-        sd = dict(state_dict)
-        glob = dict(sd.pop("esgd"))
-        _check_schedule(glob["update_d_every"], glob["d_warmup"])
-        saved_state = sd.get("state", {})
-        saved_ids = [i for g in sd.get("param_groups", []) for i in g["params"]]
-        super().load_state_dict(sd)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)  # checkpoints from before the option existed
-        # torch.optim casts floating state to the parameter dtype; ESGD keeps float32 state for 16-bit
-        # parameters, so reload those tensors from the checkpoint at full precision.
-        current = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, current):
-            if pid not in saved_state or p not in self.state:
-                continue
-            for key in _STATE_KEYS:
-                value = saved_state[pid].get(key)
-                if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, dtype=state_dtype(p.dtype), copy=True)
-        self._load_counters(saved_ids, saved_state)
-        self._step_index = int(glob["step_index"])
-        self._last_estimate = None if glob["last_estimate"] is None else int(glob["last_estimate"])
-        self.update_d_every = int(glob["update_d_every"])
-        self.d_warmup = int(glob["d_warmup"])
-        self.seed = int(glob["seed"])
-        self._skipped_steps = int(glob.get("skipped_steps", 0))
-        self._last_step_estimated = bool(glob.get("last_step_estimated", False))
+        _checkpoint.load(self, state_dict, super().load_state_dict)
         self._clear_pending()
-
-    def _load_counters(self, saved_ids: List[int], saved_state: dict) -> None:
-        # torch.optim casts tensor state to the parameter dtype (a float16 'estimates' would stop
-        # counting exactly at 2048), and checkpoints may come from the other mode: store the
-        # counters as this optimizer's mode expects them.
-        current = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, current):
-            if pid not in saved_state or p not in self.state:
-                continue
-            for key in ("step", "estimates"):
-                value = saved_state[pid].get(key)
-                if value is None:
-                    continue
-                if self.capturable:
-                    self.state[p][key] = torch.as_tensor(value, dtype=torch.float32).to(p.device).clone()
-                else:
-                    self.state[p][key] = int(value)
