@@ -23,7 +23,7 @@ def check_hparams(
 
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
-            bad("lr", lr, "a tensor lr must have one element")
+            bad("lr", lr, "Tensor lr must be 1-element")
         if not sync or lr.device.type == "meta":
             # Capturable steps must not read device values on the host; a tensor lr was range-checked
             # when its group was added, and later in-place changes are the caller's responsibility.
@@ -66,20 +66,48 @@ def check_schedule(update_d_every, d_warmup) -> None:
             raise ValueError(f"ESGD: invalid {name}: {value!r} (must be >= {low})")
 
 
+def param_tensor(p):
+    """The tensor of a params entry: torch.optim accepts tensors and (name, tensor) pairs."""
+    if isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], Tensor):
+        return p[1]
+    return p
+
+
+def is_dtensor(p) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch 2.4 keeps it private
+        from torch.distributed._tensor import DTensor
+    return isinstance(p, DTensor)
+
+
 def check_param(p, j: int, where: str, fused) -> None:
-    """A parameter ESGD can update: real floating dtype, and the fused kernel when fused=True."""
+    """A parameter ESGD can update: a plain real floating tensor, and the fused kernel's when fused=True."""
+    name = f" ({p[0]!r})" if isinstance(p, tuple) and len(p) == 2 else ""
+    p = param_tensor(p)
     if not isinstance(p, Tensor):
         return
-    if p.is_complex():
-        raise ValueError(f"ESGD: params[{j}]{where} is complex ({p.dtype}); complex parameters are not supported")
-    if p.dtype not in SUPPORTED_DTYPES:
+    what = f"params[{j}]{name}{where}"
+    if is_dtensor(p):
+        # fully_shard (FSDP2) computes with unsharded copies and reduce-scatters their gradients into
+        # the sharded p.grad from post-accumulate-grad hooks; the estimation-step double backward
+        # (torch.autograd.grad) accumulates nothing, so those hooks never run and no parameter would
+        # ever get a curvature estimate, i.e. nothing would train.
         raise ValueError(
-            f"ESGD: params[{j}]{where} has dtype {p.dtype}; supported: float16, bfloat16, float32, float64"
+            f"ESGD: {what} is a DTensor (torch.distributed.fsdp.fully_shard or tensor parallelism); "
+            "sharded parameters are not supported yet. Use DistributedDataParallel (README: Data-parallel "
+            "training)."
         )
+    if p.is_complex():
+        raise ValueError(f"ESGD: {what} is complex ({p.dtype}); complex parameters are not supported")
+    if p.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"ESGD: {what} has dtype {p.dtype}; supported: float16, bfloat16, float32, float64")
     if fused and not _extension.fused_supported(p.device, p.dtype):
         raise RuntimeError(
-            f"ESGD(fused=True): the fused kernel cannot run params[{j}]{where} "
-            f"({p.dtype} on {p.device}): {fused_unavailable_reason()}"
+            f"ESGD(fused=True): the fused kernel cannot run {what} ({p.dtype} on {p.device}): "
+            f"{fused_unavailable_reason()}"
         )
 
 
@@ -89,6 +117,7 @@ def check_capturable_lr(lr, params, where: str) -> None:
     if not isinstance(lr, Tensor):
         return
     for j, p in enumerate(params):
+        p = param_tensor(p)
         if isinstance(p, Tensor) and p.device != lr.device:
             raise ValueError(
                 f"ESGD(capturable=True): lr{where} is a tensor on {lr.device}, but params[{j}] is on "

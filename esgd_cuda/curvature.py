@@ -46,6 +46,7 @@ class CurvatureEstimator:
         self.hz: Dict[Tensor, Tensor] = {}
         self.kinds: set = set()
         self.backward_estimated = False  # exact_backward ran since the last step
+        self.graph_backward = False  # a create_graph backward filled p.grad since the last step (hooks)
         # Tests may replace the probe (a callable: list of params -> list of z); None draws Rademacher.
         self.probe_fn: Optional[Callable[[List[Tensor]], List[Tensor]]] = None
 
@@ -53,6 +54,7 @@ class CurvatureEstimator:
         self.hz.clear()
         self.kinds.clear()
         self.backward_estimated = False
+        self.graph_backward = False
 
     # ------------------------------------------------------------------ probes
 
@@ -145,7 +147,9 @@ class CurvatureEstimator:
         """Adds Hz for gradients that carry their graph in p.grad (``loss.backward(create_graph=True)``)."""
         graph_params = [p for p in params if p.grad is not None and p.grad.requires_grad]
         if not graph_params:
-            if not self.backward_estimated:
+            # After a create_graph backward, gradients without a graph do not depend on the
+            # parameters (a linear loss): Hz is zero, as opt.backward finds it.
+            if not self.backward_estimated and not self.graph_backward:
                 raise RuntimeError(
                     f"ESGD: step {index} estimates the curvature (opt.should_create_graph() is True), but no "
                     "parameter gradient carries an autograd graph. Call opt.backward(loss), or "

@@ -7,8 +7,14 @@ glue `distributed`, and the per-element update `functional`.
 """
 
 import contextlib
+import copy
+import functools
 import math
 import numbers
+import os
+import sys
+import warnings
+import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -16,7 +22,7 @@ from torch import Tensor
 
 from . import _checkpoint, _extension
 from ._validation import (check_capturable_lr, check_group, check_hparams, check_param, check_schedule,
-                          fused_unavailable_reason)
+                          fused_unavailable_reason, param_tensor)
 from .curvature import CurvatureEstimator, release_graphs
 from .distributed import broadcast_seed
 from .functional import esgd_update, esgd_update_capturable, state_dtype
@@ -43,6 +49,39 @@ def _signed(grad_scale_inv: float, group: dict) -> float:
     the update already multiplies by the inverse loss scale. Hz needs no sign: only (Hz)^2 is used,
     and the Hessian of -f is -H."""
     return -grad_scale_inv if group.get("maximize", False) else grad_scale_inv
+
+
+def _note_graph_backward(curvature_ref, _param: Tensor) -> None:
+    # Runs after a backward pass accumulated into p.grad. The engine runs it in the pass's grad
+    # mode, which is on exactly for loss.backward(create_graph=True): then a gradient without a
+    # graph does not depend on the parameters (Hz = 0), rather than a graph that was never built.
+    curvature = curvature_ref()
+    if curvature is not None and torch.is_grad_enabled():
+        curvature.graph_backward = True
+
+
+def _remove_hooks(handles: Dict[int, Any]) -> None:
+    for handle in handles.values():
+        handle.remove()
+    handles.clear()
+
+
+_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def _user_stacklevel() -> int:
+    """The warnings stacklevel of the first frame outside esgd_cuda and torch (step() is wrapped by
+    torch's decorators), so warnings point at, and are de-duplicated by, the caller's line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _scalar_lr(lr):
+    # functional.esgd_update_capturable takes a float or a 0-dim tensor; torch.optim accepts any
+    # 1-element tensor. A view keeps in-place schedule changes visible.
+    return lr.reshape(()) if isinstance(lr, Tensor) else lr
 
 
 class ESGD(torch.optim.Optimizer):
@@ -141,6 +180,8 @@ class ESGD(torch.optim.Optimizer):
         self._curvature = CurvatureEstimator(int(seed), process_group)
         self._skipped_steps = 0  # steps skipped because the GradScaler found inf/NaN
         self._last_step_estimated = False
+        self._placeholders: set = set()  # state created by DCP's initialization step (_checkpoint)
+        self._init_grad_hooks()
         defaults = dict(lr=lr, betas=tuple(betas), v=v, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay,
                         maximize=maximize)
         super().__init__(params, defaults)
@@ -151,13 +192,22 @@ class ESGD(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"ESGD: a param group must be a dict, got {type(param_group).__name__}")
         params = param_group.get("params")
-        plist = [params] if isinstance(params, Tensor) else list(params or [])
+        if isinstance(params, Tensor):
+            plist = [params]
+        elif isinstance(params, set):
+            plist = list(params)  # torch.optim refuses sets (their order changes between runs)
+        else:
+            # Validation reads the parameters, so an iterator is read once, here, and the list goes on.
+            plist = list(params or [])
+            if params is not None:
+                param_group = {**param_group, "params": plist}
         where = f" in param_groups[{len(self.param_groups)}]"
         merged = {**self.defaults, **param_group}
         check_group(merged, where)
         seen: Dict[int, int] = {}
         for j, p in enumerate(plist):
             check_param(p, j, where, self.fused)
+            p = param_tensor(p)
             if isinstance(p, Tensor):
                 # A parameter listed twice would be updated twice per step, and on CUDA by two blocks
                 # of one launch writing the same memory at once.
@@ -171,6 +221,19 @@ class ESGD(torch.optim.Optimizer):
         if "betas" in param_group:
             param_group = {**param_group, "betas": tuple(param_group["betas"])}
         super().add_param_group(param_group)
+        self._watch_graph_backward()
+
+    def _init_grad_hooks(self) -> None:
+        self._grad_hooks: Dict[int, Any] = {}
+        weakref.finalize(self, _remove_hooks, self._grad_hooks)
+
+    def _watch_graph_backward(self) -> None:
+        """Hooks that tell `step()` whether this step's gradients came from a create_graph backward."""
+        note = functools.partial(_note_graph_backward, weakref.ref(self._curvature))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in self._grad_hooks and p.requires_grad and p.is_leaf:
+                    self._grad_hooks[id(p)] = p.register_post_accumulate_grad_hook(note)
 
     @property
     def seed(self) -> int:
@@ -195,6 +258,7 @@ class ESGD(torch.optim.Optimizer):
 
         Use as ``loss.backward(create_graph=opt.should_create_graph())``.
         """
+        self._watch_graph_backward()  # parameters whose requires_grad was switched on later
         return self._is_estimation_step(self._step_index)
 
     def _trainable_params(self) -> List[Tensor]:
@@ -313,7 +377,13 @@ class ESGD(torch.optim.Optimizer):
         index = self._step_index
         estimate = self._is_estimation_step(index)
         work = self._collect()
+        if _checkpoint.is_state_init_step(self, work):
+            _checkpoint.init_state(self, work)
+            return loss
+        _checkpoint.drop_placeholders(self)
         all_params = [p for params, _ in work for p in params]
+        if not estimate:
+            self._warn_unestimated()
 
         # GradScaler's fused-optimizer protocol: it sets these two attributes around this call.
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
@@ -388,6 +458,33 @@ class ESGD(torch.optim.Optimizer):
         self._advance(index, estimate)
         return loss
 
+    def _warn_unestimated(self) -> None:
+        """A plain step leaves parameters without a curvature estimate unchanged (README: Edge cases,
+        defined). When parameters with gradients are left out that way, say so: if it persists,
+        their gradients never reach p.grad on estimation steps and they never train."""
+        with_grad = skipped = 0
+        names = []
+        for i, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                with_grad += 1
+                if not self.state.get(p):
+                    skipped += 1
+                    names.append(f"param_groups[{i}]['params'][{j}]")
+        if not skipped:
+            return
+        what = (f"updates none of the {with_grad} parameters that have gradients" if skipped == with_grad
+                else f"leaves {skipped} of the {with_grad} parameters that have gradients unchanged")
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        warnings.warn(
+            f"ESGD: this plain step {what} ({shown}): no estimation step has seen their gradient yet, so "
+            "they have no curvature estimate. They start training on the next estimation step that sees "
+            "one; if this persists, their gradients do not reach p.grad on estimation steps (they must be "
+            "in the graph of the loss given to opt.backward; sharded parameters are not supported).",
+            stacklevel=_user_stacklevel(),
+        )
+
     def _buckets(
         self, params: List[Tensor], grads: List[Tensor], estimate: bool, hz_of: Dict[Tensor, Tensor],
         key_of: Callable[[Tensor, dict], tuple],
@@ -453,7 +550,7 @@ class ESGD(torch.optim.Optimizer):
                     torch._foreach_add_(estimates, 1.0)
                 esgd_update_capturable(
                     lists[0], lists[1], lists[2], lists[3], lists[4] if estimate else None,
-                    lr=group["lr"], steps=steps, estimates=estimates, beta1=beta1, beta2=beta2, v=v,
+                    lr=_scalar_lr(group["lr"]), steps=steps, estimates=estimates, beta1=beta1, beta2=beta2, v=v,
                     lr_warmup=group["lr_warmup"], eps=group["eps"], weight_decay=group["weight_decay"],
                     grad_scale_inv=_signed(grad_scale_inv, group), hz_scale_inv=hz_scale_inv,
                     fused=self._use_fused(lists[0][0].device, lists[0][0].dtype),
@@ -489,7 +586,11 @@ class ESGD(torch.optim.Optimizer):
             raise RuntimeError(
                 f"ESGD.plain_step(): step {self._step_index} is an estimation step; use opt.step()"
             )
-        self._update_capturable(self._collect(), False, {})
+        work = self._collect()
+        if not torch.compiler.is_compiling():
+            _checkpoint.drop_placeholders(self)
+            self._warn_unestimated()
+        self._update_capturable(work, False, {})
 
     def count_plain_step(self) -> None:
         """Advance the host-side schedule by one plain step applied by a compiled or replayed ``plain_step()``."""
@@ -559,10 +660,25 @@ class ESGD(torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["esgd"] = _checkpoint.global_state(self)
-        return sd
+        return _checkpoint.state_dict(self, super().state_dict)
 
     def load_state_dict(self, state_dict: dict) -> None:
         _checkpoint.load(self, state_dict, super().load_state_dict)
-        self._clear_pending()
+
+    def __getstate__(self) -> Dict[str, Any]:
+        _checkpoint.refuse_pickling_process_group(self)
+        return _checkpoint.picklable_state(self, super().__getstate__())
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # torch.optim's load_state_dict calls this too, with its state and param_groups only.
+        super().__setstate__(state)
+        if "_grad_hooks" not in self.__dict__ and "_curvature" in self.__dict__:
+            self._init_grad_hooks()
+            self._watch_graph_backward()
+
+    def __deepcopy__(self, memo: Optional[dict] = None) -> "ESGD":
+        memo = _checkpoint.deepcopy_memo(self, memo)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(_checkpoint.picklable_state(self, super().__getstate__()), memo))
+        return new

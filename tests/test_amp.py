@@ -67,7 +67,7 @@ def snapshot(opt, model):
     return dict(
         params=[p.detach().clone() for p in model.parameters()],
         state=state,
-        esgd={k: v for k, v in copy.deepcopy(opt.state_dict()["esgd"]).items() if "skip" not in k},
+        esgd={k: v for k, v in copy.deepcopy(opt.state_dict()["param_groups"][0]["esgd"]).items() if "skip" not in k},
         diag=[{k: v for k, v in d.items() if k not in ("skipped_steps", "estimated")} for d in diag],
         skipped=[d["skipped_steps"] for d in diag],
         should_create_graph=opt.should_create_graph(),
@@ -259,8 +259,8 @@ def test_injected_inf_skips_step_and_retries_with_same_probe(fused, flow, where,
         for key in ref["opt"].state[q]:
             a, b = got["opt"].state[p][key], ref["opt"].state[q][key]
             assert torch.equal(a, b) if torch.is_tensor(b) else a == b, f"state {key!r} differs"
-    sd_got = {k: v for k, v in got["opt"].state_dict()["esgd"].items() if "skip" not in k}
-    sd_ref = {k: v for k, v in ref["opt"].state_dict()["esgd"].items() if "skip" not in k}
+    sd_got = {k: v for k, v in got["opt"].state_dict()["param_groups"][0]["esgd"].items() if "skip" not in k}
+    sd_ref = {k: v for k, v in ref["opt"].state_dict()["param_groups"][0]["esgd"].items() if "skip" not in k}
     assert sd_got == sd_ref
 
 

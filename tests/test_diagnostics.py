@@ -82,13 +82,13 @@ def test_is_read_only():
         opt.step()
         opt.zero_grad()
     before = {k: (v.clone() if torch.is_tensor(v) else v) for p in (a, b, c) for k, v in opt.state[p].items()}
-    sd = opt.state_dict()["esgd"]
+    sd = opt.state_dict()["param_groups"][0]["esgd"]
     rng = torch.get_rng_state()
     opt.diagnostics()
     after = {k: v for p in (a, b, c) for k, v in opt.state[p].items()}
     for key, value in before.items():
         assert torch.equal(value, after[key]) if torch.is_tensor(value) else value == after[key]
-    assert opt.state_dict()["esgd"] == sd
+    assert opt.state_dict()["param_groups"][0]["esgd"] == sd
     assert torch.equal(torch.get_rng_state(), rng)
 
 
