@@ -6,6 +6,8 @@ import json
 import math
 import os
 import platform
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,7 +59,26 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: torch.device) -> dict:
+def command_line(script: str, argv) -> str:
+    """The command that reproduces a run, for the header of its table."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", f"benchmarks/{script}", *(shlex.quote(str(a)) for a in args)])
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, marked when tracked files differ from it; None outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + (" with uncommitted changes" if dirty else "")
+
+
+def environment(device: torch.device, command: str | None = None) -> dict:
     esgd_cuda = import_esgd()
     try:
         ext = dict(esgd_cuda.extension_info())
@@ -74,6 +95,8 @@ def environment(device: torch.device) -> dict:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "esgd_cuda_extension": {k: _jsonable(v) for k, v in ext.items()},
         "load_avg_1min": load_average(),
+        "commit": git_commit(),
+        "command": command,
     }
     return env
 
@@ -96,6 +119,7 @@ def _jsonable(value):
 
 def environment_markdown(env: dict) -> str:
     lines = [
+        f"- Produced by `{env.get('command') or '?'}` at commit {env.get('commit') or 'unknown (not a git checkout)'}",
         f"- CPU: {env['cpu']} ({env['cpu_count']} logical cores, torch threads: {env['threads']})",
         f"- Python {env['python']}, torch {env['torch']}, CUDA build {env['cuda_build'] or 'none'}",
         f"- Device: {env['device']}" + (f" ({env['gpu']})" if env.get("gpu") else ""),

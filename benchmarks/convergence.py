@@ -6,7 +6,7 @@ training loss, the test metric, the steps and the training wall-clock seconds un
 loss first reaches the target (Adam's best mean final loss), and the amortized time per step
 (ESGD-M's Hessian-vector products included).
 
-    python benchmarks/convergence.py                # --quick: all problems, < 5 minutes on 2 CPU cores
+    python benchmarks/convergence.py                # --quick: all problems, 2.5-3.5 min on 2 quiet CPU cores
     python benchmarks/convergence.py --full         # longer runs, finer sweep, 5 seeds
     python benchmarks/convergence.py --problems digits-mlp rosenbrock --device cuda
 """
@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _common import (DEFAULT_OUT, OUT_HELP, environment, environment_markdown, fmt, import_esgd,
-                     load_average, markdown_table, resolve_device, write_outputs)
+from _common import (DEFAULT_OUT, OUT_HELP, command_line, environment, environment_markdown, fmt,
+                     import_esgd, load_average, markdown_table, resolve_device, write_outputs)
 
 # ----------------------------------------------------------------------------------------- presets
 
@@ -683,7 +683,9 @@ def parse_args(argv=None):
                    help="torch threads per worker (default: cores / jobs)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=OUT_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.command = command_line("convergence.py", argv)
+    return args
 
 
 def main(argv=None) -> dict:
@@ -713,7 +715,7 @@ def main(argv=None) -> dict:
     cost = {"char-transformer": 0, "digits-autoencoder": 1, "digits-mlp": 2}
     tasks.sort(key=lambda t: cost.get(t[0], 3))
 
-    env = environment(device)
+    env = environment(device, command=args.command)
     started = time.perf_counter()
     runs = run_tasks(tasks, jobs, threads, args.progress)
     steady = measure_steady_step_times(problems, list(grid), device, args.preset, threads,

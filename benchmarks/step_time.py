@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 from torch.utils import benchmark as tbench
 
-from _common import (DEFAULT_OUT, OUT_HELP, environment, environment_markdown, fmt, import_esgd,
-                     load_average, markdown_table, resolve_device, write_outputs)
+from _common import (DEFAULT_OUT, OUT_HELP, command_line, environment, environment_markdown, fmt,
+                     import_esgd, load_average, markdown_table, resolve_device, write_outputs)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
@@ -244,7 +244,7 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
 
     esgd_cuda = import_esgd()
-    env = environment(device)
+    env = environment(device, command=args.command)
     started = time.perf_counter()
     # The copy is re-measured in every round, next to the rows it is compared with, and the best kept:
     # the ceiling must not be lowered by a moment of contention.
@@ -351,7 +351,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=OUT_HELP)
     p.add_argument("--quiet", dest="verbose", action="store_false", help="no per-row progress")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.command = command_line("step_time.py", argv)
+    return args
 
 
 def main(argv=None) -> dict:

@@ -1,6 +1,6 @@
 """Running a benchmark with its default output folder leaves the clone clean: runs write to the
 ignored benchmarks/out/, and the committed results in benchmarks/results/ change only when a run is
-pointed there with --out."""
+pointed there with --out. Every table a run writes names the command and commit that produced it."""
 
 import shutil
 import subprocess
@@ -37,6 +37,9 @@ def test_default_run_leaves_git_status_clean(clone_status, convergence):
     result = convergence.main(["--smoke", "--device", "cpu", "--no-progress", "--problems", "quadratic"])
     written = [result["outputs"]["json"], result["outputs"]["markdown"], *result["outputs"]["png"]]
     try:
+        head = git("rev-parse", "--short=12", "HEAD").strip()
+        assert (f"Produced by `python benchmarks/convergence.py --smoke --device cpu --no-progress --problems "
+                f"quadratic` at commit {head}") in result["outputs"]["markdown"].read_text()
         for path in written:
             assert path.parent == BENCH_DIR / "out", path
             assert git("check-ignore", str(path)).strip(), f"{path} is not ignored by git"
