@@ -24,9 +24,10 @@ STATE_KEYS = ("exp_avg", "exp_hz_sq")
 GROUP_KEY = "esgd"
 _GLOBAL_KEYS = ("step_index", "last_estimate", "update_d_every", "d_warmup", "seed", "skipped_steps",
                 "last_step_estimated")
-# What a pickled or deep-copied ESGD keeps besides torch.optim's defaults, state and param_groups.
-PICKLED = ("fused", "capturable", "update_d_every", "d_warmup", "process_group", "_step_index", "_last_estimate",
-           "_curvature", "_skipped_steps", "_last_step_estimated", "_placeholders")
+# A pickled or deep-copied ESGD keeps its whole __dict__ except torch.optim's hook dicts (torch.optim
+# does not pickle hooks either) and the parameter hooks, which __setstate__ re-creates on the copy's
+# parameters.
+_NOT_PICKLED = ("_graph_watch",)
 
 
 def global_state(opt) -> dict:
@@ -169,18 +170,16 @@ def _load_counters(opt, saved_ids: List[int], saved_state: dict) -> None:
 
 # ---------------------------------------------------------------- DCP's state initialization
 
-def is_state_init_step(opt, work: List[tuple]) -> bool:
-    """Whether this step is torch.distributed.checkpoint's state initialization.
+def state_init_step(opt) -> bool:
+    """Recognizes torch.distributed.checkpoint's state initialization and performs it.
 
     DCP (state_dict._init_optim_state) fills every gradient with zeros, sets every lr to 0 and calls
-    step() without a closure, so that the optimizer creates its state. ESGD cannot take a Hessian-
-    vector product there (no graph, no closure for a finite-difference estimate) and must not move
-    the schedule, so such a step only creates state. The lr test comes first and costs nothing on
-    ordinary steps; the zero test reads the gradients back, on this path only.
+    step() without a closure, so that the optimizer creates its state. ESGD cannot estimate there
+    (no graph, and no closure for a finite difference) and must not move its schedule, so it only
+    creates placeholder state: zero state that has taken no step, which the next real step discards
+    (a plain step must not update a parameter without an estimate). The lr test comes first and
+    costs nothing on ordinary steps; the zero test reads the gradients back, on this path only.
     """
-    grads = [g for _, gs in work for g in gs]
-    if not grads:
-        return False
     for group in opt.param_groups:
         lr = group["lr"]
         if isinstance(lr, Tensor):
@@ -188,20 +187,19 @@ def is_state_init_step(opt, work: List[tuple]) -> bool:
                 return False
         elif lr != 0:
             return False
-    if opt._curvature.hz or opt._curvature.backward_estimated or any(g.requires_grad for g in grads):
+    work = opt._collect()
+    grads = [g for _, gs in work for g in gs]
+    if not grads or opt._curvature.hz or opt._curvature.backward_estimated:
         return False
-    return not any(bool(g.any()) for g in grads)
-
-
-def init_state(opt, work: List[tuple]) -> None:
-    """Creates the state DCP asks for, as placeholders: zero state that has taken no step, which
-    the next real step discards (a plain step must not update a parameter without an estimate)."""
+    if any(g.requires_grad for g in grads) or any(bool(g.any()) for g in grads):
+        return False
     for params, _ in work:
         for p in params:
             state = opt.state[p]
             if not state:
                 opt._init_state(p, state)
                 opt._placeholders.add(p)
+    return True
 
 
 def drop_placeholders(opt) -> None:
@@ -214,9 +212,9 @@ def drop_placeholders(opt) -> None:
 
 def picklable_state(opt, base: Dict[str, Any]) -> Dict[str, Any]:
     """torch.optim pickles defaults, state and param_groups only; ESGD adds its schedule, seed,
-    counters and any Hessian-vector products accumulated for the coming step."""
-    state = dict(base)
-    state.update({name: opt.__dict__[name] for name in PICKLED})
+    counters, options and any Hessian-vector products accumulated for the coming step."""
+    state = {k: v for k, v in opt.__dict__.items() if not k.startswith("_optimizer_") and k not in _NOT_PICKLED}
+    state.update(base)
     return state
 
 

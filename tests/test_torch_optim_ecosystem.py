@@ -310,7 +310,7 @@ def test_dcp_state_initialization_changes_nothing(gloo, mode):
     before = [p.detach().clone() for p in model.parameters()]
     osd = dcp_state.get_optimizer_state_dict(model, opt)  # runs DCP's zero-grad, lr-0 step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert opt.should_create_graph() and opt.state_dict()["param_groups"][0]["esgd"]["step_index"] == 0
+    assert opt.is_estimation_step() and opt.state_dict()["param_groups"][0]["esgd"]["step_index"] == 0
     assert [g["lr"] for g in opt.param_groups] == [KWARGS["lr"]]
     assert len(osd["state"]) == len(before), "DCP expects state for every parameter"
     assert all(p.grad is None for p in model.parameters())
