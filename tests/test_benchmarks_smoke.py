@@ -192,11 +192,11 @@ def _suite_stages():
 def _suite_env(tmp_path, python, budget=None, **extra):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    env = dict(os.environ, PYTHON=str(python), OUT=str(out), TMPDIR=str(tmp_path), **extra)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ESGD_SUITE_") and k not in ("MAX_JOBS", "ESGD_CUDA_BUILD")}
+    env.update(PYTHON=str(python), OUT=str(out), TMPDIR=str(tmp_path), **extra)
     if budget is not None:
         env["ESGD_SUITE_BUDGET"] = str(budget)
-    for name in ("ESGD_SUITE_REHEARSAL", "ESGD_SUITE_LIMIT_SCALE", "MAX_JOBS"):
-        env.pop(name, None)
     return env, out
 
 

@@ -33,6 +33,13 @@ def rehearsal() -> bool:
     return os.environ.get("ESGD_SUITE_REHEARSAL", "").strip() not in ("", "0")
 
 
+def _require_in_place(esgd_cuda) -> Path:
+    where = Path(esgd_cuda.__file__).resolve().parent
+    if where != ROOT / "esgd_cuda":
+        fail(f"imported esgd_cuda from {where}, not the suite's in-place build in {ROOT / 'esgd_cuda'}")
+    return where
+
+
 def import_built():
     """esgd_cuda from the repository the suite built in place, with its native kernels loaded."""
     # `python benchmarks/gpu/x.py` puts benchmarks/gpu first on sys.path, not the working directory,
@@ -42,9 +49,7 @@ def import_built():
     import esgd_cuda
     from esgd_cuda import _extension
 
-    where = Path(esgd_cuda.__file__).resolve().parent
-    if where != ROOT / "esgd_cuda":
-        fail(f"imported esgd_cuda from {where}, not the suite's in-place build in {ROOT / 'esgd_cuda'}")
+    where = _require_in_place(esgd_cuda)
     if not _extension.LOADED:
         fail(f"the native kernels of {where} did not load: {_extension.LOAD_ERROR}")
     library = Path(_extension._C.__file__).resolve()
@@ -60,6 +65,7 @@ def device_check(esgd_cuda, next_step: str):
     """Where a stage starts to need the GPU: ends a rehearsal; else the CUDA device to use."""
     import torch
 
+    _require_in_place(esgd_cuda)
     if rehearsal():
         print(f"{REHEARSAL_LINE} ({stage_name()}; next: {next_step})", flush=True)
         raise SystemExit(0)
