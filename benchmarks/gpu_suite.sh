@@ -46,6 +46,14 @@ export PYTHONUNBUFFERED=1
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
+# torch compiles with ninja when it finds it on PATH, else one file at a time: the ninja of a venv's
+# package is not on PATH when its python3 was found some other way.
+if ! command -v ninja >/dev/null 2>&1; then
+  NINJA_DIR="$("$PYTHON" -c 'import ninja; print(ninja.BIN_DIR)' 2>/dev/null || true)"
+  if [ -n "$NINJA_DIR" ] && [ -d "$NINJA_DIR" ]; then
+    export PATH="$NINJA_DIR:$PATH"
+  fi
+fi
 LOGS="$(mktemp -d "${TMPDIR:-/tmp}/esgd_gpu_suite.XXXXXX")"
 STAGES=(build tests memcheck bandwidth step_time racecheck ncu)
 SUMMARY=()
@@ -132,6 +140,7 @@ if [ "$REHEARSAL" = 1 ]; then
   echo "rehearsal: CPU-only build and stage scripts up to their device checks, in $PWD"
 fi
 echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown), $(nproc 2>/dev/null) cores, MAX_JOBS=$MAX_JOBS, budget ${BUDGET}s"
+echo "ninja: $(command -v ninja || echo 'not found: the build compiles one file at a time')"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: no GPU"
 "$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())' \
   || echo "$PYTHON cannot import torch"

@@ -137,7 +137,12 @@ def test_convergence_aggregate(bench):
     assert diverged["diverged"] == 1 and math.isinf(diverged["final_loss"])
 
 
+OPTIONAL_PACKAGES = ("sklearn", "matplotlib", "tqdm")  # what convergence.py imports besides torch
+
+
 def test_convergence_smoke(bench, tmp_path):
+    for name in OPTIONAL_PACKAGES:
+        pytest.importorskip(name)
     _, convergence = bench
     result = convergence.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
     outputs = result["outputs"]
@@ -170,6 +175,21 @@ def test_convergence_smoke(bench, tmp_path):
             assert best["loss"][-1] < best["loss"][0], best
     acc = next(r["test_metric"] for r in summary if r["problem"] == "digits-mlp" and r["optimizer"] == "adam")
     assert 0.1 < acc <= 1.0
+
+
+@pytest.mark.parametrize("package", OPTIONAL_PACKAGES)
+def test_convergence_smoke_skips_without_an_optional_package(tmp_path, package):
+    """A machine's image (the GPU machines' among them) may lack a package CI installs."""
+    (tmp_path / "block_package.py").write_text(f"import sys\nsys.modules[{package!r}] = None\n")
+    import esgd_cuda
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path),
+                                                       str(Path(esgd_cuda.__file__).parents[1])]))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          "-p", "block_package", f"{__file__}::test_convergence_smoke"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "1 skipped" in run.stdout, run.stdout[-3000:]
+    assert f"could not import '{package}'" in run.stdout, run.stdout[-3000:]
 
 
 # ------------------------------------------------------------------------------------------ GPU suite
