@@ -162,6 +162,9 @@ fi
   grep -h "^bandwidth: " "$LOGS/bandwidth.log" 2>/dev/null || true
   grep -hE "(passed|failed|errors?|skipped|deselected|collected|no tests ran).* in [0-9.]+s( =+)?$" \
     "$LOGS/tests.log" 2>/dev/null | sed 's/^=* */tests: /; s/ *=*$//' || true
+  for s in memcheck racecheck; do
+    grep -h "ERROR SUMMARY" "$LOGS/$s.log" 2>/dev/null | sed "s/^=* */$s: /" || true
+  done
   grep -h "^\[ncu\] \(timing-only\|no access\|ncu not found\|ncu failed\)" "$LOGS/ncu.log" 2>/dev/null || true
   printf '%-10s %-8s %s\n' stage status "time / limit"
   printf '%s\n' "${SUMMARY[@]}"
