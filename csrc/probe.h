@@ -52,10 +52,16 @@ C10_HOST_DEVICE inline S rademacher_value(bool negative) {
   return negative ? S(-1) : S(1);
 }
 
-// x + step * z with z = +-1: the product is exact, so this is x +- step, rounded once in S.
+// step * z with z = +-1, exact.
+template <typename S>
+C10_HOST_DEVICE inline S perturbation(S step, bool negative) {
+  return negative ? -step : step;
+}
+
+// x + step * z, rounded once in S.
 template <typename S>
 C10_HOST_DEVICE inline S perturbed(S x, S step, bool negative) {
-  return x + (negative ? -step : step);
+  return x + perturbation(step, negative);
 }
 
 }  // namespace esgd

@@ -2,7 +2,6 @@
 // along z). One at::parallel_for over the concatenation of all tensors, as in esgd_cpu.cpp; the
 // bits come from probe.h, one hash per 64 elements.
 
-#include "cpu_clones.h"
 #include "esgd_common.h"
 #include "probe.h"
 #include "probe_common.h"
@@ -41,61 +40,68 @@ void for_each_piece(const std::vector<int64_t>& starts, int64_t begin, int64_t e
   }
 }
 
-// Splits elements [lo, hi) of a probe that starts at index j0 into runs that stay within one
-// 64-bit word and calls fn(first element, count, bits of the run in bits 0..count-1).
-template <typename Fn>
-C10_ALWAYS_INLINE void for_each_word(uint64_t key, uint64_t j0, int64_t lo, int64_t hi, Fn&& fn) {
+// Byte-wise expansion of probe bits: row b holds the 8 values that the bits of b select (bit k ->
+// element k). Copying rows is branch-free and vectorizes on every ISA, whereas testing one bit
+// per element compiles to unpredictable branches for 16- and 64-bit elements.
+template <typename T>
+struct ByteTable {
+  T row[256][8];
+
+  ByteTable(T pos, T neg) {
+    for (int b = 0; b < 256; ++b) {
+      for (int k = 0; k < 8; ++k) {
+        row[b][k] = ((b >> k) & 1) ? neg : pos;
+      }
+    }
+  }
+
+  const T* values(uint64_t bits, int byte) const {
+    return row[(bits >> (8 * byte)) & 255];
+  }
+};
+
+// Calls whole(i, bits) for each 64-element run of [lo, hi) that is one whole word of the probe
+// starting at index j0, and part(i, count, bits) for the partial runs at either end (bits of the
+// run in bits 0..count-1).
+template <typename Whole, typename Part>
+C10_ALWAYS_INLINE void for_each_word(
+    uint64_t key, uint64_t j0, int64_t lo, int64_t hi, Whole&& whole, Part&& part) {
   int64_t i = lo;
   while (i < hi) {
     const uint64_t j = j0 + static_cast<uint64_t>(i);
     const int shift = static_cast<int>(j & 63);
     const int count = static_cast<int>(std::min<int64_t>(64 - shift, hi - i));
-    fn(i, count, probe_word(key, j >> 6) >> shift);
+    const uint64_t bits = probe_word(key, j >> 6) >> shift;
+    if (count == 64) {
+      whole(i, bits);
+    } else {
+      part(i, count, bits);
+    }
     i += count;
   }
 }
 
 // ------------------------------------------------------------------------------------- rademacher
 
-// Whole words are expanded in lanes as wide as the output type, testing one bit per lane against
-// a constant mask, so that the loop vectorizes on every ISA (SSE2 has no variable shifts).
+// Writes the probe as storage words U of the output dtype (the bits of +1 and -1 in that dtype).
 template <typename U>
-C10_ALWAYS_INLINE void expand_word(U* __restrict__ out, uint64_t bits, U pos, U neg) {
-  constexpr int kWidth = 8 * sizeof(U);
-  for (int part = 0; part < 64 / kWidth; ++part) {
-    const U chunk = static_cast<U>(bits >> (part * kWidth));
-    U* __restrict__ dst = out + part * kWidth;
-    for (int k = 0; k < kWidth; ++k) {
-      dst[k] = (chunk & static_cast<U>(U(1) << k)) ? neg : pos;
-    }
-  }
+void rademacher_range(U* __restrict__ out, uint64_t key, uint64_t j0, int64_t lo, int64_t hi,
+                      const ByteTable<U>& table) {
+  for_each_word(
+      key, j0, lo, hi,
+      [&](int64_t i, uint64_t bits) {
+        for (int byte = 0; byte < 8; ++byte) {
+          std::memcpy(out + i + 8 * byte, table.values(bits, byte), 8 * sizeof(U));
+        }
+      },
+      [&](int64_t i, int count, uint64_t bits) {
+        for (int k = 0; k < count; ++k) {
+          out[i + k] = table.row[(bits >> k) & 1][0];
+        }
+      });
 }
 
-template <typename U>
-C10_ALWAYS_INLINE void rademacher_range(
-    U* __restrict__ out, uint64_t key, uint64_t j0, int64_t lo, int64_t hi, U pos, U neg) {
-  for_each_word(key, j0, lo, hi, [&](int64_t i, int count, uint64_t bits) {
-    if (count == 64) {
-      expand_word(out + i, bits, pos, neg);
-      return;
-    }
-    for (int k = 0; k < count; ++k) {
-      out[i + k] = ((bits >> k) & 1) ? neg : pos;
-    }
-  });
-}
-
-#define ESGD_DEFINE_RADEMACHER(U, NAME)                                                     \
-  ESGD_CPU_CLONES void NAME(U* out, uint64_t key, uint64_t j0, int64_t lo, int64_t hi, U pos, \
-                            U neg) {                                                        \
-    rademacher_range<U>(out, key, j0, lo, hi, pos, neg);                                    \
-  }
-ESGD_DEFINE_RADEMACHER(uint16_t, rademacher_u16)
-ESGD_DEFINE_RADEMACHER(uint32_t, rademacher_u32)
-ESGD_DEFINE_RADEMACHER(uint64_t, rademacher_u64)
-#undef ESGD_DEFINE_RADEMACHER
-
-// The storage bits of +1 or -1 in a parameter dtype, from the type's own conversion.
+// The storage bits of a value in a parameter dtype, from the type's own conversion.
 template <typename P, typename U>
 U bits_of(float value) {
   static_assert(sizeof(P) == sizeof(U), "storage size");
@@ -105,12 +111,9 @@ U bits_of(float value) {
   return u;
 }
 
-struct RademacherTensor {
-  void* data;
-  int size;  // bytes per element
-  uint64_t pos;
-  uint64_t neg;
-};
+template <typename P>
+using StorageOf = std::conditional_t<
+    sizeof(P) == 2, uint16_t, std::conditional_t<sizeof(P) == 4, uint32_t, uint64_t>>;
 
 void rademacher_cpu(at::TensorList out, at::IntArrayRef keys, at::IntArrayRef offsets) {
   const std::unique_ptr<ProbeJob> job =
@@ -118,57 +121,55 @@ void rademacher_cpu(at::TensorList out, at::IntArrayRef keys, at::IntArrayRef of
   if (!job) {
     return;
   }
-  const std::vector<at::Tensor>& tensors = job->lists[0];
-  const size_t n = tensors.size();
-  std::vector<int64_t> starts(n + 1, 0);
-  std::vector<RademacherTensor> info(n);
-  for (size_t t = 0; t < n; ++t) {
-    starts[t + 1] = starts[t] + tensors[t].numel();
-    info[t].data = tensors[t].data_ptr();
-    info[t].size = static_cast<int>(tensors[t].element_size());
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, tensors[t].scalar_type(), "esgd_rademacher_cpu", [&] {
-          using U = std::conditional_t<
-              sizeof(scalar_t) == 2, uint16_t, std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>>;
-          info[t].pos = bits_of<scalar_t, U>(1.0f);
-          info[t].neg = bits_of<scalar_t, U>(-1.0f);
-        });
-  }
-  at::parallel_for(0, starts[n], kGrain, [&](int64_t begin, int64_t end) {
-    for_each_piece(starts, begin, end, [&](size_t t, int64_t lo, int64_t hi) {
-      const RademacherTensor& r = info[t];
-      const uint64_t key = job->keys[t];
-      const uint64_t j0 = job->offsets[t];
-      switch (r.size) {
-        case 2:
-          rademacher_u16(static_cast<uint16_t*>(r.data), key, j0, lo, hi, r.pos, r.neg);
-          break;
-        case 4:
-          rademacher_u32(static_cast<uint32_t*>(r.data), key, j0, lo, hi, r.pos, r.neg);
-          break;
-        default:
-          rademacher_u64(static_cast<uint64_t*>(r.data), key, j0, lo, hi, r.pos, r.neg);
-          break;
+  for (const at::ScalarType dtype : job->dtypes()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "esgd_rademacher_cpu", [&] {
+      using U = StorageOf<scalar_t>;
+      const auto table = std::make_unique<ByteTable<U>>(
+          bits_of<scalar_t, U>(1.0f), bits_of<scalar_t, U>(-1.0f));
+      const std::vector<int64_t> numels = job->numels(dtype);
+      std::vector<int64_t> starts(numels.size() + 1, 0);
+      for (size_t t = 0; t < numels.size(); ++t) {
+        starts[t + 1] = starts[t] + numels[t];
       }
+      at::parallel_for(0, starts.back(), kGrain, [&](int64_t begin, int64_t end) {
+        for_each_piece(starts, begin, end, [&](size_t t, int64_t lo, int64_t hi) {
+          U* data = static_cast<U*>(job->lists[0][t].data_ptr());
+          rademacher_range<U>(data, job->keys[t], job->offsets[t], lo, hi, *table);
+        });
+      });
     });
-  });
+  }
   job->finish();
 }
 
 // ---------------------------------------------------------------------------------------- perturb
 
+// params = P(S(x) + perturbation(step, z)), as probe.h's perturbed(), x = params (kSave: also
+// copied to backups) or backups.
 template <typename P, typename S, bool kSave>
 void perturb_range(P* __restrict__ p, P* __restrict__ b, uint64_t key, uint64_t j0, int64_t lo,
-                   int64_t hi, S step) {
-  for_each_word(key, j0, lo, hi, [&](int64_t i, int count, uint64_t bits) {
+                   int64_t hi, const ByteTable<S>& table) {
+  auto move = [&](int64_t i, const S* steps, int count) {
     for (int k = 0; k < count; ++k) {
       const P x = kSave ? p[i + k] : b[i + k];
       if constexpr (kSave) {
         b[i + k] = x;
       }
-      p[i + k] = static_cast<P>(perturbed<S>(static_cast<S>(x), step, (bits >> k) & 1));
+      p[i + k] = static_cast<P>(static_cast<S>(x) + steps[k]);
     }
-  });
+  };
+  for_each_word(
+      key, j0, lo, hi,
+      [&](int64_t i, uint64_t bits) {
+        for (int byte = 0; byte < 8; ++byte) {
+          move(i + 8 * byte, table.values(bits, byte), 8);
+        }
+      },
+      [&](int64_t i, int count, uint64_t bits) {
+        for (int k = 0; k < count; ++k) {
+          move(i + k, table.row[(bits >> k) & 1], 1);
+        }
+      });
 }
 
 void perturb_cpu(
@@ -189,6 +190,9 @@ void perturb_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "esgd_fd_perturb_cpu", [&] {
       using S = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       const S step = static_cast<S>(sign * h);
+      // perturbed(x, step, z) = x + perturbation(step, z): the table holds the two addends.
+      const auto table =
+          std::make_unique<ByteTable<S>>(perturbation(step, false), perturbation(step, true));
       const std::vector<int64_t> numels = job->numels(dtype);
       std::vector<int64_t> starts(numels.size() + 1, 0);
       for (size_t t = 0; t < numels.size(); ++t) {
@@ -199,9 +203,9 @@ void perturb_cpu(
           scalar_t* p = job->lists[0][t].data_ptr<scalar_t>();
           scalar_t* b = job->lists[1][t].data_ptr<scalar_t>();
           if (save) {
-            perturb_range<scalar_t, S, true>(p, b, job->keys[t], job->offsets[t], lo, hi, step);
+            perturb_range<scalar_t, S, true>(p, b, job->keys[t], job->offsets[t], lo, hi, *table);
           } else {
-            perturb_range<scalar_t, S, false>(p, b, job->keys[t], job->offsets[t], lo, hi, step);
+            perturb_range<scalar_t, S, false>(p, b, job->keys[t], job->offsets[t], lo, hi, *table);
           }
         });
       });
