@@ -193,32 +193,46 @@ C10_HOST_DEVICE inline void process_block(
   const P* __restrict__ b = span.b;
 
   if (takes_vector_path(span)) {
-    for (int i = thread; i * kIlp < n; i += threads) {
-      Pack<P, kIlp> pp = load_pack<kIlp>(p, i);
+    // Register budget (64, see esgd_cuda.cu): the estimate is formed first, so the lists it
+    // comes from die before p and the state arrive; the fp32 state of 16-bit parameters (two
+    // 16-byte vectors per list) is updated one vector at a time; and the stride is the
+    // compile-time block size (every launch, and the emulation, runs kBlockSize threads), which
+    // ptxas folds into the addressing. Each keeps a 6-list or fp64 kernel from spilling.
+    constexpr int kStateIlp = 16 / static_cast<int>(sizeof(S));
+    constexpr int kStateVectors = kIlp / kStateIlp;
+    for (int i = thread; i * kIlp < n; i += kBlockSize) {
       const Pack<P, kIlp> gp = load_pack<kIlp>(g, i);
-      Pack<S, kIlp> mp = load_pack<kIlp>(m, i);
-      Pack<S, kIlp> dp = load_pack<kIlp>(d, i);
-      Pack<P, kIlp> ap{};
-      Pack<P, kIlp> bp{};
+      S hz[kIlp] = {};
       if constexpr (kHasHz) {
-        ap = load_pack<kIlp>(a, i);
+        const Pack<P, kIlp> ap = load_pack<kIlp>(a, i);
+        Pack<P, kIlp> bp{};
+        if constexpr (kHasB) {
+          bp = load_pack<kIlp>(b, i);
+        }
+        ESGD_UNROLL
+        for (int k = 0; k < kIlp; ++k) {
+          hz[k] = form_hz<Src>(static_cast<S>(ap.v[k]), static_cast<S>(bp.v[k]), static_cast<S>(gp.v[k]));
+        }
       }
-      if constexpr (kHasB) {
-        bp = load_pack<kIlp>(b, i);
-      }
+      Pack<P, kIlp> pp = load_pack<kIlp>(p, i);
       ESGD_UNROLL
-      for (int k = 0; k < kIlp; ++k) {
-        S pk = static_cast<S>(pp.v[k]);
-        const S gk = static_cast<S>(gp.v[k]);
-        const S hk = form_hz<Src>(static_cast<S>(ap.v[k]), static_cast<S>(bp.v[k]), gk);
-        update<kHasHz>(pk, gk, mp.v[k], dp.v[k], hk, c);
-        pp.v[k] = static_cast<P>(pk);
+      for (int half = 0; half < kStateVectors; ++half) {
+        const int j = i * kStateVectors + half;
+        Pack<S, kStateIlp> mp = load_pack<kStateIlp>(m, j);
+        Pack<S, kStateIlp> dp = load_pack<kStateIlp>(d, j);
+        ESGD_UNROLL
+        for (int q = 0; q < kStateIlp; ++q) {
+          const int k = half * kStateIlp + q;
+          S pk = static_cast<S>(pp.v[k]);
+          update<kHasHz>(pk, static_cast<S>(gp.v[k]), mp.v[q], dp.v[q], hz[k], c);
+          pp.v[k] = static_cast<P>(pk);
+        }
+        store_pack<kStateIlp>(m, j, mp);
+        if constexpr (kHasHz) {
+          store_pack<kStateIlp>(d, j, dp);
+        }
       }
       store_pack<kIlp>(p, i, pp);
-      store_pack<kIlp>(m, i, mp);
-      if constexpr (kHasHz) {
-        store_pack<kIlp>(d, i, dp);
-      }
     }
     return;
   }
