@@ -270,6 +270,11 @@ if _extension.LOADED:
             f"expected [{len(params)}, 3]",
         )
 
+
+# An extension built before these ops existed still loads (the ops above work); their fake kernels
+# are registered only where the ops are.
+if _extension.LOADED and hasattr(torch.ops.esgd_cuda, "esgd_update_fd_"):
+
     @torch.library.register_fake("esgd_cuda::esgd_update_fd_")
     def _esgd_update_fd_fake(
         params, grads, exp_avgs, exp_hz_sqs, grads_plus, grads_minus, hz_scale, step_scalars, *, beta1,

@@ -182,6 +182,11 @@ def test_different_keys_give_independent_probes():
 # ------------------------------------------------------------------------------------------ perturb
 
 
+def _overlapping(a):
+    base = torch.full((8,), 3.0)
+    a["params"][0], a["backups"][0] = base[:5], base[3:]
+
+
 def perturb_reference(x, key, offset, h, sign, dtype):
     """P(S(x) + S(sign*h) * z) with S the math dtype, via float64 for the sum's exact value."""
     math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -313,18 +318,22 @@ def test_rademacher_bad_input(fused, case):
     (lambda a: a["backups"].__setitem__(0, a["backups"][0][:4]), ValueError, r"backups\[0\] is torch.float32 \[4\]"),
     (lambda a: a.update(offsets=[-3, 0]), ValueError, r"offsets\[0\] = -3"),
     (lambda a: a["params"].__setitem__(1, a["params"][1].half()), ValueError, r"backups\[1\] is torch.float32"),
-], ids=["backups_len", "scale_dtype", "scale_numel", "backup_dtype", "backup_shape", "neg_offset", "param_dtype"])
+    (lambda a: a["backups"].__setitem__(1, a["params"][1]), ValueError, r"backups\[1\] shares memory with params\[1\]"),
+    (lambda a: _overlapping(a), ValueError, r"backups\[0\] shares memory with params\[0\]"),
+], ids=["backups_len", "scale_dtype", "scale_numel", "backup_dtype", "backup_shape", "neg_offset", "param_dtype",
+        "alias", "overlap"])
 def test_perturb_bad_input(fused, case):
     corrupt, exc, message = case
     args = dict(params=[torch.full((5,), 3.0), torch.full((3,), 3.0)],
                 backups=[torch.zeros(5), torch.zeros(3)], scale=torch.tensor(0.1, dtype=torch.float64),
                 keys=[1, 2], offsets=[0, 0])
+    fresh_backups = list(args["backups"])
     corrupt(args)
     with pytest.raises(exc, match=message):
         probes.fd_perturb_(args["params"], args["backups"], args["scale"], args["keys"], args["offsets"],
                            sign=1.0, save=True, fused=fused)
     assert all(bool((t == 3).all()) for t in args["params"])
-    assert all(bool((t == 0).all()) for t in args["backups"] if t.dtype == torch.float32 and t.numel() != 4)
+    assert all(bool((t == 0).all()) for t in fresh_backups)
 
 
 @pytest.mark.parametrize("case", [
@@ -346,11 +355,6 @@ def test_native_rademacher_errors_name_the_argument(case):
     with pytest.raises(RuntimeError, match=message):
         ops.esgd_rademacher_(args["out"], args["keys"], args["offsets"])
     assert all(bool((t == 3).all()) for t in args["out"])
-
-
-def _overlapping(a):
-    base = torch.full((8,), 3.0)
-    a["params"][0], a["backups"][0] = base[:5], base[3:]
 
 
 @pytest.mark.parametrize("case", [
