@@ -43,6 +43,19 @@ def test_step_time_byte_model(bench):
     assert step_time.bytes_per_param("esgd_hz", torch.bfloat16) == 24
     assert step_time.bytes_per_param("adam", torch.bfloat16) == 14
     assert step_time.bytes_per_param("esgd", torch.float64) == 48
+    # Finite differences: the forward update reads g+ in place of Hz, the central one also g-.
+    assert step_time.bytes_per_param("esgd_fd_forward", torch.float32) == 32
+    assert step_time.bytes_per_param("esgd_fd_central", torch.float32) == 36
+    assert step_time.bytes_per_param("esgd_fd_forward", torch.bfloat16) == 24
+    assert step_time.bytes_per_param("esgd_fd_central", torch.bfloat16) == 26
+    assert step_time.bytes_per_param("esgd_fd_central", torch.float64) == 72
+    # Perturbation: read p, write backup and p (save) or read backup, write p; fills write once.
+    assert step_time.bytes_per_param("perturb_save", torch.float32) == 12
+    assert step_time.bytes_per_param("perturb_restore", torch.bfloat16) == 4
+    assert step_time.bytes_per_param("fill", torch.float16) == 2
+    assert step_time.bytes_per_param("fill", torch.float64) == 8
+    with pytest.raises(ValueError, match="unknown byte model"):
+        step_time.bytes_per_param("esgd_fd", torch.float32)
 
 
 def test_step_time_shapes_match_the_issue(bench):
@@ -87,6 +100,9 @@ def test_step_time_smoke(bench, tmp_path):
     assert {"ESGD fused=False: opt.step() plain", "ESGD fused=False: esgd_update estimation (+Hz)",
             "ESGD fused: opt.step() plain", "ESGD fused: esgd_update estimation (+Hz)",
             "Adam fused", "Adam foreach", "AdamW fused", "AdamW foreach"} <= cases
+    assert {"ESGD fused: esgd_update_fd forward", "ESGD fused: esgd_update_fd central",
+            "ESGD fused: fd_perturb_ save", "ESGD fused: fd_perturb_ restore", "ESGD fused: rademacher_",
+            "Tensor.fill_ (the rademacher_ tensors)"} <= cases
 
 
 def test_step_time_rejects_unknown_shape(bench, tmp_path):
