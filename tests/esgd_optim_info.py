@@ -180,7 +180,6 @@ esgd_info = OptimizerInfo(
             _documented_divergence, "TestESGDOptimRenewed", "test_forloop_goes_right_direction",
             active_if=lambda kwargs: kwargs.get("contiguous") is False,
         ),
-        DecorateInfo(_documented_divergence, "TestESGDOptimRenewed", "test_param_groups_lr"),
         DecorateInfo(_documented_divergence, "TestESGDOptimRenewed", "test_param_groups_weight_decay"),
         DecorateInfo(
             _documented_divergence, "TestESGDOptimRenewed", "test_param_group_with_lrscheduler_goes_right_direction"

@@ -85,6 +85,10 @@ def test_every_results_table_names_its_provenance_or_awaits_regeneration():
     text = RESULTS.read_text()
     for heading, header in tables(text):
         body = section(text, heading[3:])
+        if body.lstrip().startswith("Not run yet"):
+            # A form for a run to come: it names the command and asks for the commit.
+            assert "bash benchmarks/gpu_suite.sh" in body and "git rev-parse HEAD" in body, heading
+            continue
         assert "Provenance" in body and "regenerat" in body, (heading, header)
         assert re.search(r"\b[0-9a-f]{7,12}\b", body), f"{heading}: no commit named"
         assert "python " in body, f"{heading}: no command named"
