@@ -130,7 +130,7 @@ class TestESGDOptimRenewed(TestCase):
                 else:
                     self.assertLess(closure().item(), initial_value)
 
-    @pytest.mark.cuda
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
     @onlyCUDA
     @unittest.skipIf(not TEST_MULTIGPU, "only one GPU detected")
     @parametrize("with_lrsched", [True, False])
@@ -348,7 +348,7 @@ class TestESGDOptimRenewed(TestCase):
             self.skipTest(f"{device} is not supported for fused on {optim_info.optim_cls.__name__}")
         self._test_derived_optimizers(device, dtype, optim_info, "fused")
 
-    @pytest.mark.cuda
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
     @onlyCUDA
     @unittest.skipIf(not TEST_MULTIGPU, "only one GPU detected")
     @optims([esgd_info])
@@ -598,7 +598,7 @@ class TestESGDOptimRenewed(TestCase):
             optimizer = optim_cls(params, **optim_input.kwargs)
             optimizer.__repr__()
 
-    @pytest.mark.cuda
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
     @onlyCUDA
     @optims([esgd_info], dtypes=[torch.float64, torch.float32, torch.bfloat16, torch.float16])
     def test_fused_cpu_matches_cuda(self, device, dtype, optim_info):

@@ -294,7 +294,7 @@ class TestESGDOptimRenewedState(TestCase):
             _give_grads(optimizer, params, grads)
             optimizer.step()
 
-    @pytest.mark.cuda
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
     @onlyCUDA
     @optims([esgd_info], dtypes=[torch.float32])
     def test_state_dict_with_cuda_params(self, device, dtype, optim_info):
