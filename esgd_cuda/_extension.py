@@ -37,7 +37,8 @@ def _load() -> Tuple[Optional[Any], Optional[str]]:
         )
     except Exception as exc:  # an ABI mismatch surfaces as ImportError or OSError, or worse
         return None, f"{type(exc).__name__}: {exc}"
-    for op in ("esgd_update_", "esgd_update_hz_"):
+    for op in ("esgd_update_", "esgd_update_hz_", "esgd_update_capturable_", "esgd_update_fd_", "esgd_rademacher_",
+               "esgd_fd_perturb_"):
         if not hasattr(torch.ops.esgd_cuda, op):
             return None, f"{_C.__file__} loaded but did not register torch.ops.esgd_cuda.{op}"
     return _C, None

@@ -13,6 +13,12 @@ per-tensor scalars. The optimizer groups parameters into such lists; the fused n
 
 `grad_scale_inv` and `hz_scale_inv` undo a loss scale (torch.amp.GradScaler): g and hz are multiplied
 by them (in the math dtype, on temporaries) before use; the gradients themselves are left as they are.
+On estimation steps, where the scaled hz is not finite (inf or NaN) the update's g becomes NaN, so m
+and p turn NaN there: a non-finite curvature estimate never passes silently.
+
+`esgd_update_fd` is an estimation step whose hz is a finite difference of gradients,
+hz = (g(theta + h z) - g(theta)) / h or (g(theta + h z) - g(theta - h z)) / (2h), with 1/h or 1/(2h)
+in a device tensor; the fused kernels form it in registers.
 
 Math runs in the state dtype: float32 for float16/bfloat16/float32 parameters, float64 for float64.
 """
@@ -22,7 +28,8 @@ from typing import List, Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["esgd_update", "esgd_update_capturable", "state_dtype", "step_scalar_table"]
+__all__ = ["esgd_update", "esgd_update_capturable", "esgd_update_fd", "state_dtype", "step_scalar_table"]
+
 
 def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """The dtype of the optimizer state (and of the update math) for a parameter dtype."""
@@ -157,6 +164,9 @@ def _foreach_apply(
     math_dtype = exp_avgs[0].dtype
     upcast = params[0].dtype != math_dtype
     work_params, grads, hzs = _math_inputs(params, grads, hzs, math_dtype, grad_scale_inv, hz_scale_inv)
+    if hzs is not None:
+        # Out of place: grads may still be the caller's tensors.
+        grads = [torch.where(torch.isfinite(h), g, float("nan")) for g, h in zip(grads, hzs)]
 
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
@@ -264,3 +274,84 @@ def step_scalar_table(
     momentum_scale = (1.0 - torch.pow(beta1, t) * v).reciprocal()
     denom_scale = (1.0 - torch.pow(beta2, k)).sqrt().reciprocal()
     return torch.stack([1.0 - weight_decay * step_size, step_size * momentum_scale, denom_scale], dim=1)
+
+
+def _check_device_scalar(op: str, name: str, t: Tensor, device: torch.device) -> None:
+    """A 1-element float64 tensor on `device`: a scalar that only device code reads."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a float64 tensor, got {type(t).__name__}")
+    if t.dtype != torch.float64:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected torch.float64")
+    if t.numel() != 1:
+        raise ValueError(f"{op}: {name} has {t.numel()} elements, expected 1")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device}, expected {device} (the device of params[0])")
+
+
+def esgd_update_fd(
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_hz_sqs: List[Tensor],
+    grads_plus: List[Tensor],
+    grads_minus: Optional[List[Tensor]],
+    hz_scale: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    v: float,
+    eps: float,
+    weight_decay: float,
+    step_size: float,
+    momentum_scale: float,
+    denom_scale: float,
+    grad_scale_inv: float = 1.0,
+    hz_scale_inv: float = 1.0,
+    step_scalars: Optional[Tensor] = None,
+    fused: bool = False,
+) -> None:
+    """An estimation step of `esgd_update` whose Hz is a finite difference of gradients.
+
+    hz = (S(grads_plus) - S(b)) * S(hz_scale_inv * hz_scale), with b = grads_minus (central
+    difference) or grads (forward difference, grads_minus=None), S the math dtype and the product of
+    the two scales formed in float64. `hz_scale` is a 1-element float64 tensor on the parameters'
+    device (1/h or 1/(2h)), never read on the host. `grads_plus` and `grads_minus` have the parameter
+    dtype and shapes. With `step_scalars` (the float64 [n, 3] table of `step_scalar_table`) each
+    tensor's decay, lr scale and denominator scale come from its row, as in `esgd_update_capturable`,
+    and weight_decay, step_size, momentum_scale and denom_scale are ignored. The fused kernels never
+    materialize hz; the pure-PyTorch path does.
+    """
+    n = len(params)
+    for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_hz_sqs", exp_hz_sqs),
+                      ("grads_plus", grads_plus)) + ((("grads_minus", grads_minus),) if grads_minus is not None else ()):
+        if len(lst) != n:
+            raise ValueError(f"esgd_update_fd: {name} has {len(lst)} tensors but params has {n}")
+    if n == 0:
+        return
+    _check_device_scalar("esgd_update_fd", "hz_scale", hz_scale, params[0].device)
+    if step_scalars is not None and (step_scalars.dtype != torch.float64 or tuple(step_scalars.shape) != (n, 3)):
+        raise ValueError(f"esgd_update_fd: step_scalars is {step_scalars.dtype} {list(step_scalars.shape)}, "
+                         f"expected torch.float64 [{n}, 3] (one row per tensor of params)")
+    if fused:
+        from . import ops
+
+        ops.esgd_update_fd_(
+            params, grads, exp_avgs, exp_hz_sqs, grads_plus, grads_minus if grads_minus is not None else [],
+            hz_scale, step_scalars, beta1=beta1, beta2=beta2, v=v, eps=eps, weight_decay=weight_decay,
+            step_size=step_size, momentum_scale=momentum_scale, denom_scale=denom_scale,
+            grad_scale_inv=grad_scale_inv, hz_scale_inv=hz_scale_inv,
+        )
+        return
+    math_dtype = exp_avgs[0].dtype
+    base = grads if grads_minus is None else grads_minus
+    hzs = torch._foreach_sub([t.to(math_dtype) for t in grads_plus], [t.to(math_dtype) for t in base])
+    coeff = (hz_scale.reshape(()) * float(hz_scale_inv)).to(math_dtype)
+    torch._foreach_mul_(hzs, coeff)
+    if step_scalars is None:
+        decay, lr_scale, scale = 1.0 - weight_decay * step_size, step_size * momentum_scale, denom_scale
+    else:
+        decay, lr_scale, scale = (list(col.unbind()) for col in step_scalars.to(math_dtype).unbind(1))
+    _foreach_apply(
+        params, grads, exp_avgs, exp_hz_sqs, hzs, beta1=beta1, beta2=beta2, v=v, eps=eps,
+        decay=decay, lr_scale=lr_scale, denom_scale=scale, grad_scale_inv=grad_scale_inv, hz_scale_inv=1.0,
+    )

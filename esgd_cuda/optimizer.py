@@ -1,86 +1,27 @@
-"""ESGD-M: equilibrated SGD with quasi-hyperbolic momentum, as a torch.optim.Optimizer."""
+"""ESGD-M: equilibrated SGD with quasi-hyperbolic momentum, as a torch.optim.Optimizer.
+
+This module holds the optimizer: param groups, the estimation schedule, the step, capturable mode
+and diagnostics. Where an estimation step's Hessian-vector products come from is
+`esgd_cuda.curvature`; argument checks are `_validation`, checkpoints `_checkpoint`, data-parallel
+glue `distributed`, and the per-element update `functional`.
+"""
 
 import contextlib
 import math
 import numbers
-import warnings
-from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import _extension
-from .functional import esgd_update, esgd_update_capturable, state_dtype
+from . import _checkpoint, _extension
+from ._validation import (check_buffers, check_capturable_lr, check_group, check_hparams, check_hvp, check_param,
+                          check_schedule, fused_unavailable_reason)
+from .curvature import HVP_MODES, CurvatureEstimator, FiniteDifference, default_fd_step, release_graphs
+from .distributed import broadcast_seed
+from .functional import esgd_update, esgd_update_capturable, esgd_update_fd, state_dtype, step_scalar_table
 
 __all__ = ["ESGD"]
-
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_STATE_KEYS = ("exp_avg", "exp_hz_sq")
-# Probe seeds are derived from (seed, step index, bucket): a counter-based stream whose whole state is
-# two integers, so checkpoints are portable, resumed runs draw the same probes, every micro-batch of a
-# step sees the same probe, and data-parallel replicas (whose parameters sit on different devices but
-# in the same order) draw identical probes.
-_MASK64 = (1 << 64) - 1
-
-
-def _mix_seed(*values: int) -> int:
-    """splitmix64 over the values: nearby inputs (consecutive steps) give unrelated 63-bit seeds."""
-    x = 0
-    for value in values:
-        x = ((x ^ (value & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-        x ^= x >> 31
-    return x >> 1
-
-
-def _check_hparams(
-    lr, betas, v, lr_warmup, eps, weight_decay, where: str, sync: bool = True, maximize: bool = False
-) -> None:
-    def bad(name, value, rule):
-        raise ValueError(f"ESGD: invalid {name}{where}: {value!r} ({rule})")
-
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            bad("lr", lr, "a tensor lr must have one element")
-        if not sync:
-            # Capturable steps must not read device values on the host; a tensor lr was range-checked
-            # when its group was added, and later in-place changes are the caller's responsibility.
-            lr = 0.0
-        else:
-            lr = lr.item()
-    if not isinstance(lr, numbers.Real) or not lr >= 0.0:
-        bad("lr", lr, "must be a real number >= 0")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        bad("betas", betas, "must be a pair (beta1, beta2)")
-    for i, beta in enumerate(betas):
-        if not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
-            bad(f"betas[{i}]", beta, "must be in [0, 1)")
-    if v is not None and (not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0):
-        bad("v", v, "must be None (= beta1) or in [0, 1]")
-    if not isinstance(lr_warmup, numbers.Real) or not 0.0 <= lr_warmup < 1.0:
-        bad("lr_warmup", lr_warmup, "must be in [0, 1)")
-    if not isinstance(eps, numbers.Real) or not eps >= 0.0 or math.isinf(eps):
-        bad("eps", eps, "must be a finite real number >= 0")
-    if not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0.0 or math.isinf(weight_decay):
-        bad("weight_decay", weight_decay, "must be a finite real number >= 0")
-    if not isinstance(maximize, bool):
-        bad("maximize", maximize, "must be True or False")
-
-
-def _check_schedule(update_d_every, d_warmup) -> None:
-    for name, value, low in (("update_d_every", update_d_every, 1), ("d_warmup", d_warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"ESGD: {name} must be an int, got {type(value).__name__} {value!r}")
-        if value < low:
-            raise ValueError(f"ESGD: invalid {name}: {value!r} (must be >= {low})")
-
-
-def _fused_unavailable_reason() -> str:
-    if not _extension.LOADED:
-        return f"the native extension is not loaded ({_extension.LOAD_ERROR})"
-    return "the native extension was not built for this device or dtype (see esgd_cuda.extension_info())"
 
 
 def _read_scaler(grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tuple[bool, float]:
@@ -97,57 +38,16 @@ def _read_scaler(grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> T
     return skip, 1.0 / scale
 
 
-def _check_process_group(group: Any) -> None:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("ESGD: process_group was given but torch.distributed is not initialized")
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"ESGD: process_group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+_GRADSCALER_FD = (
+    "ESGD: GradScaler is not supported with a finite-difference hvp: its step() passes no closure, and a "
+    "loss scale would have to be undone in two gradients and h. Train with bfloat16 autocast "
+    "(torch.autocast(device_type, dtype=torch.bfloat16)), which needs no loss scaling, or use hvp='autograd'."
+)
 
 
-def _broadcast_seed(seed: int, group: Any) -> int:
-    """The probe seed of the group's first rank: every replica must draw the same probes."""
-    import torch.distributed as dist
-
-    _check_process_group(group)
-    box = [seed]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-    return int(box[0])
-
-
-def _average_over_group(
-    params: List[Tensor], grads: List[Optional[Tensor]], hzs: List[Optional[Tensor]], group: Any
-) -> None:
-    """Replaces `grads` and `hzs` (in place, per entry) by their means over the process group.
-
-    One all-reduce per (device, dtype) carries both lists plus a presence flag per parameter, so a
-    parameter that has a gradient on some ranks only is averaged like DDP does, and one that has none
-    anywhere stays None. The mean of Hz, not of its square, is what the update squares: averaging
-    squares would estimate a different (biased) quantity.
-    """
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    buckets: "OrderedDict[Tuple[torch.device, torch.dtype], List[int]]" = OrderedDict()
-    for i, p in enumerate(params):
-        buckets.setdefault((p.device, p.dtype), []).append(i)
-    for (device, dtype), idx in buckets.items():
-        parts = []
-        for lst in (grads, hzs):
-            for i in idx:
-                t = lst[i]
-                parts.append(torch.zeros(params[i].numel(), device=device, dtype=dtype) if t is None else t.reshape(-1))
-        flags = [float(lst[i] is not None) for lst in (grads, hzs) for i in idx]
-        parts.append(torch.tensor(flags, device=device, dtype=dtype))
-        flat = torch.cat(parts)
-        dist.all_reduce(flat, group=group)
-        flat.div_(world)
-        sizes = [params[i].numel() for i in idx] * 2 + [len(flags)]
-        chunks = flat.split(sizes)
-        present = chunks[-1].tolist()
-        for j, (lst, i) in enumerate([(lst, i) for lst in (grads, hzs) for i in idx]):
-            lst[i] = chunks[j].view(params[i].shape) if present[j] > 0 else None
+def _exact_hzs(params: List[Tensor], hz_of: Dict[Tensor, Tensor]) -> List[Tensor]:
+    """The autograd products of `params`; a parameter whose gradient had no graph has Hz = 0."""
+    return [hz_of[p] if p in hz_of else torch.zeros_like(p) for p in params]
 
 
 def _signed(grad_scale_inv: float, group: dict) -> float:
@@ -174,9 +74,13 @@ class ESGD(torch.optim.Optimizer):
     The state of a parameter is ``exp_avg`` (m), ``exp_hz_sq`` (D) and the integers ``step`` (t) and
     ``estimates`` (k).
 
-    Estimation steps need the gradient's autograd graph: call ``opt.backward(loss)`` (recommended:
-    it supports gradient accumulation, GradScaler and data parallelism, and releases the graph at
-    once), or ``loss.backward(create_graph=opt.should_create_graph())``, before ``opt.step()``.
+    With ``hvp="autograd"`` (default) estimation steps need the gradient's autograd graph: call
+    ``opt.backward(loss)`` (recommended: it supports gradient accumulation, GradScaler and data
+    parallelism, and releases the graph at once), or
+    ``loss.backward(create_graph=opt.should_create_graph())``, before ``opt.step()``. With a
+    finite-difference ``hvp`` no double backward is needed (models with flash attention,
+    ``torch.compile``, fused kernels): estimation steps call ``opt.step(closure)``, which runs the
+    closure at theta and at theta + h z (and theta - h z) with identical random numbers.
 
     Args:
         params: parameters or param groups.
@@ -202,6 +106,14 @@ class ESGD(torch.optim.Optimizer):
         maximize: maximize the objective instead of minimizing it (per param group, as in
             torch.optim): the gradient is negated; the curvature estimate is unchanged, since
             (-Hz)^2 = (Hz)^2.
+        hvp: how estimation steps get Hz: ``"autograd"`` (exact, double backward),
+            ``"finite_difference"`` ((g(theta + h z) - g(theta))/h: two first-order passes) or
+            ``"central_difference"`` ((g(theta + h z) - g(theta - h z))/2h: three passes, more accurate).
+        fd_step: the finite difference's step relative to the parameters' RMS, h = fd_step * RMS(theta)
+            (one h for all parameters). Default: sqrt(eps) (forward) or eps**(1/3) (central) of the
+            least precise parameter dtype; under bf16/fp16 autocast pass about 0.1 (see README).
+        buffers: module buffers that a finite-difference step must leave as after one forward
+            (BatchNorm running statistics): an ``nn.Module`` (all its buffers) or a list of tensors.
 
     A parameter's state starts on the first estimation step on which it has a gradient; until
     then (no curvature estimate exists) it is not updated. NaN/Inf in gradients propagate into the
@@ -228,9 +140,14 @@ class ESGD(torch.optim.Optimizer):
         process_group: Optional[Any] = None,
         capturable: bool = False,
         maximize: bool = False,
+        hvp: str = "autograd",
+        fd_step: Optional[float] = None,
+        buffers: Optional[Union[torch.nn.Module, Iterable[Tensor]]] = None,
     ):
-        _check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, "", maximize=maximize)
-        _check_schedule(update_d_every, d_warmup)
+        check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, "", maximize=maximize)
+        check_schedule(update_d_every, d_warmup)
+        check_hvp(hvp, fd_step)
+        buffers = check_buffers(buffers)
         if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"ESGD: invalid fused: {fused!r} (must be None, True or False)")
         if not isinstance(capturable, bool):
@@ -240,26 +157,24 @@ class ESGD(torch.optim.Optimizer):
         elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"ESGD: seed must be an int or None, got {type(seed).__name__} {seed!r}")
         if process_group is not None:
-            seed = _broadcast_seed(int(seed), process_group)
+            seed = broadcast_seed(int(seed), process_group)
 
         self.fused = fused
         self.capturable = bool(capturable)
+        self.hvp = hvp
+        self.fd_step = None if fd_step is None else float(fd_step)
+        # Module buffers a finite-difference step restores after its perturbed passes (BatchNorm
+        # running statistics): a module's buffers are looked up at each step, a list is kept as is.
+        self.buffers = buffers
         self.update_d_every = int(update_d_every)
         self.d_warmup = int(d_warmup)
-        self.seed = int(seed)
         self._step_index = 0  # optimizer steps taken so far
         self._last_estimate: Optional[int] = None  # step index of the latest estimation step
         self.process_group = process_group
-        # Hessian-vector products accumulated by `backward()` for the next estimation step, and how
-        # they are scaled: "unscaled" (backward got the GradScaler) or "raw" (any loss scale is still
-        # in them, to be undone with the gradient's scale in step()).
-        self._hz: Dict[Tensor, Tensor] = {}
-        self._hz_kinds: set = set()
-        self._backward_estimated = False  # backward() ran an estimation-step pass since the last step
+        # Probes, and the Hessian-vector products accumulated for the next estimation step.
+        self._curvature = CurvatureEstimator(int(seed), process_group)
         self._skipped_steps = 0  # steps skipped because the GradScaler found inf/NaN
         self._last_step_estimated = False
-        # Tests may replace the probe (a callable: list of params -> list of z); None draws Rademacher.
-        self._probe_fn: Optional[Callable[[List[Tensor]], List[Tensor]]] = None
         defaults = dict(lr=lr, betas=tuple(betas), v=v, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay,
                         maximize=maximize)
         super().__init__(params, defaults)
@@ -273,25 +188,32 @@ class ESGD(torch.optim.Optimizer):
         plist = [params] if isinstance(params, Tensor) else list(params or [])
         where = f" in param_groups[{len(self.param_groups)}]"
         merged = {**self.defaults, **param_group}
-        _check_hparams(
-            merged["lr"], merged["betas"], merged["v"], merged["lr_warmup"], merged["eps"],
-            merged["weight_decay"], where, maximize=merged["maximize"],
-        )
+        check_group(merged, where)
+        seen: Dict[int, int] = {}
         for j, p in enumerate(plist):
-            if isinstance(p, Tensor) and p.is_complex():
-                raise ValueError(f"ESGD: params[{j}]{where} is complex ({p.dtype}); complex parameters are not supported")
-            if isinstance(p, Tensor) and p.dtype not in _SUPPORTED_DTYPES:
-                raise ValueError(
-                    f"ESGD: params[{j}]{where} has dtype {p.dtype}; supported: float16, bfloat16, float32, float64"
-                )
-            if isinstance(p, Tensor) and self.fused and not _extension.fused_supported(p.device, p.dtype):
-                raise RuntimeError(
-                    f"ESGD(fused=True): the fused kernel cannot run params[{j}]{where} "
-                    f"({p.dtype} on {p.device}): {_fused_unavailable_reason()}"
-                )
+            check_param(p, j, where, self.fused)
+            if isinstance(p, Tensor):
+                # A parameter listed twice would be updated twice per step, and on CUDA by two blocks
+                # of one launch writing the same memory at once.
+                first = seen.setdefault(id(p), j)
+                if first != j:
+                    raise ValueError(
+                        f"ESGD: params[{j}]{where} is the same tensor as params[{first}]; list each parameter once"
+                    )
+        if self.capturable:
+            check_capturable_lr(merged["lr"], plist, where)
         if "betas" in param_group:
             param_group = {**param_group, "betas": tuple(param_group["betas"])}
         super().add_param_group(param_group)
+
+    @property
+    def seed(self) -> int:
+        """The seed of the probe stream (shared by every replica of a process group)."""
+        return self._curvature.seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._curvature.seed = int(value)
 
     # ------------------------------------------------------------------ schedule
 
@@ -302,12 +224,22 @@ class ESGD(torch.optim.Optimizer):
             or index - self._last_estimate >= self.update_d_every
         )
 
+    def is_estimation_step(self) -> bool:
+        """True when the next ``step()`` estimates the curvature (in any ``hvp`` mode)."""
+        return self._is_estimation_step(self._step_index)
+
     def should_create_graph(self) -> bool:
-        """True when the next ``step()`` estimates the curvature and so needs the gradient's graph.
+        """True when the next ``step()`` estimates the curvature with autograd and so needs the
+        gradient's graph; always False with a finite-difference ``hvp``, which needs none.
 
         Use as ``loss.backward(create_graph=opt.should_create_graph())``.
         """
-        return self._is_estimation_step(self._step_index)
+        return self.hvp == "autograd" and self._is_estimation_step(self._step_index)
+
+    def _buffers(self) -> List[Tensor]:
+        if isinstance(self.buffers, torch.nn.Module):
+            return list(self.buffers.buffers())
+        return list(self.buffers or [])
 
     def _trainable_params(self) -> List[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
@@ -338,6 +270,8 @@ class ESGD(torch.optim.Optimizer):
         if scaler is not None and not callable(getattr(scaler, "scale", None)):
             raise TypeError(f"ESGD.backward: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if scaler is not None:
+            if self.hvp != "autograd":
+                raise RuntimeError(_GRADSCALER_FD)
             loss = scaler.scale(loss)
         if not self.should_create_graph():
             loss.backward(retain_graph=retain_graph)
@@ -345,46 +279,7 @@ class ESGD(torch.optim.Optimizer):
         params = self._trainable_params()
         if not params:
             return
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, retain_graph=True)
-        zs = self._probes(params, self._step_index)
-        outputs, grad_outputs = [], []
-        for g, z in zip(grads, zs):
-            # A gradient without a graph does not depend on any parameter: its rows of H are zero.
-            if g is not None and g.requires_grad:
-                outputs.append(g)
-                grad_outputs.append(z.to(g.dtype))
-        hzs: List[Optional[Tensor]] = [None] * len(params)
-        if outputs:
-            hzs = list(
-                torch.autograd.grad(
-                    outputs, params, grad_outputs=grad_outputs, allow_unused=True, retain_graph=retain_graph
-                )
-            )
-        del outputs, grad_outputs
-        with torch.no_grad():
-            gs = [None if g is None else g.detach() for g in grads]
-            hs = [None if h is None else h.detach() for h in hzs]
-            del grads, hzs
-            if self.process_group is not None:
-                _average_over_group(params, gs, hs, self.process_group)
-            if scaler is not None:
-                inv = 1.0 / float(scaler.get_scale())
-                hs = [None if h is None else h.mul_(inv) for h in hs]
-            for p, g, h in zip(params, gs, hs):
-                if g is not None and h is not None:
-                    # Reported through the gradient, where GradScaler and users look for overflow.
-                    g.masked_fill_(~torch.isfinite(h), float("nan"))
-                if g is not None:
-                    if p.grad is None:
-                        # The graph is gone, so g can become p.grad unless its layout differs.
-                        p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
-                    else:
-                        p.grad.add_(g)
-                if h is not None:
-                    prev = self._hz.get(p)
-                    self._hz[p] = h if prev is None else prev.add_(h)
-        self._hz_kinds.add("unscaled" if scaler is not None else "raw")
-        self._backward_estimated = True
+        self._curvature.exact_backward(loss, params, self._step_index, scaler, retain_graph, self._use_fused)
 
     def ddp_no_sync(self, model: torch.nn.Module):
         """``model.no_sync()`` when the next step estimates the curvature, else a null context.
@@ -404,84 +299,20 @@ class ESGD(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
 
     def _clear_pending(self) -> None:
-        self._hz.clear()
-        self._hz_kinds.clear()
-        self._backward_estimated = False
+        self._curvature.clear()
 
     # ------------------------------------------------------------------ the step
 
-    def _probe_generator(self, device: torch.device, dtype: torch.dtype, index: int, bucket: int) -> torch.Generator:
-        # Each (device, dtype) bucket draws from its own stream: equal seeds would give parameters of
-        # different dtypes identical probes and bias the estimate wherever the loss couples them.
-        seed = _mix_seed(self.seed, index, bucket, _SUPPORTED_DTYPES.index(dtype))
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-        return gen
-
-    def _probes(self, params: List[Tensor], index: int) -> List[Tensor]:
-        """The step's probe for each of `params`: one flat Rademacher draw per (device, dtype) bucket.
-
-        The draw covers every trainable parameter of the bucket, in param-group order, whichever of
-        them `params` asks for, so a parameter's probe does not depend on which others have gradients.
-        """
-        if self._probe_fn is not None:
-            return list(self._probe_fn(params))
-        buckets: "OrderedDict[Tuple[torch.device, torch.dtype], List[Tensor]]" = OrderedDict()
-        for p in self._trainable_params():
-            buckets.setdefault((p.device, p.dtype), []).append(p)
-        wanted = set(params)
-        z_of: Dict[Tensor, Tensor] = {}
-        for ordinal, ((device, dtype), members) in enumerate(buckets.items()):
-            if not any(p in wanted for p in members):
-                continue
-            sizes = [p.numel() for p in members]
-            flat = torch.empty(sum(sizes), device=device, dtype=dtype)
-            flat.bernoulli_(0.5, generator=self._probe_generator(device, dtype, index, ordinal)).mul_(2).sub_(1)
-            for p, chunk in zip(members, flat.split(sizes)):
-                z_of[p] = chunk.view(p.shape)
-        return [z_of[p] for p in params]
-
-    def _graph_hessian_vector_products(self, params: List[Tensor], index: int) -> None:
-        """Adds Hz for gradients that carry their graph in p.grad (``loss.backward(create_graph=True)``)."""
-        graph_params = [p for p in params if p.grad is not None and p.grad.requires_grad]
-        if not graph_params:
-            if not self._backward_estimated:
-                raise RuntimeError(
-                    f"ESGD: step {index} estimates the curvature (opt.should_create_graph() is True), but no "
-                    "parameter gradient carries an autograd graph. Call opt.backward(loss), or "
-                    "loss.backward(create_graph=opt.should_create_graph()), before opt.step()."
-                )
-            return
-        zs = self._probes(graph_params, index)
-        with torch.enable_grad():
-            hzs = torch.autograd.grad(
-                [p.grad for p in graph_params], params,
-                grad_outputs=[z.to(p.grad.dtype) for p, z in zip(graph_params, zs)], allow_unused=True,
-            )
-        for p, hz in zip(params, hzs):
-            if hz is not None:
-                prev = self._hz.get(p)
-                self._hz[p] = hz.detach() if prev is None else prev.add_(hz.detach())
-        self._hz_kinds.add("raw")
-
     def _release_graphs(self) -> None:
         self._clear_pending()
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is not None and g.requires_grad:
-                    p.grad = g.detach()
+        release_graphs(self.param_groups)
 
     def _collect(self) -> List[Tuple[List[Tensor], List[Tensor]]]:
         """Validate everything before any state changes; return each group's params with gradients."""
         work = []
         checked = set()
         for i, group in enumerate(self.param_groups):
-            _check_hparams(
-                group["lr"], group["betas"], group["v"], group["lr_warmup"], group["eps"],
-                group["weight_decay"], f" in param_groups[{i}]", sync=not self.capturable,
-                maximize=group.get("maximize", False),
-            )
+            check_group(group, f" in param_groups[{i}]", sync=not self.capturable)
             params, grads = [], []
             for j, p in enumerate(group["params"]):
                 g = p.grad
@@ -495,7 +326,7 @@ class ESGD(torch.optim.Optimizer):
                     if not _extension.fused_supported(p.device, p.dtype):
                         raise RuntimeError(
                             f"ESGD(fused=True): the fused kernel cannot run param_groups[{i}]['params'][{j}] "
-                            f"({p.dtype} on {p.device}): {_fused_unavailable_reason()}"
+                            f"({p.dtype} on {p.device}): {fused_unavailable_reason()}"
                         )
                     checked.add((p.device, p.dtype))
                 params.append(p)
@@ -520,23 +351,32 @@ class ESGD(torch.optim.Optimizer):
         same probe) by the next call.
         """
         self._refuse_compiled_step()
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
         index = self._step_index
         estimate = self._is_estimation_step(index)
-        work = self._collect()
-        all_params = [p for params, _ in work for p in params]
-
         # GradScaler's fused-optimizer protocol: it sets these two attributes around this call.
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+
+        # Where this step's Hz comes from: a finite difference runs the closure itself, at theta and
+        # perturbed; autograd's products come from opt.backward (self._curvature.hz) or from the
+        # graph in p.grad (graph_products, below).
+        fd: Optional[FiniteDifference] = None
+        loss = None
+        if self.hvp != "autograd" and (grad_scale is not None or found_inf is not None):
+            raise RuntimeError(_GRADSCALER_FD)
+        if estimate and self.hvp != "autograd":
+            fd = self._finite_difference(closure, index)
+            loss = fd.loss
+        elif closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        work = self._collect()
+        all_params = [p for params, _ in work for p in params]
         skip, grad_scale_inv = _read_scaler(grad_scale, found_inf)
         hz_scale_inv = 1.0
         if estimate and found_inf is not None:
-            raw = "raw" in self._hz_kinds or any(p.grad.requires_grad for p in all_params)
+            raw = "raw" in self._curvature.kinds or any(p.grad.requires_grad for p in all_params)
             if raw and grad_scale is None:
                 raise RuntimeError(
                     "ESGD: the gradients were unscaled (scaler.unscale_(opt)) but the Hessian-vector "
@@ -544,7 +384,7 @@ class ESGD(torch.optim.Optimizer):
                     "scaler to the backward pass, opt.backward(loss, scaler=scaler), which unscales Hz "
                     "at once."
                 )
-            if raw and "unscaled" in self._hz_kinds:
+            if raw and "unscaled" in self._curvature.kinds:
                 raise RuntimeError(
                     "ESGD: this step's backward passes mixed opt.backward(loss, scaler=scaler) with "
                     "backward passes of an already scaled loss; use one or the other within a step."
@@ -556,12 +396,12 @@ class ESGD(torch.optim.Optimizer):
             self._skipped_steps += 1
             return loss
 
-        if estimate and all_params:
-            self._graph_hessian_vector_products(all_params, index)
-        hz_of = dict(self._hz)
+        if estimate and fd is None and all_params:
+            self._curvature.graph_products(all_params, self._trainable_params(), index, self._use_fused)
+        hz_of = dict(self._curvature.hz)
         self._release_graphs()
         if self.capturable:
-            self._update_capturable(work, estimate, hz_of, grad_scale_inv, hz_scale_inv)
+            self._update_capturable(work, estimate, hz_of, fd, grad_scale_inv, hz_scale_inv)
             self._advance(index, estimate)
             return loss
 
@@ -576,40 +416,51 @@ class ESGD(torch.optim.Optimizer):
                     state["estimates"] += 1
                 return (p.device, p.dtype, state["step"], state["estimates"])
 
-            buckets = self._buckets(params, grads, estimate, hz_of, advance_counters)
-            for (device, dtype, t, k), lists in buckets.items():
+            buckets = self._buckets(params, grads, estimate, advance_counters)
+            for (device, dtype, t, k), (ps, gs, exp_avgs, exp_hz_sqs, _) in buckets.items():
                 # mb = beta1**t, db = beta2**k, warm = lr_warmup**t: the running products of the
                 # algorithm, in closed form (as torch.optim.Adam does) so state is two integers.
                 step_size = float(group["lr"]) * (1.0 - group["lr_warmup"] ** t)
-                esgd_update(
-                    lists[0],
-                    lists[1],
-                    lists[2],
-                    lists[3],
-                    lists[4] if estimate else None,
-                    beta1=beta1,
-                    beta2=beta2,
-                    v=v,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    step_size=step_size,
-                    momentum_scale=1.0 / (1.0 - beta1**t * v),
-                    denom_scale=1.0 / math.sqrt(1.0 - beta2**k),
-                    grad_scale_inv=_signed(grad_scale_inv, group),
-                    hz_scale_inv=hz_scale_inv,
+                kw = dict(
+                    beta1=beta1, beta2=beta2, v=v, eps=group["eps"], weight_decay=group["weight_decay"],
+                    step_size=step_size, momentum_scale=1.0 / (1.0 - beta1**t * v),
+                    denom_scale=1.0 / math.sqrt(1.0 - beta2**k), grad_scale_inv=_signed(grad_scale_inv, group),
                     fused=self._use_fused(device, dtype),
                 )
+                if not estimate:
+                    esgd_update(ps, gs, exp_avgs, exp_hz_sqs, None, **kw)
+                elif fd is None:
+                    esgd_update(ps, gs, exp_avgs, exp_hz_sqs, _exact_hzs(ps, hz_of), hz_scale_inv=hz_scale_inv, **kw)
+                else:
+                    plus, minus = fd.lists(ps, gs)
+                    esgd_update_fd(ps, gs, exp_avgs, exp_hz_sqs, plus, minus, fd.hz_scale[device], **kw)
 
         self._advance(index, estimate)
         return loss
 
+    def _finite_difference(self, closure: Optional[Callable[[], Any]], index: int) -> FiniteDifference:
+        if closure is None:
+            raise RuntimeError(
+                f"ESGD(hvp={self.hvp!r}): step {index} estimates the curvature, which takes the gradient at "
+                "perturbed parameters: call opt.step(closure) with a closure that runs the forward and the "
+                "backward and returns the loss (e.g. def closure(): opt.zero_grad(); loss = loss_fn(model(x), y); "
+                "loss.backward(); return loss). opt.is_estimation_step() tells which steps need it."
+            )
+        trainable = self._trainable_params()
+        if not trainable:
+            raise RuntimeError("ESGD: no parameter requires grad, so there is no curvature to estimate")
+        rel_step = self.fd_step if self.fd_step is not None else default_fd_step(self.hvp, {p.dtype for p in trainable})
+        return self._curvature.finite_difference(
+            closure, trainable, index, central=self.hvp == "central_difference", rel_step=rel_step,
+            buffers=self._buffers(), use_fused=self._use_fused,
+        )
+
     def _buckets(
-        self, params: List[Tensor], grads: List[Tensor], estimate: bool, hz_of: Dict[Tensor, Tensor],
-        key_of: Callable[[Tensor, dict], tuple],
+        self, params: List[Tensor], grads: List[Tensor], estimate: bool, key_of: Callable[[Tensor, dict], tuple],
     ) -> Dict[tuple, Tuple[list, ...]]:
         """The parameters to update, grouped by key_of(p, state) into lists (params, grads,
-        exp_avgs, exp_hz_sqs, hzs (estimation steps only), states). State starts on an estimation
-        step; key_of is called once per updated parameter, in order."""
+        exp_avgs, exp_hz_sqs, states). State starts on an estimation step; key_of is called once per
+        updated parameter, in order."""
         buckets: Dict[tuple, Tuple[list, ...]] = {}
         for p, g in zip(params, grads):
             state = self.state[p]
@@ -620,15 +471,12 @@ class ESGD(torch.optim.Optimizer):
             key = key_of(p, state)
             lists = buckets.get(key)
             if lists is None:
-                lists = buckets[key] = ([], [], [], [], [], [])
+                lists = buckets[key] = ([], [], [], [], [])
             lists[0].append(p)
             lists[1].append(g)
             lists[2].append(state["exp_avg"])
             lists[3].append(state["exp_hz_sq"])
-            if estimate:
-                hz = hz_of.get(p)
-                lists[4].append(torch.zeros_like(p) if hz is None else hz)
-            lists[5].append(state)
+            lists[4].append(state)
         return buckets
 
     def _init_state(self, p: Tensor, state: dict) -> None:
@@ -652,27 +500,37 @@ class ESGD(torch.optim.Optimizer):
     # ------------------------------------------------------------------ capturable mode
 
     def _update_capturable(
-        self, work, estimate: bool, hz_of: Dict[Tensor, Tensor], grad_scale_inv: float = 1.0,
-        hz_scale_inv: float = 1.0,
+        self, work, estimate: bool, hz_of: Dict[Tensor, Tensor], fd: Optional[FiniteDifference] = None,
+        grad_scale_inv: float = 1.0, hz_scale_inv: float = 1.0,
     ) -> None:
         """The update of `step()` with device-side counters: no host sync, no value-dependent branch."""
         for group, (params, grads) in zip(self.param_groups, work):
             beta1, beta2 = group["betas"]
             v = beta1 if group["v"] is None else group["v"]
-            buckets = self._buckets(params, grads, estimate, hz_of, lambda p, state: (p.device, p.dtype))
-            for lists in buckets.values():
-                steps = [state["step"] for state in lists[5]]
-                estimates = [state["estimates"] for state in lists[5]]
+            buckets = self._buckets(params, grads, estimate, lambda p, state: (p.device, p.dtype))
+            for (device, dtype), (ps, gs, exp_avgs, exp_hz_sqs, states) in buckets.items():
+                steps = [state["step"] for state in states]
+                estimates = [state["estimates"] for state in states]
                 torch._foreach_add_(steps, 1.0)
                 if estimate:
                     torch._foreach_add_(estimates, 1.0)
-                esgd_update_capturable(
-                    lists[0], lists[1], lists[2], lists[3], lists[4] if estimate else None,
-                    lr=group["lr"], steps=steps, estimates=estimates, beta1=beta1, beta2=beta2, v=v,
-                    lr_warmup=group["lr_warmup"], eps=group["eps"], weight_decay=group["weight_decay"],
-                    grad_scale_inv=_signed(grad_scale_inv, group), hz_scale_inv=hz_scale_inv,
-                    fused=self._use_fused(lists[0][0].device, lists[0][0].dtype),
-                )
+                hyper = dict(beta1=beta1, beta2=beta2, v=v, lr_warmup=group["lr_warmup"],
+                             weight_decay=group["weight_decay"])
+                kw = dict(beta1=beta1, beta2=beta2, v=v, eps=group["eps"], grad_scale_inv=_signed(grad_scale_inv, group),
+                          fused=self._use_fused(device, dtype))
+                if fd is None:
+                    esgd_update_capturable(
+                        ps, gs, exp_avgs, exp_hz_sqs, _exact_hzs(ps, hz_of) if estimate else None,
+                        lr=group["lr"], steps=steps, estimates=estimates, eps=group["eps"],
+                        grad_scale_inv=kw["grad_scale_inv"], hz_scale_inv=hz_scale_inv, fused=kw["fused"],
+                        **hyper,
+                    )
+                else:
+                    table = step_scalar_table(steps, estimates, lr=group["lr"], **hyper)
+                    plus, minus = fd.lists(ps, gs)
+                    esgd_update_fd(ps, gs, exp_avgs, exp_hz_sqs, plus, minus, fd.hz_scale[device],
+                                   weight_decay=group["weight_decay"], step_size=0.0, momentum_scale=1.0,
+                                   denom_scale=1.0, step_scalars=table, **kw)
 
     def _refuse_compiled_step(self) -> None:
         # Dynamo (torch 2.14) drops attribute stores made inside a traced Optimizer.step, so a
@@ -681,7 +539,7 @@ class ESGD(torch.optim.Optimizer):
             raise RuntimeError(
                 "ESGD.step() cannot be compiled: the estimation schedule is host state. Construct "
                 "ESGD(..., capturable=True), compile a function that calls opt.plain_step() on steps "
-                "where opt.should_create_graph() is False, and call opt.count_plain_step() after it, "
+                "where opt.is_estimation_step() is False, and call opt.count_plain_step() after it, "
                 "outside the compiled function."
             )
 
@@ -693,14 +551,14 @@ class ESGD(torch.optim.Optimizer):
         ``torch.compile(fullgraph=True)`` or captured in a CUDA graph. Neither a compiled call nor a
         graph replay can advance the host-side schedule, so after each one call
         ``opt.count_plain_step()`` (outside the compiled function). Use it only on steps for which
-        ``opt.should_create_graph()`` is False; estimation steps run eagerly through
-        ``opt.backward(loss); opt.step()``.
+        ``opt.is_estimation_step()`` is False; estimation steps run eagerly through
+        ``opt.backward(loss); opt.step()`` (``opt.step(closure)`` with a finite-difference ``hvp``).
         """
         if not self.capturable:
             raise RuntimeError("ESGD.plain_step() needs capturable=True (its counters live on the device)")
         # Not checked while tracing: reading the step index would make torch.compile guard on it
         # and recompile every step; count_plain_step() checks the schedule on the host instead.
-        if not torch.compiler.is_compiling() and self.should_create_graph():
+        if not torch.compiler.is_compiling() and self.is_estimation_step():
             raise RuntimeError(
                 f"ESGD.plain_step(): step {self._step_index} is an estimation step; use opt.step()"
             )
@@ -708,10 +566,11 @@ class ESGD(torch.optim.Optimizer):
 
     def count_plain_step(self) -> None:
         """Advance the host-side schedule by one plain step applied by a compiled or replayed ``plain_step()``."""
-        if self.should_create_graph():
+        if self.is_estimation_step():
             raise RuntimeError(
                 f"ESGD.count_plain_step(): step {self._step_index} is an estimation step, which a "
-                "replayed plain step does not perform; run it with opt.backward(loss); opt.step()"
+                "replayed plain step does not perform; run it with opt.backward(loss); opt.step() "
+                "(opt.step(closure) with a finite-difference hvp)"
             )
         self._advance(self._step_index, False)
 
@@ -727,8 +586,11 @@ class ESGD(torch.optim.Optimizer):
         (whether the last step estimated the curvature), ``estimates`` (curvature estimates so far),
         ``skipped_steps`` (steps GradScaler skipped for inf/NaN, all groups), ``sqrt_d``: min, mean and
         max over the group's elements of the bias-corrected sqrt(D), the preconditioner the momentum is
-        divided by (None before the first estimate).
+        divided by (None before the first estimate); ``hvp``, the estimator, and ``fd_h``, the step h of
+        the latest finite-difference estimate (None before one).
         """
+        last_h = self._curvature.last_h
+        fd_h = None if last_h is None else float(last_h)
         out = []
         for group in self.param_groups:
             beta2 = group["betas"][1]
@@ -767,6 +629,8 @@ class ESGD(torch.optim.Optimizer):
                     "estimates": k,
                     "skipped_steps": self._skipped_steps,
                     "sqrt_d": sqrt_d,
+                    "hvp": self.hvp,
+                    "fd_h": fd_h,
                 }
             )
         return out
@@ -775,61 +639,9 @@ class ESGD(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["esgd"] = {
-            "step_index": self._step_index,
-            "last_estimate": self._last_estimate,
-            "update_d_every": self.update_d_every,
-            "d_warmup": self.d_warmup,
-            "seed": self.seed,
-            "skipped_steps": self._skipped_steps,
-            "last_step_estimated": self._last_step_estimated,
-        }
+        sd["esgd"] = _checkpoint.global_state(self)
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if not isinstance(state_dict, dict) or "esgd" not in state_dict:
-            raise ValueError("ESGD.load_state_dict: state_dict has no 'esgd' entry; it was not saved by ESGD")
-        sd = dict(state_dict)
-        glob = dict(sd.pop("esgd"))
-        _check_schedule(glob["update_d_every"], glob["d_warmup"])
-        saved_state = sd.get("state", {})
-        saved_ids = [i for g in sd.get("param_groups", []) for i in g["params"]]
-        super().load_state_dict(sd)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)  # checkpoints from before the option existed
-        # torch.optim casts floating state to the parameter dtype; ESGD keeps float32 state for 16-bit
-        # parameters, so reload those tensors from the checkpoint at full precision.
-        current = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, current):
-            if pid not in saved_state or p not in self.state:
-                continue
-            for key in _STATE_KEYS:
-                value = saved_state[pid].get(key)
-                if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, dtype=state_dtype(p.dtype), copy=True)
-        self._load_counters(saved_ids, saved_state)
-        self._step_index = int(glob["step_index"])
-        self._last_estimate = None if glob["last_estimate"] is None else int(glob["last_estimate"])
-        self.update_d_every = int(glob["update_d_every"])
-        self.d_warmup = int(glob["d_warmup"])
-        self.seed = int(glob["seed"])
-        self._skipped_steps = int(glob.get("skipped_steps", 0))
-        self._last_step_estimated = bool(glob.get("last_step_estimated", False))
+        _checkpoint.load(self, state_dict, super().load_state_dict)
         self._clear_pending()
-
-    def _load_counters(self, saved_ids: List[int], saved_state: dict) -> None:
-        # torch.optim casts tensor state to the parameter dtype (a float16 'estimates' would stop
-        # counting exactly at 2048), and checkpoints may come from the other mode: store the
-        # counters as this optimizer's mode expects them.
-        current = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, current):
-            if pid not in saved_state or p not in self.state:
-                continue
-            for key in ("step", "estimates"):
-                value = saved_state[pid].get(key)
-                if value is None:
-                    continue
-                if self.capturable:
-                    self.state[p][key] = torch.as_tensor(value, dtype=torch.float32).to(p.device).clone()
-                else:
-                    self.state[p][key] = int(value)

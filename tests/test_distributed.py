@@ -256,3 +256,41 @@ def test_update_of_shards_equals_update_of_the_whole(fused_kernel, dtype, estima
         assert not torch.equal(whole[3], d0)
     else:
         assert torch.equal(whole[3], d0)
+
+
+@pytest.fixture
+def single_rank_group():
+    """A one-process gloo group in this process (destroyed afterwards)."""
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_averaged_gradients_and_hz_are_aligned_views(single_rank_group, dtype):
+    """Estimation-step gradients and Hz come back as views of one all-reduce buffer; each must start
+    on a 32-byte boundary, or the CUDA kernel's vector path is lost for every parameter after the first."""
+    from esgd_cuda.distributed import average_over_group
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(3,), (5, 7), (1,), (13,), (2, 2, 3)]
+    params = [torch.zeros(s, dtype=dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    hzs = [torch.randn(s, generator=gen).to(dtype) if i != 2 else None for i, s in enumerate(shapes)]
+    grads[3] = None
+    expected_g = [None if g is None else g.clone() for g in grads]
+    expected_h = [None if h is None else h.clone() for h in hzs]
+    average_over_group(params, grads, hzs, single_rank_group)
+    for name, got, want in (("grads", grads, expected_g), ("hzs", hzs, expected_h)):
+        for i, (g, w) in enumerate(zip(got, want)):
+            if w is None:
+                assert g is None, f"{name}[{i}] has no value on any rank and must stay None"
+                continue
+            assert g.data_ptr() % 32 == 0, f"{name}[{i}] starts at {g.data_ptr() % 32} bytes past a 32-byte boundary"
+            assert g.shape == w.shape and torch.equal(g, w), f"{name}[{i}] changed in a one-rank mean"

@@ -176,3 +176,27 @@ def test_complex_parameters_are_refused(fused):
         opt.backward((z.abs() ** 4).sum())
         opt.step()
     assert torch.equal(z.detach(), before)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_a_parameter_listed_twice_is_refused(capturable):
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"params\[2\] in param_groups\[0\] is the same tensor as params\[0\]"):
+        ESGD([a, b, a], capturable=capturable)
+    opt = ESGD([b], capturable=capturable)
+    with pytest.raises(ValueError, match=r"params\[1\] in param_groups\[1\] is the same tensor as params\[0\]"):
+        opt.add_param_group({"params": [a, a]})
+    assert len(opt.param_groups) == 1
+
+
+def test_capturable_tensor_lr_must_be_on_the_parameters_device():
+    # "meta" stands in for an accelerator: the check is about the device, not about CUDA.
+    p = torch.zeros(4, device="meta", requires_grad=True)
+    with pytest.raises(ValueError, match=r"capturable=True\): lr in param_groups\[0\] is a tensor on cpu, but params\[0\] is on meta"):
+        ESGD([p], lr=torch.tensor(0.1), capturable=True)
+    opt = ESGD([p], lr=torch.tensor(0.1, device="meta"), capturable=True, fused=False)
+    q = torch.zeros(2, device="meta", requires_grad=True)
+    with pytest.raises(ValueError, match=r"lr in param_groups\[1\] is a tensor on cpu, but params\[0\] is on meta"):
+        opt.add_param_group({"params": [q], "lr": torch.tensor(0.2)})
+    # Outside capturable mode the step reads lr on the host: any device will do.
+    ESGD([torch.zeros(2, requires_grad=True)], lr=torch.tensor(0.1))

@@ -1,0 +1,320 @@
+"""Curvature estimation: where an estimation step's Hessian-vector products Hz come from.
+
+The optimizer asks this module for one thing per estimation step: Hz, for each parameter, with the
+step's Rademacher probe z. Two estimators:
+
+- "autograd" (exact, the original algorithm): a double backward, either at once in `ESGD.backward`
+  (`exact_backward`, which also accumulates micro-batches and averages over a process group) or from
+  the graph that `loss.backward(create_graph=True)` left in `p.grad` (`graph_products`).
+- "finite_difference" / "central_difference" (`finite_difference`): two or three first-order passes
+  of the user's closure, at theta and at theta + h z (and theta - h z), on the same batch with the
+  same random numbers. Hz ~ (g(theta + h z) - g(theta)) / h, or (g(theta + h z) - g(theta - h z)) / 2h.
+  The difference is never formed here: the fused update reads both gradients and 1/h.
+
+Probes are counter-based (`esgd_cuda.probes`): parameter i of the trainable list gets the key
+probe_key(seed, step, i), so every micro-batch, replica, device, shard and replay of a step draws
+the same z, and both estimators draw the same z for the same step.
+"""
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._validation import HVP_MODES  # noqa: F401  (re-exported: the estimators this module offers)
+from .distributed import average_over_group
+from .probes import fd_perturb_, probe_key, rademacher_
+
+UseFused = Callable[[torch.device, torch.dtype], bool]
+
+
+def default_fd_step(hvp: str, dtypes: Iterable[torch.dtype]) -> float:
+    """The relative step of a finite difference for parameters of `dtypes`: sqrt(eps) (forward) or
+    eps^(1/3) (central) of the least precise dtype, the sizes that balance truncation against
+    rounding error when the gradients carry that dtype's precision (see README, "Models without
+    double backward")."""
+    eps = max((torch.finfo(dt).eps for dt in dtypes), default=torch.finfo(torch.float32).eps)
+    return math.sqrt(eps) if hvp == "finite_difference" else eps ** (1.0 / 3.0)
+
+
+# What autograd says when a model has no double backward: an op without a derivative for its
+# backward (flash/efficient attention, fused kernels), torch.compile's aot_autograd, reentrant
+# activation checkpointing.
+_NO_DOUBLE_BACKWARD = (
+    "is not implemented",
+    "does not currently support double backward",
+    "does not require grad and does not have a grad_fn",
+    "double backward",
+)
+
+
+def _autograd(*args, **kwargs):
+    """torch.autograd.grad for the exact products; a model without a double backward gets an error
+    that names the estimator which needs none."""
+    try:
+        return torch.autograd.grad(*args, **kwargs)
+    except RuntimeError as exc:
+        if not any(s in str(exc) for s in _NO_DOUBLE_BACKWARD):
+            raise
+        raise RuntimeError(
+            f"ESGD(hvp='autograd'): the exact Hessian-vector product needs a double backward through the "
+            f"model, and this one has none ({exc}). Models with flash or memory-efficient attention, "
+            "torch.compile, reentrant checkpointing or fused kernels can use ESGD(..., "
+            "hvp='finite_difference') (or 'central_difference') with opt.step(closure): two or three "
+            "first-order passes instead (README: 'Models without double backward')."
+        ) from exc
+
+
+def _buckets(params: List[Tensor]) -> "OrderedDict[Tuple[torch.device, torch.dtype], List[int]]":
+    out: "OrderedDict[Tuple[torch.device, torch.dtype], List[int]]" = OrderedDict()
+    for i, p in enumerate(params):
+        out.setdefault((p.device, p.dtype), []).append(i)
+    return out
+
+
+class _RngState:
+    """The CPU generator and those of the CUDA devices a step uses, as torch.utils.checkpoint saves
+    them: restoring it before a pass makes its dropout masks (and any other draw) repeat exactly."""
+
+    def __init__(self, devices: List[int]):
+        self.devices = devices
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in devices]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for d, state in zip(self.devices, self.cuda):
+            torch.cuda.set_rng_state(state, d)
+
+
+def _cuda_devices(params: List[Tensor]) -> List[int]:
+    devices = {p.device.index for p in params if p.is_cuda}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices.add(torch.cuda.current_device())
+    return sorted(d for d in devices if d is not None)
+
+
+@dataclass
+class FiniteDifference:
+    """One finite-difference estimation: the loss at theta, the perturbed gradients, and per device
+    the 0-dim float64 tensor by which the update scales the difference (1/h or 1/(2h))."""
+
+    loss: Any
+    plus: Dict[Tensor, Optional[Tensor]]
+    minus: Optional[Dict[Tensor, Optional[Tensor]]]
+    hz_scale: Dict[torch.device, Tensor]
+
+    def lists(self, params: List[Tensor], grads: List[Tensor]) -> Tuple[List[Tensor], Optional[List[Tensor]]]:
+        """grads_plus and grads_minus for the update of `params`: a parameter that had no gradient in
+        a perturbed pass gets its unperturbed gradient there, so its difference (its Hz) is zero."""
+        plus = [self.plus.get(p) if self.plus.get(p) is not None else g for p, g in zip(params, grads)]
+        if self.minus is None:
+            return plus, None
+        minus = [self.minus.get(p) if self.minus.get(p) is not None else g for p, g in zip(params, grads)]
+        return plus, minus
+
+
+class CurvatureEstimator:
+    """Probes and Hessian-vector products for the optimizer's estimation steps.
+
+    Holds the Hz accumulated for the coming step (`hz`, per parameter) and how it is scaled
+    (`kinds`: "unscaled" when `exact_backward` got the GradScaler, "raw" when a loss scale may still
+    be in it). The optimizer passes its trainable parameters (in param-group order) and the step
+    index to every call; the probe of a parameter depends only on those and the seed.
+    """
+
+    def __init__(self, seed: int, process_group: Optional[Any] = None):
+        self.seed = int(seed)
+        self.process_group = process_group
+        self.hz: Dict[Tensor, Tensor] = {}
+        self.kinds: set = set()
+        self.backward_estimated = False  # exact_backward ran since the last step
+        self.last_h: Optional[Tensor] = None  # the latest finite-difference step size (device scalar)
+        # Tests may replace the probe (a callable: list of params -> list of z); None draws Rademacher.
+        self.probe_fn: Optional[Callable[[List[Tensor]], List[Tensor]]] = None
+
+    def clear(self) -> None:
+        self.hz.clear()
+        self.kinds.clear()
+        self.backward_estimated = False
+
+    # ------------------------------------------------------------------ probes
+
+    def keys(self, count: int, index: int) -> List[int]:
+        """The probe keys of the first `count` trainable parameters at step `index`."""
+        return [probe_key(self.seed, index, i) for i in range(count)]
+
+    def probes(self, trainable: List[Tensor], params: List[Tensor], index: int, use_fused: UseFused) -> List[Tensor]:
+        """The step's probe z for each of `params` (a sublist of `trainable`, the optimizer's trainable
+        parameters in param-group order): one native fill per (device, dtype)."""
+        if self.probe_fn is not None:
+            return list(self.probe_fn(params))
+        ordinal = {p: i for i, p in enumerate(trainable)}
+        zs = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+        keys = self.keys(len(trainable), index)
+        for (device, dtype), idx in _buckets(params).items():
+            rademacher_([zs[i] for i in idx], [keys[ordinal[params[i]]] for i in idx], [0] * len(idx),
+                        fused=use_fused(device, dtype))
+        return zs
+
+    # ------------------------------------------------------------------ exact products (autograd)
+
+    def _accumulate(self, p: Tensor, hz: Tensor) -> None:
+        prev = self.hz.get(p)
+        self.hz[p] = hz if prev is None else prev.add_(hz)
+
+    def exact_backward(
+        self, loss: Tensor, params: List[Tensor], index: int, scaler: Optional[Any], retain_graph: Optional[bool],
+        use_fused: UseFused,
+    ) -> None:
+        """The estimation-step backward of `ESGD.backward`: gradients into p.grad, Hz into `hz`.
+
+        The gradient is taken with its graph, Hz with the step's probe at once, and the graph is
+        released before returning. `loss` is already scaled when `scaler` is given.
+        """
+        grads = _autograd(loss, params, create_graph=True, allow_unused=True, retain_graph=True)
+        zs = self.probes(params, params, index, use_fused)
+        outputs, grad_outputs = [], []
+        for g, z in zip(grads, zs):
+            # A gradient without a graph does not depend on any parameter: its rows of H are zero.
+            if g is not None and g.requires_grad:
+                outputs.append(g)
+                grad_outputs.append(z.to(g.dtype))
+        hzs: List[Optional[Tensor]] = [None] * len(params)
+        if outputs:
+            hzs = list(
+                _autograd(
+                    outputs, params, grad_outputs=grad_outputs, allow_unused=True, retain_graph=retain_graph
+                )
+            )
+        del outputs, grad_outputs
+        with torch.no_grad():
+            gs = [None if g is None else g.detach() for g in grads]
+            hs = [None if h is None else h.detach() for h in hzs]
+            del grads, hzs
+            if self.process_group is not None:
+                average_over_group(params, gs, hs, self.process_group)
+            if scaler is not None:
+                inv = 1.0 / float(scaler.get_scale())
+                hs = [None if h is None else h.mul_(inv) for h in hs]
+            for p, g, h in zip(params, gs, hs):
+                if g is not None and h is not None:
+                    # Reported through the gradient, where GradScaler and users look for overflow.
+                    g.masked_fill_(~torch.isfinite(h), float("nan"))
+                if g is not None:
+                    if p.grad is None:
+                        # The graph is gone, so g can become p.grad unless its layout differs.
+                        p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+                    else:
+                        p.grad.add_(g)
+                if h is not None:
+                    self._accumulate(p, h)
+        self.kinds.add("unscaled" if scaler is not None else "raw")
+        self.backward_estimated = True
+
+    def graph_products(self, params: List[Tensor], trainable: List[Tensor], index: int, use_fused: UseFused) -> None:
+        """Adds Hz for gradients that carry their graph in p.grad (``loss.backward(create_graph=True)``)."""
+        graph_params = [p for p in params if p.grad is not None and p.grad.requires_grad]
+        if not graph_params:
+            if not self.backward_estimated:
+                raise RuntimeError(
+                    f"ESGD: step {index} estimates the curvature (opt.should_create_graph() is True), but no "
+                    "parameter gradient carries an autograd graph. Call opt.backward(loss), or "
+                    "loss.backward(create_graph=opt.should_create_graph()), before opt.step()."
+                )
+            return
+        zs = self.probes(trainable, graph_params, index, use_fused)
+        with torch.enable_grad():
+            hzs = _autograd(
+                [p.grad for p in graph_params], params,
+                grad_outputs=[z.to(p.grad.dtype) for p, z in zip(graph_params, zs)], allow_unused=True,
+            )
+        for p, hz in zip(params, hzs):
+            if hz is not None:
+                self._accumulate(p, hz.detach())
+        self.kinds.add("raw")
+
+    # ------------------------------------------------------------------ finite differences
+
+    def step_size(self, params: List[Tensor], rel_step: float) -> Dict[torch.device, Tensor]:
+        """h = rel_step * RMS(theta), one scalar for every parameter (a per-tensor h would estimate
+        H D z for a diagonal D instead of H z), as a 0-dim float64 tensor on each parameter device.
+        Computed on the devices: nothing syncs. Scaling with theta keeps the estimate invariant to
+        the scale of the parameters, as the exact product is."""
+        devices = list(OrderedDict.fromkeys(p.device for p in params))
+        home = devices[0]
+        total = torch.zeros((), dtype=torch.float64, device=home)
+        for (device, _), idx in _buckets(params).items():
+            norms = torch._foreach_norm([params[i].detach() for i in idx], 2, dtype=torch.float64)
+            total = total + torch.stack(norms).square().sum().to(home)
+        count = sum(p.numel() for p in params)
+        rms = (total / max(count, 1)).sqrt()
+        # All-zero parameters (or an overflow) leave no scale to be relative to: take rel_step itself.
+        rms = torch.where((rms > 0) & torch.isfinite(rms), rms, torch.ones_like(rms))
+        h = rms * rel_step
+        return {d: h if d == home else h.to(d) for d in devices}
+
+    def finite_difference(
+        self, closure: Callable[[], Any], trainable: List[Tensor], index: int, *, central: bool,
+        rel_step: float, buffers: List[Tensor], use_fused: UseFused,
+    ) -> FiniteDifference:
+        """Runs the closure at theta, then at theta + h z (and theta - h z), and returns the pieces of
+        the update. Leaves the parameters bit-identical (restored from a copy, not by subtracting
+        h z), p.grad holding the gradient at theta, `buffers` as after the first pass, and the random
+        number generators as after one pass; every pass sees the random numbers of the first."""
+        rng = _RngState(_cuda_devices(trainable))
+        with torch.enable_grad():
+            loss = closure()
+        grads = [p.grad for p in trainable]
+        after = _RngState(rng.devices)
+        saved_buffers = [b.detach().clone() for b in buffers]
+        h = self.step_size(trainable, rel_step)
+        keys = self.keys(len(trainable), index)
+        buckets = _buckets(trainable)
+        backups = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in trainable]
+
+        def perturb(sign: float, save: bool) -> None:
+            for (device, dtype), idx in buckets.items():
+                fd_perturb_([trainable[i] for i in idx], [backups[i] for i in idx], h[device],
+                            [keys[i] for i in idx], [0] * len(idx), sign=sign, save=save,
+                            fused=use_fused(device, dtype))
+
+        def gradients() -> Dict[Tensor, Optional[Tensor]]:
+            for p in trainable:
+                p.grad = None  # the closure's zero_grad and backward must not touch the kept gradients
+            rng.restore()
+            with torch.enable_grad():
+                closure()
+            return {p: p.grad for p in trainable}
+
+        minus = None
+        try:
+            perturb(1.0, True)
+            plus = gradients()
+            if central:
+                perturb(-1.0, False)
+                minus = gradients()
+        finally:
+            with torch.no_grad():
+                for (device, dtype), idx in buckets.items():
+                    torch._foreach_copy_([trainable[i] for i in idx], [backups[i] for i in idx])
+                for b, saved in zip(buffers, saved_buffers):
+                    b.copy_(saved)
+            after.restore()
+            for p, g in zip(trainable, grads):
+                p.grad = g
+        self.last_h = h[trainable[0].device]
+        scale = 0.5 if central else 1.0
+        return FiniteDifference(loss, plus, minus, {d: v.reciprocal() * scale for d, v in h.items()})
+
+
+def release_graphs(param_groups: List[dict]) -> None:
+    """Detach every p.grad that still carries a double-backward graph."""
+    for group in param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is not None and g.requires_grad:
+                p.grad = g.detach()

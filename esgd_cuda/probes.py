@@ -1,0 +1,172 @@
+"""Counter-based Rademacher probes and the finite-difference perturbation of parameters.
+
+A probe element is a pure function of a 63-bit key and the element's index, so any device, any shard
+and any replay draws the same bits without an RNG state:
+
+    mix64(x)   = splitmix64's finalizer (x ^= x >> 30; x *= 0xBF58476D1CE4E5B9; x ^= x >> 27;
+                 x *= 0x94D049BB133111EB; x ^= x >> 31), on uint64 modulo 2**64
+    word(K, w) = mix64(K + (w + 1) * 0x9E3779B97F4A7C15)
+    z(K, j)    = -1 if bit (j & 63) of word(K, j >> 6) is set, else +1
+
+Element i (row-major logical index) of tensors[t] gets z(keys[t], offsets[t] + i), so a shard that
+starts at element `o` of a parameter draws exactly its slice of the full parameter's probe by passing
+offset `o`. `fused=True` runs the native ops (`esgd_cuda.ops`), which generate the bits inside the
+kernels; `fused=False` is the pure-PyTorch twin, bit-identical on every device.
+"""
+
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+from .functional import _check_device_scalar, state_dtype
+
+__all__ = ["probe_key", "rademacher_", "fd_perturb_"]
+
+_MASK64 = (1 << 64) - 1
+_KEY_LIMIT = 1 << 63
+_SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _int64(value: int) -> int:
+    """A uint64 constant as the int64 with the same bits (tensor ops wrap modulo 2**64)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _int64(0x9E3779B97F4A7C15)
+_MUL1 = _int64(0xBF58476D1CE4E5B9)
+_MUL2 = _int64(0x94D049BB133111EB)
+
+
+def probe_key(*values: int) -> int:
+    """splitmix64 over the values: nearby inputs (consecutive steps) give unrelated keys in [0, 2**63)."""
+    x = 0
+    for value in values:
+        x = ((x ^ (value & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x >> 1
+
+
+def _shr(x: Tensor, shift: int) -> Tensor:
+    # int64 `>>` is arithmetic; the mask clears the copies of the sign bit it shifts in.
+    return (x >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def _mix64(x: Tensor) -> Tensor:
+    x = x ^ _shr(x, 30)
+    x = x * _MUL1
+    x = x ^ _shr(x, 27)
+    x = x * _MUL2
+    return x ^ _shr(x, 31)
+
+
+def _sign_bits(key: int, offset: int, numel: int, device: torch.device) -> Tensor:
+    """Bits (int64 0/1, flat) of z(key, offset + i) for i < numel; 1 means -1."""
+    first, last = offset >> 6, (offset + numel - 1) >> 6
+    words = _mix64(torch.arange(first + 1, last + 2, dtype=torch.int64, device=device) * _GOLDEN + key)
+    lanes = torch.arange(64, dtype=torch.int64, device=device)
+    bits = (words.unsqueeze(1) >> lanes) & 1  # arithmetic shift is fine: only bit `lane` is kept
+    start = offset - (first << 6)
+    return bits.reshape(-1)[start:start + numel]
+
+
+def _probe(key: int, offset: int, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """z(key, offset + i) in `dtype`, shaped (and row-major ordered) like `like`."""
+    if like.numel() == 0:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    bits = _sign_bits(key, offset, like.numel(), like.device)
+    return (1 - 2 * bits).to(dtype).reshape(like.shape)
+
+
+def _check_keys(op: str, n: int, keys: Sequence[int], offsets: Sequence[int]) -> None:
+    for name, values in (("keys", keys), ("offsets", offsets)):
+        if len(values) != n:
+            raise ValueError(f"{op}: {name} has {len(values)} entries but there are {n} tensors")
+        for i, value in enumerate(values):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{op}: {name}[{i}] must be an int, got {type(value).__name__}")
+            if not 0 <= value < _KEY_LIMIT:
+                raise ValueError(f"{op}: {name}[{i}] = {value} is outside [0, 2**63)")
+
+
+def _check_tensor(op: str, name: str, i: int, t: Tensor, offset: int) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name}[{i}] must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _SUPPORTED:
+        raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype}, expected one of float32, float64, "
+                        "float16, bfloat16")
+    if offset + t.numel() > _KEY_LIMIT:
+        raise ValueError(f"{op}: offsets[{i}] + {name}[{i}].numel() = {offset + t.numel()} exceeds 2**63")
+
+
+def rademacher_(tensors: List[Tensor], keys: List[int], offsets: List[int], *, fused: bool) -> None:
+    """Fill each tensor in place with +-1 in its own dtype: element i of tensors[t] (row-major logical
+    index, whatever the strides) becomes z(keys[t], offsets[t] + i)."""
+    _check_keys("rademacher_", len(tensors), keys, offsets)
+    for i, t in enumerate(tensors):
+        _check_tensor("rademacher_", "tensors", i, t, offsets[i])
+    if fused:
+        from . import ops
+
+        ops.esgd_rademacher_(list(tensors), list(keys), list(offsets))
+        return
+    with torch.no_grad():
+        for t, key, offset in zip(tensors, keys, offsets):
+            t.copy_(_probe(key, offset, t, t.dtype))
+
+
+def fd_perturb_(
+    params: List[Tensor],
+    backups: List[Tensor],
+    scale: Tensor,
+    keys: List[int],
+    offsets: List[int],
+    *,
+    sign: float,
+    save: bool,
+    fused: bool,
+) -> None:
+    """Move every parameter by sign*h along its probe: p = P(S(x) + S(sign*h) * z).
+
+    `scale` is a 1-element float64 tensor on the parameters' device holding h; it is only read by
+    device code, so nothing synchronizes. save=True first copies each parameter into its backup and
+    perturbs from the parameter (x = p); save=False perturbs from the backup (x = backup), leaving
+    the backups unchanged, which is how a central difference moves from +h to -h. S is the math
+    dtype (float32, float64 for float64 parameters) and P the parameter dtype: 16-bit parameters are
+    rounded once. sign*h is formed in float64, then cast to S. z is the probe of `rademacher_`.
+    """
+    op = "fd_perturb_"
+    n = len(params)
+    if len(backups) != n:
+        raise ValueError(f"{op}: backups has {len(backups)} tensors but params has {n}")
+    _check_keys(op, n, keys, offsets)
+    if n == 0:
+        return
+    _check_device_scalar(op, "scale", scale, params[0].device)
+    for i, (p, b) in enumerate(zip(params, backups)):
+        _check_tensor(op, "params", i, p, offsets[i])
+        if p.device != params[0].device:
+            raise ValueError(f"{op}: params[{i}] is on {p.device}, expected {params[0].device} "
+                             "(the device of params[0])")
+        if b.dtype != p.dtype or b.shape != p.shape or b.device != p.device:
+            raise ValueError(f"{op}: backups[{i}] is {b.dtype} {list(b.shape)} on {b.device}, expected "
+                             f"{p.dtype} {list(p.shape)} on {p.device} (as params[{i}])")
+    if fused:
+        from . import ops
+
+        ops.esgd_fd_perturb_(list(params), list(backups), scale, list(keys), list(offsets),
+                             sign=float(sign), save=bool(save))
+        return
+    with torch.no_grad():
+        step = {}
+        for p, b, key, offset in zip(params, backups, keys, offsets):
+            math_dtype = state_dtype(p.dtype)
+            if math_dtype not in step:
+                step[math_dtype] = (scale.reshape(()) * float(sign)).to(math_dtype)
+            if save:
+                b.copy_(p)
+            z = _probe(key, offset, p, math_dtype)
+            # z is +-1, so z*step is exact and the sum is rounded once in S, then once to P.
+            p.copy_(b.to(math_dtype) + z * step[math_dtype])

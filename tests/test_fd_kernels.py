@@ -1,0 +1,290 @@
+"""The finite-difference estimation update (esgd_update_fd) against a float64 reference and the twin.
+
+hz = (g+ - b) * (hz_scale_inv * hz_scale), b = g- (central) or g (forward), is formed by the fused
+kernels in registers; the reference forms it in float64 from the same inputs. Also the non-finite
+rule shared by every estimation update: where the scaled hz is inf or NaN, the update's gradient is
+NaN, so the parameter and its momentum become NaN there.
+"""
+
+import math
+
+import pytest
+import torch
+
+from esgd_cuda import _extension, functional
+
+HAS_NATIVE = _extension.LOADED
+NATIVE_ONLY = pytest.mark.skipif(not HAS_NATIVE, reason=f"native kernels not loaded ({_extension.LOAD_ERROR})")
+HAS_CUDA = torch.cuda.is_available() and _extension.fused_supported(torch.device("cuda"), torch.float32)
+CUDA_ONLY = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+TARGETS = [
+    "foreach",
+    pytest.param("cpu", marks=NATIVE_ONLY),
+    pytest.param("cuda-emulated", marks=NATIVE_ONLY),
+    pytest.param("cuda", marks=CUDA_ONLY),
+]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SIZES = [0, 1, 3, 7, 260, 4097, 65537]
+MODES = ["forward", "central"]
+
+
+def state_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tolerances(dtype):
+    """(rtol, atol) of a parameter after one step: a few ulps of the math dtype; 16-bit parameters
+    are rounded once at the end, so half an ulp of their format."""
+    if dtype == torch.float64:
+        return 1e-12, 1e-12
+    if dtype == torch.float32:
+        return 2e-6, 1e-6
+    return torch.finfo(dtype).eps, 2 * torch.finfo(dtype).tiny
+
+
+STATE_TOL = {torch.float32: (2e-6, 1e-6), torch.float64: (1e-12, 1e-12)}
+
+
+def hyper(seed):
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(6, generator=gen, dtype=torch.float64).tolist()
+    mb, db = 0.9 ** (1 + 5 * u[3]), 0.999 ** (1 + 20 * u[4])
+    beta1, v = 0.8 + 0.15 * u[0], 0.5 + 0.45 * u[1]
+    return dict(beta1=beta1, beta2=0.99 + 0.009 * u[2], v=v, eps=1e-4, weight_decay=0.05 * u[5],
+                step_size=0.01 + 0.1 * u[5], momentum_scale=1.0 / (1.0 - mb * v),
+                denom_scale=1.0 / math.sqrt(1.0 - db))
+
+
+def reference(p, g, m, d, gp, b, coeff, h, rows=None):
+    """One estimation step in float64 from the formula. `coeff` is the hz multiplier; `rows` the
+    (decay, lr_scale, denom_scale) of a step-scalar table row, else from h."""
+    p, g, m, d, gp, b = (t.double().cpu() for t in (p, g, m, d, gp, b))
+    g = g * h.get("grad_scale_inv", 1.0)
+    hz = (gp - b) * coeff
+    g = torch.where(torch.isfinite(hz), g, torch.nan)
+    if rows is None:
+        decay = 1.0 - h["weight_decay"] * h["step_size"]
+        lr_scale, denom_scale = h["step_size"] * h["momentum_scale"], h["denom_scale"]
+    else:
+        decay, lr_scale, denom_scale = rows
+    m = h["beta1"] * m + (1.0 - h["beta1"]) * g
+    d = h["beta2"] * d + (1.0 - h["beta2"]) * hz * hz
+    denom = d.sqrt() * denom_scale + h["eps"]
+    est = h["v"] * m + (1.0 - h["v"]) * g
+    p = p * decay - lr_scale * est / denom
+    return p, m, d
+
+
+def make_inputs(sizes, dtype, device, seed, fd_scale=1e-3):
+    """params, grads, exp_avgs, exp_hz_sqs, grads_plus, grads_minus. g+ and g- are g moved by about
+    fd_scale, as gradients at theta +- h z would be, so the difference loses digits as in use."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = state_dtype(dtype)
+
+    def draw(n, dt, positive=False, scale=1.0):
+        x = torch.rand(n, generator=gen, dtype=torch.float64) if positive else torch.randn(
+            n, generator=gen, dtype=torch.float64)
+        return (x * scale).to(dt).to(device)
+
+    params = [draw(n, dtype) for n in sizes]
+    grads = [draw(n, dtype) for n in sizes]
+    exp_avgs = [draw(n, sd, scale=0.1) for n in sizes]
+    exp_hz_sqs = [draw(n, sd, positive=True) for n in sizes]
+    grads_plus = [(g.double() + draw(n, torch.float64, scale=fd_scale)).to(dtype) for g, n in zip(grads, sizes)]
+    grads_minus = [(g.double() - draw(n, torch.float64, scale=fd_scale)).to(dtype) for g, n in zip(grads, sizes)]
+    return params, grads, exp_avgs, exp_hz_sqs, grads_plus, grads_minus
+
+
+def clone_lists(*lists):
+    return [[t.clone() for t in lst] for lst in lists]
+
+
+def device_of(target):
+    return "cuda" if target == "cuda" else "cpu"
+
+
+def run_fd(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale, h, step_scalars=None):
+    if target == "cuda-emulated":
+        from esgd_cuda import _C
+
+        return _C.emulate_cuda_update_fd(params, grads, exp_avgs, exp_hz_sqs, gp, gm if gm is not None else [],
+                                         hz_scale, step_scalars=step_scalars, **h)
+    functional.esgd_update_fd(params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale, step_scalars=step_scalars,
+                              fused=target != "foreach", **h)
+    return None
+
+
+def assert_close(actual, expected, rtol, atol, name):
+    actual = actual.double().cpu()
+    ok = ((actual - expected).abs() <= atol + rtol * expected.abs()) | (actual.isnan() & expected.isnan())
+    if not bool(ok.all()):
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda s: f"{name}: {s}")
+
+
+def assert_step(before, after, grads, gp, b, coeff, h, dtype, rows=None):
+    rtol, atol = tolerances(dtype)
+    srtol, satol = STATE_TOL[state_dtype(dtype)]
+    for i in range(len(before[0])):
+        row = None if rows is None else rows[i]
+        rp, rm, rd = reference(before[0][i], grads[i], before[1][i], before[2][i], gp[i], b[i], coeff, h, row)
+        assert_close(after[0][i], rp, rtol, atol, f"params[{i}]")
+        assert_close(after[1][i], rm, srtol, satol, f"exp_avgs[{i}]")
+        assert_close(after[2][i], rd, srtol, satol, f"exp_hz_sqs[{i}]")
+
+
+def math_coeff(hz_scale, hz_scale_inv, dtype):
+    """S(hz_scale_inv * h_scale): the product in float64, rounded to the math dtype."""
+    return float(torch.tensor(hz_scale_inv * hz_scale, dtype=torch.float64).to(state_dtype(dtype)))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_fd_update_matches_reference_and_twin(target, dtype, mode):
+    device = device_of(target)
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs(SIZES, dtype, device, 1)
+    inv_h = 1.0 / (2e-3 if mode == "central" else 1e-3) / 3.0
+    hz_scale = torch.tensor(inv_h, dtype=torch.float64, device=device)
+    gm_arg = gm if mode == "central" else None
+    for step in range(2):
+        h = hyper(step)
+        before = clone_lists(params, exp_avgs, exp_hz_sqs)
+        run_fd(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale, h)
+        b = gm if mode == "central" else grads
+        assert_step(before, (params, exp_avgs, exp_hz_sqs), grads, gp, b, math_coeff(inv_h, 1.0, dtype), h, dtype)
+        twin = clone_lists(*before)
+        functional.esgd_update_fd(twin[0], grads, twin[1], twin[2], gp, gm_arg, hz_scale, fused=False, **h)
+        rtol, atol = tolerances(dtype)
+        for a, t in zip(params, twin[0]):
+            torch.testing.assert_close(a, t, rtol=rtol, atol=atol)
+        for a, t in zip(exp_avgs + exp_hz_sqs, twin[1] + twin[2]):
+            torch.testing.assert_close(a, t, rtol=STATE_TOL[a.dtype][0], atol=STATE_TOL[a.dtype][1])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("gscale, hscale", [(2.0**12, 2.0**12), (3000.0, 1.0), (1.0, 0.125)])
+def test_fd_update_loss_scales(target, dtype, mode, gscale, hscale):
+    """grad_scale_inv undoes the gradient's scale; hz_scale_inv multiplies the device hz_scale."""
+    device = device_of(target)
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs([1, 3, 7, 4097], dtype, device, 2)
+    scaled = [[(t.double() * gscale).to(dtype) for t in lst] for lst in (grads, gp, gm)]
+    h = dict(hyper(3), grad_scale_inv=1.0 / gscale, hz_scale_inv=1.0 / hscale)
+    hz_scale = torch.tensor(250.0, dtype=torch.float64, device=device)
+    gm_arg = scaled[2] if mode == "central" else None
+    before = clone_lists(params, exp_avgs, exp_hz_sqs)
+    run_fd(target, params, scaled[0], exp_avgs, exp_hz_sqs, scaled[1], gm_arg, hz_scale, h)
+    b = scaled[2] if mode == "central" else scaled[0]
+    ref_h = dict(h, grad_scale_inv=1.0 / gscale)
+    assert_step(before, (params, exp_avgs, exp_hz_sqs), scaled[0], scaled[1], b,
+                math_coeff(250.0, 1.0 / hscale, dtype), ref_h, dtype)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_fd_update_step_scalars(target, dtype, mode):
+    """With a step-scalar table each tensor's decay, lr scale and denominator scale come from its row
+    (the host scalars are ignored, so they are set to nonsense here)."""
+    device = device_of(target)
+    sizes = [1, 3, 4097, 0, 65537]
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs(sizes, dtype, device, 4)
+    steps = [torch.tensor(t, device=device) for t in (3, 10, 1, 7, 100)]
+    estimates = [torch.tensor(k, device=device) for k in (1, 4, 1, 2, 30)]
+    table = functional.step_scalar_table(steps, estimates, lr=0.05, beta1=0.9, beta2=0.99, v=0.7,
+                                         lr_warmup=0.9, weight_decay=0.01)
+    h = dict(hyper(5), weight_decay=123.0, step_size=-1.0, momentum_scale=7.0, denom_scale=0.0)
+    hz_scale = torch.tensor(500.0, dtype=torch.float64, device=device)
+    gm_arg = gm if mode == "central" else None
+    before = clone_lists(params, exp_avgs, exp_hz_sqs)
+    run_fd(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale, h, step_scalars=table)
+    rows = [tuple(r) for r in table.cpu().tolist()]
+    assert_step(before, (params, exp_avgs, exp_hz_sqs), grads, gp, gm if mode == "central" else grads,
+                math_coeff(500.0, 1.0, dtype), h, dtype, rows=rows)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_fd_update_views(target, dtype, mode):
+    """Misaligned (scalar path), strided and transposed tensors, updated through their views."""
+    device = device_of(target)
+    sd = state_dtype(dtype)
+    gen = torch.Generator().manual_seed(6)
+
+    def rand(shape, dt, positive=False):
+        x = torch.rand(shape, generator=gen, dtype=torch.float64) if positive else torch.randn(
+            shape, generator=gen, dtype=torch.float64)
+        return x.to(dt).to(device)
+
+    def views(dt, positive=False):
+        return [rand(4099, dt, positive)[1:], rand((37, 66), dt, positive)[:, ::2],
+                rand((33, 65), dt, positive).t(), rand(4098, dt, positive)[2:]]
+
+    params, grads, gp, gm = views(dtype), views(dtype), views(dtype), views(dtype)
+    exp_avgs, exp_hz_sqs = views(sd), views(sd, positive=True)
+    # Mixed layouts force the copy-and-write-back path.
+    exp_avgs[2] = exp_avgs[2].contiguous()
+    gp[0] = gp[0].contiguous()
+    h = hyper(7)
+    hz_scale = torch.tensor(3.0, dtype=torch.float64, device=device)
+    gm_arg = gm if mode == "central" else None
+    before = clone_lists(params, exp_avgs, exp_hz_sqs)
+    run_fd(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale, h)
+    assert_step(before, (params, exp_avgs, exp_hz_sqs), grads, gp, gm if mode == "central" else grads,
+                math_coeff(3.0, 1.0, dtype), h, dtype)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_fd_non_finite_difference_poisons_the_parameter(target, dtype, mode):
+    """Where g+ - b is inf/NaN (or overflows once scaled), p and m become NaN; elsewhere the step is
+    the ordinary one."""
+    device = device_of(target)
+    n = 4101
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs([n], dtype, device, 8)
+    big = torch.finfo(dtype).max
+    bad = {5: math.inf, 6: -math.inf, 7: math.nan, 4100: math.nan}
+    for i, value in bad.items():
+        gp[0][i] = value
+    # A finite difference that overflows only once multiplied by hz_scale (fp32/fp64 math only: the
+    # difference of two 16-bit values times 4 is finite in float32).
+    if dtype in (torch.float32, torch.float64):
+        gp[0][9] = big / 2
+        (gm if mode == "central" else grads)[0][9] = -big / 2
+    hz_scale = torch.tensor(4.0, dtype=torch.float64, device=device)
+    gm_arg = gm if mode == "central" else None
+    run_fd(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale, hyper(9))
+    p, m = params[0].cpu(), exp_avgs[0].cpu()
+    expect_nan = torch.zeros(n, dtype=torch.bool)
+    expect_nan[list(bad)] = True
+    if dtype in (torch.float32, torch.float64):
+        expect_nan[9] = True
+    hz = (gp[0].double() - (gm if mode == "central" else grads)[0].double()).cpu() * float(hz_scale)
+    expect_nan |= ~torch.isfinite(hz.to(state_dtype(dtype)))
+    assert torch.equal(p.isnan(), expect_nan)
+    assert torch.equal(m.isnan(), expect_nan)
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=NATIVE_ONLY)])
+@pytest.mark.parametrize("case", [
+    (lambda a: a.update(hz_scale=a["hz_scale"].float()), r"hz_scale has dtype (torch\.)?float32"),
+    (lambda a: a.update(hz_scale=torch.ones(2, dtype=torch.float64)), r"hz_scale has 2 elements"),
+    (lambda a: a["grads_plus"].pop(), r"grads_plus has 1 tensors but params has 2"),
+    (lambda a: a["grads_minus"].pop(), r"grads_minus has 1 tensors but params has 2"),
+    (lambda a: a.update(step_scalars=torch.zeros(3, 3, dtype=torch.float64)), r"step_scalars .*\[3, 3\]"),
+], ids=["scale_dtype", "scale_numel", "gp_len", "gm_len", "table_shape"])
+def test_fd_bad_input_rejected_before_any_write(fused, case):
+    corrupt, message = case
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs([5, 3], torch.float32, "cpu", 10)
+    args = dict(grads_plus=gp, grads_minus=gm, hz_scale=torch.tensor(2.0, dtype=torch.float64), step_scalars=None)
+    corrupt(args)
+    snapshot = clone_lists(params, exp_avgs, exp_hz_sqs)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
+        functional.esgd_update_fd(params, grads, exp_avgs, exp_hz_sqs, args["grads_plus"], args["grads_minus"],
+                                  args["hz_scale"], step_scalars=args["step_scalars"], fused=fused, **hyper(0))
+    for got, want in zip(params + exp_avgs + exp_hz_sqs, sum(snapshot, [])):
+        assert torch.equal(got, want), "a rejected call changed its inputs"
