@@ -302,7 +302,7 @@ def _step_label(name: str, kind: str) -> str:
         how = "step(closure)" if name == "tz-esgd" else "backward + step()"
         return f"quadratic: {label}{' autograd' if name == 'tz-esgd' else ''}: {how} estimation"
     if name == "tz-esgd":
-        return f"{label}{' fd_forward' if kind == 'fd' else ''}: step(closure) {'estimation' if kind == 'fd' else 'plain'}"
+        return f"{label} fd_forward: step(closure) estimation" if kind == "fd" else f"{label}: step(closure) plain"
     return f"{label}: step(hessian=Hz) estimation" if kind == "hessian" else f"{label}: step() plain"
 
 

@@ -161,7 +161,7 @@ def main(argv=None) -> None:
     parser.add_argument("--hvp", choices=["finite_difference", "central_difference"], default="finite_difference")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

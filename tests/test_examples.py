@@ -68,11 +68,21 @@ def test_lightning_finite_difference_through_lightning_closure():
 
 
 def test_timm_batchnorm_cnn():
-    out = run_example("timm_esgd.py", "--steps", "30")
-    check_trained(out, 30)
-    assert "num_batches_tracked after 30 steps: [30]; eval() forward left the running statistics unchanged: True" in out
+    out = run_example("timm_esgd.py", "--steps", "50")
+    check_trained(out, 50)
+    assert ("num_batches_tracked after 50 steps: [50]; "
+            "eval() forward left the running statistics unchanged: True") in out, out
+    # Evaluation with the running statistics works (ten classes: chance is 0.1; 40 steps reach ~0.7).
     acc = float(re.search(r"test accuracy \(eval mode, running statistics\): ([\d.]+)", out)[1])
-    assert acc > 0.3, out  # ten classes: chance is 0.1
+    assert acc > 0.5, out
+
+
+def test_timm_batchnorm_cnn_finite_difference_restores_running_statistics():
+    out = run_example("timm_esgd.py", "--steps", "24", "--hvp", "finite_difference")
+    check_trained(out, 24)
+    # Estimation steps ran the forward twice; buffers=model left the statistics as after one.
+    assert ("num_batches_tracked after 24 steps: [24]; "
+            "eval() forward left the running statistics unchanged: True") in out, out
 
 
 def test_hf_transformers_plain_loop_default_attention():
@@ -104,7 +114,8 @@ def test_core_package_imports_no_client_library():
             "import esgd_cuda\n"
             "for m in pkgutil.iter_modules(esgd_cuda.__path__):\n"
             "    importlib.import_module('esgd_cuda.' + m.name)\n"
-            f"print(json.dumps(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in {CLIENT_LIBRARIES!r})))")
+            f"added = set(sys.modules) - before\n"
+            f"print(json.dumps(sorted(m for m in added if m.split('.')[0] in {CLIENT_LIBRARIES!r})))")
     env = dict(os.environ, PYTHONPATH=str(Path(esgd_cuda.__file__).resolve().parent.parent))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
