@@ -246,12 +246,16 @@ def test_peer_drivers_estimate_on_their_default_schedules(bench):
 
     a, x, loss = _quadratic_instance()
     opt = convergence.make_optimizer("sophiah", [x], 1e-2, 0, torch.device("cpu"))
-    estimated = []
+    estimated, graphs = [], []
     for step in range(25):
         moment = opt.state[x]["hessian_moment"].clone() if x in opt.state else None
         convergence.train_step("sophiah", opt, lambda step: loss(), step)
         estimated.append(moment is None or not torch.equal(moment, opt.state[x]["hessian_moment"]))
+        # The double-backward graph is built (and dropped after the step) only when SophiaH uses it.
+        graphs.append(x.grad is None)
+        assert x.grad is None or not x.grad.requires_grad
     assert [i for i, e in enumerate(estimated) if e] == [0, 10, 20]
+    assert graphs == estimated
 
     a, x, loss = _quadratic_instance()
     opt = convergence.make_optimizer("tz-esgd", [x], 1e-2, 0, torch.device("cpu"))
