@@ -9,7 +9,7 @@ second-order optimizer's Hessian-vector products included, each on its own defau
 every 10th step after 20 warm-up estimates, AdaHessian every step, SophiaH every 10th, torchzero ESGD
 every 20th; see _peers.py for how each is driven).
 
-    python benchmarks/convergence.py                # --quick: everything, about 5 min on 2 CPU cores
+    python benchmarks/convergence.py                # --quick: every problem and optimizer, a few minutes
     python benchmarks/convergence.py --full         # longer runs, finer sweep, 5 seeds
     python benchmarks/convergence.py --problems digits-mlp rosenbrock --device cuda
 """

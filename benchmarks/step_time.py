@@ -290,8 +290,7 @@ def peer_case(esgd_cuda, name: str, kind: str, shape, dtype, device, gen) -> Cas
                 opt.step(hessian=hz)
             else:
                 opt.step()
-    byte_kind = "tz" if (name, kind) == ("tz-esgd", "plain") else PEER_BYTES[kind]
-    case = Case(_step_label(name, kind), byte_kind, fn)
+    case = Case(_step_label(name, kind), _peer_byte_kind(name, kind), fn)
     case.optimizer = opt
     return case
 
@@ -309,7 +308,12 @@ def _step_label(name: str, kind: str) -> str:
 PEER_ROWS = [("adahessian", "plain"), ("adahessian", "hessian"), ("sophiah", "plain"), ("sophiah", "hessian"),
              ("tz-esgd", "plain"), ("tz-esgd", "fd"), ("esgd", "quadratic"), ("adahessian", "quadratic"),
              ("sophiah", "quadratic"), ("tz-esgd", "quadratic")]
-PEER_BYTES = {"plain": "peer", "hessian": "peer_hz", "fd": None, "quadratic": None}
+
+
+def _peer_byte_kind(name: str, kind: str) -> str | None:
+    if kind == "plain":
+        return "tz" if name == "tz-esgd" else "peer"
+    return "peer_hz" if kind == "hessian" else None
 
 
 def peer_specs(esgd_cuda, shape: Shape, dtype: torch.dtype, device: torch.device, gen, fused_why):
@@ -317,11 +321,10 @@ def peer_specs(esgd_cuda, shape: Shape, dtype: torch.dtype, device: torch.device
     specs = []
     for name, kind in PEER_ROWS:
         label = _step_label(name, kind)
-        byte_kind = "tz" if (name, kind) == ("tz-esgd", "plain") else PEER_BYTES[kind]
         absent = _peers.missing([name])
         why = (f"{' '.join(absent)} is not installed (pip install esgd_cuda[bench])" if absent
                else fused_why if name == "esgd" else None)
-        specs.append((label, byte_kind, why,
+        specs.append((label, _peer_byte_kind(name, kind), why,
                       lambda name=name, kind=kind: peer_case(esgd_cuda, name, kind, shape, dtype, device, gen)))
     return specs
 
