@@ -1,224 +1,180 @@
 #!/usr/bin/env bash
-# Everything a session with a GPU should check, in one call on the device machine (run from the
-# repository root; no network; torch preinstalled): build the extension in place for sm_90, run the
-# test suite (its CUDA tests included), run compute-sanitizer memcheck and racecheck on a small
-# kernel workload, measure the plain step against copy bandwidth, run benchmarks/step_time.py on
-# CUDA, and profile the kernels with Nsight Compute.
-# Every stage runs even when an earlier one failed (later stages that need the build are skipped);
-# a summary table is printed last and the exit status is non-zero if any stage failed.
-# The stages share one time budget, ESGD_SUITE_BUDGET seconds (default 540, inside the device tool's
-# 10-minute call): a stage's own limit is cut to what is left, and a stage that would start with
-# under 20 s left is skipped, so the summary is always printed. Logs and the step_time results are
-# copied to $OUT when it is set (the device tool brings that folder back).
-# Knobs: ESGD_ARCH (default 9.0), MAX_JOBS (default 16), PYTHON, ESGD_SUITE_BUDGET.
+# Everything a session with a GPU should check, in one call on the device machine, run from the
+# repository root with the machine's own python3 and torch (no network, nothing installed):
+#
+#   stage      what                                              expected  limit (s; 16 cores + H200)
+#   build      setup.py build_ext --inplace, CPU + CUDA (sm_90)      100     160
+#   tests      the CUDA tests only: pytest -m cuda (113 today)         70     110
+#   memcheck   compute-sanitizer memcheck over every kernel variant   40      70
+#   bandwidth  fused steps vs a copy, 128M parameters                 12      30
+#   step_time  benchmarks/step_time.py --device cuda --rounds 1       45      70
+#   racecheck  compute-sanitizer racecheck, same workload             40      50
+#   ncu        Nsight Compute over the esgd kernels, or timings       30      50
+#              sum                                                   337     540 = the budget
+# Expected: 337 s + ~10 s of set-up, against the budget of 540 s (ESGD_SUITE_BUDGET) inside the
+# device tool's 600 s call: 190 s (35%) of margin for a slower machine and the kernels being added.
+# The limits add up to the budget, so no stage can take another's time; a stage's limit is still
+# cut to what is left, and one that would start with under 20 s left is skipped, so the summary
+# always prints. Stages run in order of value; CI already runs every test that needs no GPU.
+# How the expectations were made: benchmarks/README.md ("GPU suite: time budget").
+#
+# Every stage runs even when an earlier one failed (stages after a failed build are skipped); the
+# summary table is printed last and the exit status is non-zero if any stage failed or was skipped.
+# Each stage is a committed script, benchmarks/gpu/<stage>.py, that imports the in-place build.
+# Logs are copied to $OUT as gpu_suite.log after every stage, with step_time_cuda.{md,json} and
+# summary.txt at the end (the device tool brings $OUT back: at most 8 files).
+#
+# ESGD_SUITE_REHEARSAL=1 is what CI runs without a GPU: the suite copies the files the device tool
+# would send (git's tracked and untracked-but-not-ignored files) to a temporary folder, builds the
+# CPU kernels in place there (the same command; the CUDA compile is checked by scripts/check_build.sh),
+# and runs every stage script up to its device check, where each must print
+# "rehearsal: reached device check"; limits are scaled by ESGD_SUITE_LIMIT_SCALE (default 4 there).
+# Knobs: ESGD_ARCH (default 9.0), MAX_JOBS (default: all cores), PYTHON, ESGD_SUITE_BUDGET,
+# ESGD_SUITE_LIMIT_SCALE, ESGD_SUITE_KEEP_COPY=1 (keep the rehearsal's copy).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # python3 first: on the lent GPU machines that is the interpreter that holds torch.
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
-export MAX_JOBS="${MAX_JOBS:-16}"
+REHEARSAL=0
+case "${ESGD_SUITE_REHEARSAL:-}" in ""|0) ;; *) REHEARSAL=1 ;; esac
+SCALE="${ESGD_SUITE_LIMIT_SCALE:-$([ "$REHEARSAL" = 1 ] && echo 4 || echo 1)}"
+BUDGET="${ESGD_SUITE_BUDGET:-$((540 * SCALE))}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}"
 export TORCH_CUDA_ARCH_LIST="${ESGD_ARCH:-9.0}"
-export ESGD_CUDA_BUILD=cuda
 export ESGD_CUDA_DISABLE_EXTENSION=
+export PYTHONUNBUFFERED=1
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
+# torch compiles with ninja when it finds it on PATH, else one file at a time: the ninja of a venv's
+# package is not on PATH when its python3 was found some other way.
+if ! command -v ninja >/dev/null 2>&1; then
+  NINJA_DIR="$("$PYTHON" -c 'import ninja; print(ninja.BIN_DIR)' 2>/dev/null || true)"
+  if [ -n "$NINJA_DIR" ] && [ -d "$NINJA_DIR" ]; then
+    export PATH="$NINJA_DIR:$PATH"
+  fi
+fi
 LOGS="$(mktemp -d "${TMPDIR:-/tmp}/esgd_gpu_suite.XXXXXX")"
+STAGES=(build tests memcheck bandwidth step_time racecheck ncu)
 SUMMARY=()
 FAILED=0
-BUILT=0
-BUDGET="${ESGD_SUITE_BUDGET:-540}"
 
-stage() {  # stage NAME TIMEOUT_S COMMAND...
-  local name="$1" limit="$2"
+if [ "$REHEARSAL" = 1 ]; then
+  export ESGD_CUDA_BUILD=cpu ESGD_SUITE_REHEARSAL=1
+  COPY="$LOGS/repo"
+  mkdir "$COPY"
+  if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git ls-files -z --cached --others --exclude-standard \
+      | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$COPY"
+  else
+    tar --exclude=.git --exclude=.venv --exclude=build --exclude='*.so' --exclude=__pycache__ \
+      --exclude=benchmarks/results -cf - . | tar -xf - -C "$COPY"
+  fi
+  if [ "${ESGD_SUITE_KEEP_COPY:-0}" != 1 ]; then
+    trap 'rm -rf "$COPY"' EXIT
+  fi
+  cd "$COPY"
+else
+  export ESGD_CUDA_BUILD=cuda
+fi
+
+collect_logs() {
+  if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+    # One file for all logs: the tool brings back at most 8 files.
+    for s in "${STAGES[@]}"; do
+      if [ -f "$LOGS/$s.log" ]; then
+        echo "===== $s.log"
+        cat "$LOGS/$s.log"
+      fi
+    done >"$OUT/gpu_suite.log"
+  fi
+  return 0
+}
+
+record() {  # record NAME STATUS TEXT
+  SUMMARY+=("$(printf '%-10s %-8s %s' "$1" "$2" "$3")")
+}
+
+stage() {  # stage NAME LIMIT_S COMMAND...
+  local name="$1" limit=$(($2 * SCALE))
   shift 2
   local left=$((BUDGET - SECONDS))
   if [ "$left" -lt 20 ]; then
-    skip "$name" "suite budget of ${BUDGET}s spent"
+    record "$name" skipped "(suite budget of ${BUDGET}s spent)"
     FAILED=1
     return 1
   fi
   if [ "$limit" -gt "$left" ]; then
     limit="$left"
   fi
-  echo "== [$name] (limit ${limit}s) $*"
-  local start=$SECONDS status=0
-  timeout "$limit" "$@" > >(tee "$LOGS/$name.log") 2>&1 || status=$?
-  local took=$((SECONDS - start))
-  if [ "$status" -eq 0 ]; then
-    SUMMARY+=("$(printf '%-14s %-8s %5ss' "$name" ok "$took")")
+  echo "== [$name] (limit ${limit}s, suite at ${SECONDS}s of ${BUDGET}s) $*"
+  local start=$SECONDS status
+  # A pipeline, not a process substitution: bash waits for tee, so the log is complete when the
+  # stage returns (pipefail is on, so the if sees the stage's own status).
+  if ESGD_STAGE_SECONDS="$limit" timeout -k 10 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"; then
+    status=0
   else
-    [ "$status" -eq 124 ] && echo "[$name] timed out after ${limit}s"
-    SUMMARY+=("$(printf '%-14s %-8s %5ss  (exit %s, log %s)' "$name" FAILED "$took" "$status" "$LOGS/$name.log")")
+    status=${PIPESTATUS[0]}
+  fi
+  local took=$((SECONDS - start)) note=""
+  if [ "$status" -eq 0 ] && [ "$REHEARSAL" = 1 ] && [ "$name" != build ] \
+      && ! grep -q "rehearsal: reached device check" "$LOGS/$name.log"; then
+    status=1 note=", did not reach its device check"
+  fi
+  if [ "$status" -eq 0 ]; then
+    record "$name" ok "$(printf '%5ss / %ss' "$took" "$limit")"
+  else
+    if [ "$status" -eq 124 ]; then
+      note=", timed out"
+    fi
+    record "$name" FAILED "$(printf '%5ss / %ss  (exit %s%s)' "$took" "$limit" "$status" "$note")"
     FAILED=1
   fi
+  echo "== [$name] $([ "$status" -eq 0 ] && echo ok || echo FAILED) after ${took}s"
+  collect_logs
   return "$status"
 }
 
-skip() {
-  SUMMARY+=("$(printf '%-14s %-8s' "$1" skipped) ($2)")
-}
-
 echo "== environment"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())' \
+if [ "$REHEARSAL" = 1 ]; then
+  echo "rehearsal: CPU-only build and stage scripts up to their device checks, in $PWD"
+fi
+echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown), $(nproc 2>/dev/null) cores, MAX_JOBS=$MAX_JOBS, budget ${BUDGET}s"
+echo "ninja: $(command -v ninja || echo 'not found: the build compiles one file at a time')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: no GPU"
+"$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())' \
   || echo "$PYTHON cannot import torch"
 
-if stage build 300 "$PYTHON" setup.py build_ext --inplace; then
-  BUILT=1
-fi
-
-if [ "$BUILT" = 1 ]; then
-  stage info 60 "$PYTHON" -c '
-import json, sys, torch, esgd_cuda
-from esgd_cuda import _extension
-info = esgd_cuda.extension_info()
-print(json.dumps(info, indent=1))
-if not _extension.fused_supported(torch.device("cuda"), torch.float32):
-    sys.exit("the CUDA kernels do not run on this GPU")' || true
-  # The whole suite: the CUDA tests are spread over several files (kernels, optimizer, state,
-  # capturable, compile, accumulation), and -ra lists any that still skip, e.g. for memory.
-  stage tests 240 "$PYTHON" -m pytest -q -ra -p no:cacheprovider tests || true
-
-  cat > "$LOGS/sanitize.py" <<'PY'
-import torch
-from esgd_cuda import ops
-
-gen = torch.Generator().manual_seed(0)
-kw = dict(beta1=0.9, v=0.7, eps=1e-4, weight_decay=0.01, step_size=0.1, momentum_scale=1.2,
-          denom_scale=1.5)
-for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-    sd = torch.float64 if dtype == torch.float64 else torch.float32
-    sizes = [1, 3, 0, 4097, 65535, 65537, 131072]
-    def mk(dt, offset=0):
-        return [torch.rand(n + offset, generator=gen, dtype=torch.float64).to(dt).cuda()[offset:]
-                for n in sizes]
-    for offset in (0, 1):  # aligned vector path, then misaligned scalar path
-        p, g, m, d, hz = mk(dtype, offset), mk(dtype, offset), mk(sd, offset), mk(sd, offset), mk(dtype, offset)
-        ops.esgd_update_hz_(p, g, m, d, hz, beta2=0.999, **kw)
-        ops.esgd_update_(p, g, m, d, **kw)
-    # More tensors than one launch holds.
-    many = [torch.rand(n % 700 + 1, generator=gen).cuda() for n in range(80)]
-    st = [torch.rand(t.numel(), generator=gen).cuda() for t in many]
-    ops.esgd_update_(many, [t.clone() for t in many], st, [s.clone() for s in st], **kw)
-    # The capturable op: step scalars read from a device table, one row per tensor.
-    from esgd_cuda.functional import step_scalar_table
-    ones = [torch.ones((), device="cuda") for _ in sizes]
-    table = step_scalar_table(ones, ones, lr=0.1, beta1=0.9, beta2=0.999, v=0.7, lr_warmup=0.9,
-                              weight_decay=0.01)
-    ops.esgd_update_capturable_(p, g, m, d, hz, table, beta1=0.9, beta2=0.999, v=0.7, eps=1e-4)
-    ops.esgd_update_capturable_(p, g, m, d, [], table, beta1=0.9, beta2=0.999, v=0.7, eps=1e-4)
-torch.cuda.synchronize()
-print("sanitize workload done")
-PY
-  SANITIZER="$(command -v compute-sanitizer || true)"
-  if [ -z "$SANITIZER" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/compute-sanitizer" ]; then
-    SANITIZER="$CUDA_HOME/bin/compute-sanitizer"
-  fi
-  if [ -n "$SANITIZER" ]; then
-    # Without the caching allocator every tensor is its own allocation, so memcheck sees
-    # out-of-bounds accesses that would otherwise land inside a pooled block.
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage memcheck 150 "$SANITIZER" --tool memcheck \
-      --error-exitcode 1 --kernel-name regex:esgd "$PYTHON" "$LOGS/sanitize.py" || true
-  else
-    skip memcheck "compute-sanitizer not found"
-  fi
-
-  stage bandwidth 120 "$PYTHON" - <<'PY' || true
-import torch
-from esgd_cuda import ops
-
-# 128M fp32 parameters in 100 tensors; a plain step moves 24 B per element
-# (reads p, g, m, d; writes p, m), a copy 8 B (read + write).
-n_total, count = 128 * 2**20, 100
-sizes = [n_total // count + (i % 7) * 1024 for i in range(count)]
-p, g, m = ([torch.randn(n, device="cuda") for n in sizes] for _ in range(3))
-d = [torch.rand(n, device="cuda") for n in sizes]
-kw = dict(beta1=0.9, v=0.7, eps=1e-4, weight_decay=0.0, step_size=1e-3, momentum_scale=1.2,
-          denom_scale=1.5)
-src = torch.empty(sum(sizes), device="cuda")
-dst = torch.empty_like(src)
-
-def timed(fn, reps=50):
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record(); fn(); end.record(); end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
-
-elements = sum(sizes)
-t_copy = timed(lambda: dst.copy_(src))
-t_plain = timed(lambda: ops.esgd_update_(p, g, m, d, **kw))
-hz = [torch.randn(n, device="cuda") for n in sizes]
-t_hz = timed(lambda: ops.esgd_update_hz_(p, g, m, d, hz, beta2=0.999, **kw))
-bw_copy = 8 * elements / t_copy / 1e9
-bw_plain = 24 * elements / t_plain / 1e9
-bw_hz = 32 * elements / t_hz / 1e9
-print(f"elements {elements}: copy {bw_copy:.0f} GB/s, plain step {t_plain*1e3:.3f} ms {bw_plain:.0f} GB/s "
-      f"({bw_plain / bw_copy:.1%} of copy), estimation step {t_hz*1e3:.3f} ms {bw_hz:.0f} GB/s "
-      f"({bw_hz / bw_copy:.1%} of copy)")
-PY
-  if [ -f benchmarks/step_time.py ]; then
-    stage step_time 240 "$PYTHON" benchmarks/step_time.py --device cuda || true
-  else
-    skip step_time "benchmarks/step_time.py not found"
-  fi
-
-  # After the benchmarks, as the stages a short budget can best spare. racecheck looks for shared
-  # memory hazards, and the kernel uses no shared memory: it guards against a future change.
-  if [ -n "$SANITIZER" ]; then
-    stage racecheck 150 "$SANITIZER" --tool racecheck --error-exitcode 1 \
-      --kernel-name regex:esgd "$PYTHON" "$LOGS/sanitize.py" || true
-  else
-    skip racecheck "compute-sanitizer not found"
-  fi
-
-  # Nsight Compute's view of the kernels, to tell
-  # a memory-bound kernel (DRAM throughput near peak) from one starved of warps.
-  cat > "$LOGS/profile.py" <<'PY'
-import torch
-from esgd_cuda import ops
-
-kw = dict(beta1=0.9, v=0.7, eps=1e-4, weight_decay=0.0, step_size=1e-3, momentum_scale=1.2,
-          denom_scale=1.5)
-for dtype in (torch.float32, torch.bfloat16):
-    sizes = [16 * 2**20] * 4  # 64M parameters: whole 320-block launches
-    p, g, hz = ([torch.randn(n, device="cuda").to(dtype) for n in sizes] for _ in range(3))
-    m = [torch.randn(n, device="cuda") for n in sizes]
-    d = [torch.rand(n, device="cuda") for n in sizes]
-    ops.esgd_update_(p, g, m, d, **kw)
-    ops.esgd_update_hz_(p, g, m, d, hz, beta2=0.999, **kw)
-torch.cuda.synchronize()
-PY
-  NCU="$(command -v ncu || true)"
-  if [ -z "$NCU" ] && [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/ncu" ]; then
-    NCU="$CUDA_HOME/bin/ncu"
-  fi
-  if [ -n "$NCU" ]; then
-    # All 16 launches: 4 per call (64M parameters in 320-block launches) for fp32 and bf16, plain
-    # and estimation.
-    stage ncu 120 "$NCU" --kernel-name regex:esgd_multi_tensor --launch-count 16 --csv \
-      --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size \
-      "$PYTHON" "$LOGS/profile.py" || true
-  else
-    skip ncu "ncu not found"
-  fi
+# Stage limits below are the `limit` column above (times ESGD_SUITE_LIMIT_SCALE).
+if stage build 160 "$PYTHON" setup.py build_ext --inplace; then
+  stage tests 110 "$PYTHON" benchmarks/gpu/cuda_tests.py || true
+  stage memcheck 70 "$PYTHON" benchmarks/gpu/sanitize.py memcheck || true
+  stage bandwidth 30 "$PYTHON" benchmarks/gpu/bandwidth.py || true
+  stage step_time 70 "$PYTHON" benchmarks/gpu/step_time_cuda.py || true
+  stage racecheck 50 "$PYTHON" benchmarks/gpu/sanitize.py racecheck || true
+  stage ncu 50 "$PYTHON" benchmarks/gpu/kernel_profile.py || true
 else
-  for s in info tests memcheck bandwidth step_time racecheck ncu; do skip "$s" "build failed"; done
+  for s in "${STAGES[@]:1}"; do record "$s" skipped "(build failed)"; done
 fi
 
-if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
-  # One file for all logs: the tool brings back at most 8 files.
-  for f in "$LOGS"/*.log; do echo "===== $(basename "$f")"; cat "$f"; done >"$OUT/gpu_suite.log" 2>/dev/null || true
+{
+  echo "== gpu_suite summary ($([ "$REHEARSAL" = 1 ] && echo rehearsal || echo GPU run); logs in $LOGS)"
+  grep -h "^bandwidth: " "$LOGS/bandwidth.log" 2>/dev/null || true
+  grep -hE "(passed|failed|errors?|skipped|deselected|collected|no tests ran).* in [0-9.]+s( =+)?$" \
+    "$LOGS/tests.log" 2>/dev/null | sed 's/^=* */tests: /; s/ *=*$//' || true
+  for s in memcheck racecheck; do
+    grep -h "ERROR SUMMARY" "$LOGS/$s.log" 2>/dev/null | sed "s/^=* */$s: /" || true
+  done
+  grep -h "^\[ncu\] \(timing-only\|no access\|ncu not found\|ncu failed\)" "$LOGS/ncu.log" 2>/dev/null || true
+  printf '%-10s %-8s %s\n' stage status "time / limit"
+  printf '%s\n' "${SUMMARY[@]}"
+  echo "total ${SECONDS}s of the ${BUDGET}s budget"
+} >"$LOGS/summary.txt"
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+  collect_logs
+  cp "$LOGS/summary.txt" "$OUT/"
   cp benchmarks/results/step_time_cuda.md benchmarks/results/step_time_cuda.json "$OUT"/ 2>/dev/null || true
 fi
-
 echo
-echo "== gpu_suite summary (logs in $LOGS)"
-grep -h "GB/s" "$LOGS/bandwidth.log" 2>/dev/null || true
-tail -n 3 "$LOGS/tests.log" 2>/dev/null | grep -E "passed|failed" || true
-printf '%-14s %-8s %6s\n' stage status time
-printf '%s\n' "${SUMMARY[@]}"
+cat "$LOGS/summary.txt"
 exit "$FAILED"

@@ -93,6 +93,7 @@ def bytes_per_param(kind: str | None, param_dtype: torch.dtype) -> int | None:
     AdaHessian and SophiaH ("peer", state in the parameter dtype): as ESGD; "peer_hz" with their
     Hessian estimate given. torchzero ESGD ("tz", no momentum): read p, g, D; write p.
     None: the row includes work no byte model covers (a closure's finite difference, autograd).
+    The finite-difference and probe kinds are described below.
     """
     if kind is None:
         return None
@@ -106,6 +107,20 @@ def bytes_per_param(kind: str | None, param_dtype: torch.dtype) -> int | None:
         return 4 * ps + 4 * ss
     if kind == "adam":
         return 7 * ps
+    # Finite-difference estimation: the forward difference reads g+ where esgd_hz reads Hz (p, g, m,
+    # D, g+ in; p, m, D out); the central one also reads g-.
+    if kind == "esgd_fd_forward":
+        return 4 * ps + 4 * ss
+    if kind == "esgd_fd_central":
+        return 5 * ps + 4 * ss
+    # Perturbation with save: read p, write the backup and p; without: read the backup, write p.
+    if kind == "perturb_save":
+        return 3 * ps
+    if kind == "perturb_restore":
+        return 2 * ps
+    # Probe fill and Tensor.fill_: write the tensor once.
+    if kind == "fill":
+        return ps
     raise ValueError(f"unknown byte model {kind!r}")
 
 
@@ -190,6 +205,75 @@ def esgd_kernel_case(esgd_cuda, shape, dtype, device, gen, fused: bool, hz: bool
     label = "fused" if fused else "fused=False"
     what = "estimation (+Hz)" if hz else "plain"
     return Case(f"ESGD {label}: esgd_update {what}", "esgd_hz" if hz else "esgd", fn)
+
+
+def fd_update_case(esgd_cuda, shape, dtype, device, gen, central: bool) -> Case:
+    """functional.esgd_update_fd (fused): an estimation step whose Hz is a gradient difference."""
+    sdt = state_dtype(dtype)
+    params = make_tensors(shape, dtype, device, gen)
+    grads = make_tensors(shape, dtype, device, gen, scale=1e-2)
+    exp_avgs = make_tensors(shape, sdt, device, gen, scale=1e-2)
+    exp_hz_sqs = [t.abs_() for t in make_tensors(shape, sdt, device, gen, scale=1e-2)]
+    grads_plus = make_tensors(shape, dtype, device, gen, scale=1e-2)
+    grads_minus = make_tensors(shape, dtype, device, gen, scale=1e-2) if central else None
+    hz_scale = torch.tensor(500.0 if central else 1000.0, dtype=torch.float64, device=device)
+    t = 50
+    kwargs = dict(beta1=BETA1, beta2=BETA2, v=V, eps=EPS, weight_decay=0.0, step_size=1e-3,
+                  momentum_scale=1.0 / (1.0 - BETA1 ** t * V),
+                  denom_scale=1.0 / math.sqrt(1.0 - BETA2 ** 6), fused=True)
+    update = esgd_cuda.functional.esgd_update_fd
+
+    def fn():
+        update(params, grads, exp_avgs, exp_hz_sqs, grads_plus, grads_minus, hz_scale, **kwargs)
+
+    what = "central" if central else "forward"
+    return Case(f"ESGD fused: esgd_update_fd {what}", f"esgd_fd_{what}", fn)
+
+
+def _probes_module(esgd_cuda):
+    import importlib
+
+    return importlib.import_module(esgd_cuda.__name__ + ".probes")
+
+
+def perturb_case(esgd_cuda, shape, dtype, device, gen, save: bool) -> Case:
+    """probes.fd_perturb_ (fused): every parameter moved by h along its probe, h on the device."""
+    probes = _probes_module(esgd_cuda)
+    params = make_tensors(shape, dtype, device, gen)
+    backups = [p.clone() for p in params]
+    scale = torch.tensor(1e-3, dtype=torch.float64, device=device)
+    keys = [probes.probe_key(0, i) for i in range(len(params))]
+    offsets = [0] * len(params)
+
+    def fn():
+        probes.fd_perturb_(params, backups, scale, keys, offsets, sign=1.0, save=save, fused=True)
+
+    what = "save" if save else "restore"
+    return Case(f"ESGD fused: fd_perturb_ {what}", f"perturb_{what}", fn)
+
+
+def rademacher_case(esgd_cuda, shape, dtype, device, gen) -> Case:
+    """probes.rademacher_ (fused): each tensor filled with its probe."""
+    probes = _probes_module(esgd_cuda)
+    tensors = make_tensors(shape, dtype, device, gen)
+    keys = [probes.probe_key(1, i) for i in range(len(tensors))]
+    offsets = [0] * len(tensors)
+
+    def fn():
+        probes.rademacher_(tensors, keys, offsets, fused=True)
+
+    return Case("ESGD fused: rademacher_", "fill", fn)
+
+
+def fill_case(shape, dtype, device, gen) -> Case:
+    """Tensor.fill_ on tensors of the rademacher_ row's shapes: the write-only ceiling for it."""
+    tensors = make_tensors(shape, dtype, device, gen)
+
+    def fn():
+        for t in tensors:
+            t.fill_(1.0)
+
+    return Case("Tensor.fill_ (the rademacher_ tensors)", "fill", fn)
 
 
 def adam_case(shape, dtype, device, gen, cls, impl: str) -> Case:
@@ -354,6 +438,18 @@ def build_cases(esgd_cuda, shape: Shape, dtype: torch.dtype, device: torch.devic
         ("ESGD fused=False: esgd_update estimation (+Hz)", "esgd_hz", None,
          lambda: esgd_kernel_case(esgd_cuda, shape, dtype, device, gen, fused=False, hz=True)),
     ]
+    for central in (False, True):
+        what = "central" if central else "forward"
+        specs.append((f"ESGD fused: esgd_update_fd {what}", f"esgd_fd_{what}", fused_why,
+                      lambda central=central: fd_update_case(esgd_cuda, shape, dtype, device, gen, central)))
+    for save in (True, False):
+        what = "save" if save else "restore"
+        specs.append((f"ESGD fused: fd_perturb_ {what}", f"perturb_{what}", fused_why,
+                      lambda save=save: perturb_case(esgd_cuda, shape, dtype, device, gen, save)))
+    specs.append(("ESGD fused: rademacher_", "fill", fused_why,
+                  lambda: rademacher_case(esgd_cuda, shape, dtype, device, gen)))
+    specs.append(("Tensor.fill_ (the rademacher_ tensors)", "fill", None,
+                  lambda: fill_case(shape, dtype, device, gen)))
     for cls in (torch.optim.Adam, torch.optim.AdamW):
         for impl in ("fused", "foreach"):
             specs.append((f"{cls.__name__} {impl}", "adam", None,

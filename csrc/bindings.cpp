@@ -2,6 +2,7 @@
 
 #include "esgd_common.h"
 #include "launch_plan.h"
+#include "probe_common.h"
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -34,6 +35,16 @@ TORCH_LIBRARY(esgd_cuda, m) {
       "esgd_update_capturable_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_hz_sqs, Tensor[] hzs, Tensor step_scalars, *, float beta1, float beta2, "
       "float v, float eps, float grad_scale_inv=1.0, float hz_scale_inv=1.0) -> ()");
+  m.def(
+      "esgd_update_fd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_hz_sqs, Tensor[] grads_plus, Tensor[] grads_minus, Tensor hz_scale, "
+      "Tensor? step_scalars, *, float beta1, float beta2, float v, float eps, float weight_decay, "
+      "float step_size, float momentum_scale, float denom_scale, float grad_scale_inv=1.0, "
+      "float hz_scale_inv=1.0) -> ()");
+  m.def("esgd_rademacher_(Tensor(a!)[] out, int[] keys, int[] offsets) -> ()");
+  m.def(
+      "esgd_fd_perturb_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor scale, int[] keys, "
+      "int[] offsets, *, float sign, bool save) -> ()");
 }
 
 namespace {
@@ -53,6 +64,10 @@ py::list plan_launches_py(
     out.append(d);
   }
   return out;
+}
+
+at::Tensor optional_tensor(const py::object& t) {
+  return t.is_none() ? at::Tensor() : t.cast<at::Tensor>();
 }
 
 py::dict build_info() {
@@ -89,17 +104,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          double step_size, double momentum_scale, double denom_scale, double grad_scale_inv,
          double hz_scale_inv, py::object step_scalars) {
         const bool has_hz = !hzs.is_none();
-        at::Tensor rows;
-        if (!step_scalars.is_none()) {
-          rows = step_scalars.cast<at::Tensor>();
-        }
+        const at::Tensor rows = optional_tensor(step_scalars);
         const std::vector<at::Tensor> hz_list =
             has_hz ? hzs.cast<std::vector<at::Tensor>>() : std::vector<at::Tensor>{};
+        const esgd::HzInputs hz{has_hz ? esgd::HzSource::kDirect : esgd::HzSource::kNone, hz_list,
+                                {}, nullptr};
         return esgd::emulate_cuda_update(
-            params, grads, exp_avgs, exp_hz_sqs, hz_list, has_hz,
+            params, grads, exp_avgs, exp_hz_sqs, hz,
             esgd::Hyper{beta1, beta2, v, eps, weight_decay, step_size, momentum_scale,
                         denom_scale, grad_scale_inv, hz_scale_inv},
-            step_scalars.is_none() ? nullptr : &rows);
+            rows.defined() ? &rows : nullptr);
       },
       py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_hz_sqs"),
       py::arg("hzs"), py::kw_only(), py::arg("beta1"), py::arg("beta2"), py::arg("v"),
@@ -109,8 +123,47 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Test hook: the CUDA kernel's plan, tables and per-thread code run sequentially on CPU "
       "tensors (hzs=None for a plain step; step_scalars as for esgd_update_capturable_). "
       "Returns one (tensor index, chunk, took the vector path) tuple per block, in launch order.");
+  m.def(
+      "emulate_cuda_update_fd",
+      [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+         const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_hz_sqs,
+         const std::vector<at::Tensor>& grads_plus, const std::vector<at::Tensor>& grads_minus,
+         const at::Tensor& hz_scale, double beta1, double beta2, double v, double eps,
+         double weight_decay, double step_size, double momentum_scale, double denom_scale,
+         double grad_scale_inv, double hz_scale_inv, py::object step_scalars) {
+        const at::Tensor rows = optional_tensor(step_scalars);
+        const esgd::HzInputs hz{
+            grads_minus.empty() ? esgd::HzSource::kForward : esgd::HzSource::kCentral, grads_plus,
+            grads_minus, &hz_scale};
+        return esgd::emulate_cuda_update(
+            params, grads, exp_avgs, exp_hz_sqs, hz,
+            esgd::Hyper{beta1, beta2, v, eps, weight_decay, step_size, momentum_scale,
+                        denom_scale, grad_scale_inv, hz_scale_inv},
+            rows.defined() ? &rows : nullptr);
+      },
+      py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_hz_sqs"),
+      py::arg("grads_plus"), py::arg("grads_minus"), py::arg("hz_scale"), py::kw_only(),
+      py::arg("beta1"), py::arg("beta2"), py::arg("v"), py::arg("eps"), py::arg("weight_decay"),
+      py::arg("step_size"), py::arg("momentum_scale"), py::arg("denom_scale"),
+      py::arg("grad_scale_inv") = 1.0, py::arg("hz_scale_inv") = 1.0,
+      py::arg("step_scalars") = py::none(),
+      "Test hook: esgd_update_fd_ through the CUDA kernel's code on CPU tensors (empty "
+      "grads_minus: forward difference). Returns the per-block rows of emulate_cuda_update.");
+  m.def(
+      "emulate_cuda_rademacher", &esgd::emulate_cuda_rademacher, py::arg("out"), py::arg("keys"),
+      py::arg("offsets"),
+      "Test hook: esgd_rademacher_ through the CUDA kernel's code on CPU tensors. Returns one "
+      "(tensor index, chunk, took the vector path) tuple per block, in launch order.");
+  m.def(
+      "emulate_cuda_fd_perturb", &esgd::emulate_cuda_fd_perturb, py::arg("params"),
+      py::arg("backups"), py::arg("scale"), py::arg("keys"), py::arg("offsets"), py::kw_only(),
+      py::arg("sign"), py::arg("save"),
+      "Test hook: esgd_fd_perturb_ through the CUDA kernel's code on CPU tensors. Returns one "
+      "(tensor index, chunk, took the vector path) tuple per block, in launch order.");
   m.attr("CHUNK_SIZE") = esgd::kChunkSize;
   m.attr("MAX_BLOCKS") = esgd::kMaxBlocks;
   m.attr("MAX_TENSORS_PLAIN") = esgd::kMaxTensorsDepth4;
   m.attr("MAX_TENSORS_HZ") = esgd::kMaxTensorsDepth5;
+  m.attr("MAX_TENSORS_CENTRAL") = esgd::kMaxTensorsDepth6;
+  m.attr("MAX_TENSORS_PROBE") = esgd::kMaxTensorsProbe;
 }

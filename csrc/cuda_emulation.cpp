@@ -1,9 +1,10 @@
-// Runs the CUDA kernel's code (multi_tensor.h) on CPU tensors: the real plan, the real table
-// packing and the real per-thread body, with blocks and threads executed one after another.
-// Test-only entry point exposed as esgd_cuda._C.emulate_cuda_update; it makes the device code's
-// indexing checkable on machines without a GPU.
+// Runs the CUDA kernels' code (multi_tensor.h, probe_kernels.h) on CPU tensors: the real host
+// preparation, plan, table packing and per-thread bodies, with blocks and threads executed one
+// after another. Test-only entry points exposed as esgd_cuda._C.emulate_cuda_*; they make the
+// device code's indexing and bits checkable on machines without a GPU.
 
 #include "multi_tensor.h"
+#include "probe_kernels.h"
 
 #include <ATen/Dispatch.h>
 
@@ -12,63 +13,147 @@
 
 namespace esgd {
 
-std::vector<std::array<int64_t, 3>> emulate_cuda_update(
+namespace {
+
+using BlockRows = std::vector<std::array<int64_t, 3>>;
+
+// Table slots hold addresses; map them back to the caller's tensor index for the report.
+std::unordered_map<const void*, int64_t> index_by_address(const std::vector<at::Tensor>& tensors) {
+  std::unordered_map<const void*, int64_t> index_of;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    if (tensors[t].numel() > 0) {  // empty tensors never take a slot
+      index_of.emplace(tensors[t].data_ptr(), static_cast<int64_t>(t));
+    }
+  }
+  return index_of;
+}
+
+template <typename P, typename S, HzSource Src>
+void emulate_update(const UpdateJob& job, const Hyper& hyper, BlockRows& rows) {
+  constexpr int kDepth = depth_of<Src>();
+  const Coeffs<S> c = make_coeffs<S>(hyper);
+  const DeviceScale scale{job.hz_scale, hyper.hz_scale_inv};
+  const auto index_of = index_by_address(job.workspace.params);
+  for_each_launch<Src>(job.workspace, [&](const TensorTable<kDepth>& table, int blocks) {
+    for (int b = 0; b < blocks; ++b) {
+      const auto span = block_span<P, S, kDepth>(table, b);
+      const int slot = table.block_slot[b];
+      rows.push_back({index_of.at(table.addresses[0][slot]),
+                      static_cast<int64_t>(table.block_chunk[b]),
+                      static_cast<int64_t>(takes_vector_path(span))});
+      for (int t = 0; t < kBlockSize; ++t) {
+        process_block<P, S, Src>(table, c, scale, b, t, kBlockSize);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+BlockRows emulate_cuda_update(
     const std::vector<at::Tensor>& params,
     const std::vector<at::Tensor>& grads,
     const std::vector<at::Tensor>& exp_avgs,
     const std::vector<at::Tensor>& exp_hz_sqs,
-    const std::vector<at::Tensor>& hzs,
-    bool has_hz,
+    const HzInputs& hz,
     const Hyper& hyper,
     const at::Tensor* step_scalars) {
-  const at::TensorList hz_list(hzs);
-  const at::TensorList* hz_ptr = has_hz ? &hz_list : nullptr;
-  check_inputs(
-      "emulate_cuda_update", params, grads, exp_avgs, exp_hz_sqs, hz_ptr, c10::DeviceType::CPU);
-  std::vector<const double*> rows;
-  if (step_scalars != nullptr) {
-    rows = step_scalar_rows("emulate_cuda_update", *step_scalars, params);
-  }
-  std::vector<std::array<int64_t, 3>> blocks_run;
-  if (params.empty()) {
-    return blocks_run;
-  }
-  Workspace w(params, grads, exp_avgs, exp_hz_sqs, hz_ptr);
-  w.step_scalars = std::move(rows);
-  // Table slots hold addresses; map them back to the caller's tensor index for the report.
-  std::unordered_map<const void*, int64_t> index_of;
-  for (size_t t = 0; t < w.params.size(); ++t) {
-    if (w.params[t].numel() > 0) {  // empty tensors never take a slot
-      index_of.emplace(w.params[t].data_ptr(), static_cast<int64_t>(t));
-    }
+  const std::unique_ptr<UpdateJob> job = prepare_update(
+      "emulate_cuda_update", params, grads, exp_avgs, exp_hz_sqs, hz, step_scalars,
+      c10::DeviceType::CPU);
+  BlockRows rows;
+  if (!job) {
+    return rows;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), "emulate_cuda_update", [&] {
         using S = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        const Coeffs<S> c = make_coeffs<S>(hyper);
-        auto run = [&](auto depth) {
-          constexpr int kDepth = decltype(depth)::value;
-          for_each_launch<kDepth>(w, [&](const TensorTable<kDepth>& table, int blocks) {
-            for (int b = 0; b < blocks; ++b) {
-              const auto span = block_span<scalar_t, S, kDepth>(table, b);
-              const int slot = table.block_slot[b];
-              blocks_run.push_back({index_of.at(table.addresses[0][slot]),
-                                    static_cast<int64_t>(table.block_chunk[b]),
-                                    static_cast<int64_t>(takes_vector_path(span))});
-              for (int t = 0; t < kBlockSize; ++t) {
-                process_block<scalar_t, S, kDepth>(table, c, b, t, kBlockSize);
-              }
-            }
-          });
-        };
-        if (has_hz) {
-          run(std::integral_constant<int, 5>{});
-        } else {
-          run(std::integral_constant<int, 4>{});
+        switch (hz.source) {
+          case HzSource::kNone:
+            emulate_update<scalar_t, S, HzSource::kNone>(*job, hyper, rows);
+            break;
+          case HzSource::kDirect:
+            emulate_update<scalar_t, S, HzSource::kDirect>(*job, hyper, rows);
+            break;
+          case HzSource::kForward:
+            emulate_update<scalar_t, S, HzSource::kForward>(*job, hyper, rows);
+            break;
+          case HzSource::kCentral:
+            emulate_update<scalar_t, S, HzSource::kCentral>(*job, hyper, rows);
+            break;
         }
       });
-  w.finish();
-  return blocks_run;
+  job->workspace.finish();
+  return rows;
+}
+
+BlockRows emulate_cuda_rademacher(
+    const std::vector<at::Tensor>& out,
+    const std::vector<int64_t>& keys,
+    const std::vector<int64_t>& offsets) {
+  const std::unique_ptr<ProbeJob> job =
+      prepare_rademacher("emulate_cuda_rademacher", out, keys, offsets, c10::DeviceType::CPU);
+  BlockRows rows;
+  if (!job) {
+    return rows;
+  }
+  const auto index_of = index_by_address(job->lists[0]);
+  for (const at::ScalarType dtype : job->dtypes()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "emulate_cuda_rademacher", [&] {
+      using S = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      for_each_probe_launch<1>(*job, dtype, [&](const ProbeTable<1>& table, int blocks) {
+        for (int b = 0; b < blocks; ++b) {
+          rows.push_back({index_of.at(table.addresses[0][table.block_slot[b]]),
+                          static_cast<int64_t>(table.block_chunk[b]),
+                          static_cast<int64_t>(rademacher_vector_path<scalar_t>(table, b))});
+          for (int t = 0; t < kBlockSize; ++t) {
+            rademacher_block<scalar_t, S>(table, b, t, kBlockSize);
+          }
+        }
+      });
+    });
+  }
+  job->finish();
+  return rows;
+}
+
+BlockRows emulate_cuda_fd_perturb(
+    const std::vector<at::Tensor>& params,
+    const std::vector<at::Tensor>& backups,
+    const at::Tensor& scale,
+    const std::vector<int64_t>& keys,
+    const std::vector<int64_t>& offsets,
+    double sign,
+    bool save) {
+  const std::unique_ptr<ProbeJob> job = prepare_perturb(
+      "emulate_cuda_fd_perturb", params, backups, scale, keys, offsets, save, c10::DeviceType::CPU);
+  BlockRows rows;
+  if (!job) {
+    return rows;
+  }
+  const auto index_of = index_by_address(job->lists[0]);
+  const PerturbArgs args{job->scale, sign};
+  for (const at::ScalarType dtype : job->dtypes()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "emulate_cuda_fd_perturb", [&] {
+      using S = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      for_each_probe_launch<2>(*job, dtype, [&](const ProbeTable<2>& table, int blocks) {
+        for (int b = 0; b < blocks; ++b) {
+          rows.push_back({index_of.at(table.addresses[0][table.block_slot[b]]),
+                          static_cast<int64_t>(table.block_chunk[b]),
+                          static_cast<int64_t>(perturb_vector_path<scalar_t>(table, b))});
+          for (int t = 0; t < kBlockSize; ++t) {
+            if (save) {
+              perturb_block<scalar_t, S, true>(table, args, b, t, kBlockSize);
+            } else {
+              perturb_block<scalar_t, S, false>(table, args, b, t, kBlockSize);
+            }
+          }
+        }
+      });
+    });
+  }
+  job->finish();
+  return rows;
 }
 
 }  // namespace esgd

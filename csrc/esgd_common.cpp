@@ -71,20 +71,46 @@ void check_tensor(
 
 }  // namespace
 
+std::vector<std::pair<const char*, at::TensorList>> HzInputs::lists() const {
+  switch (source) {
+    case HzSource::kNone:
+      return {};
+    case HzSource::kDirect:
+      return {{"hzs", a}};
+    case HzSource::kForward:
+      return {{"grads_plus", a}};
+    case HzSource::kCentral:
+      return {{"grads_plus", a}, {"grads_minus", b}};
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown HzSource");
+}
+
+void check_device_scalar(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined (None)");
+  TORCH_CHECK(
+      t.scalar_type() == at::kDouble,
+      op, ": ", name, " has dtype ", dtype_name(t.scalar_type()), ", expected float64");
+  TORCH_CHECK(t.numel() == 1, op, ": ", name, " has ", t.numel(), " elements, expected 1");
+  TORCH_CHECK(
+      t.device() == device,
+      op, ": ", name, " is on ", t.device(), ", expected ", device, " (the device of params[0])");
+}
+
 void check_inputs(
     const char* op,
     at::TensorList params,
     at::TensorList grads,
     at::TensorList exp_avgs,
     at::TensorList exp_hz_sqs,
-    const at::TensorList* hzs,
+    const HzInputs& hz,
     c10::DeviceType device_type) {
   const size_t n = params.size();
+  const auto inputs = hz.lists();
   check_list_length(op, "grads", grads, n);
   check_list_length(op, "exp_avgs", exp_avgs, n);
   check_list_length(op, "exp_hz_sqs", exp_hz_sqs, n);
-  if (hzs != nullptr) {
-    check_list_length(op, "hzs", *hzs, n);
+  for (const auto& [name, list] : inputs) {
+    check_list_length(op, name, list, n);
   }
   if (n == 0) {
     return;
@@ -116,9 +142,13 @@ void check_inputs(
     check_tensor(op, "grads", i, grads[i], p, pdtype);
     check_tensor(op, "exp_avgs", i, exp_avgs[i], p, sdtype);
     check_tensor(op, "exp_hz_sqs", i, exp_hz_sqs[i], p, sdtype);
-    if (hzs != nullptr) {
-      check_tensor(op, "hzs", i, (*hzs)[i], p, pdtype);
+    for (const auto& [name, list] : inputs) {
+      check_tensor(op, name, i, list[i], p, pdtype);
     }
+  }
+  if (is_finite_difference(hz.source)) {
+    TORCH_INTERNAL_ASSERT(hz.scale != nullptr);
+    check_device_scalar(op, "hz_scale", *hz.scale, first.device());
   }
 }
 
@@ -162,27 +192,30 @@ Workspace::Workspace(
     at::TensorList grads_in,
     at::TensorList exp_avgs_in,
     at::TensorList exp_hz_sqs_in,
-    const at::TensorList* hzs_in) {
+    const std::vector<at::TensorList>& inputs_in) {
   const size_t n = params_in.size();
   params.reserve(n);
   grads.reserve(n);
   exp_avgs.reserve(n);
   exp_hz_sqs.reserve(n);
-  if (hzs_in != nullptr) {
-    hzs.reserve(n);
+  inputs.resize(inputs_in.size());
+  for (auto& list : inputs) {
+    list.reserve(n);
   }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params_in[i];
     bool in_place = p.is_non_overlapping_and_dense() && dense_like(grads_in[i], p) &&
-        dense_like(exp_avgs_in[i], p) && dense_like(exp_hz_sqs_in[i], p) &&
-        (hzs_in == nullptr || dense_like((*hzs_in)[i], p));
+        dense_like(exp_avgs_in[i], p) && dense_like(exp_hz_sqs_in[i], p);
+    for (const at::TensorList& list : inputs_in) {
+      in_place = in_place && dense_like(list[i], p);
+    }
     if (in_place) {
       params.push_back(p);
       grads.push_back(grads_in[i]);
       exp_avgs.push_back(exp_avgs_in[i]);
       exp_hz_sqs.push_back(exp_hz_sqs_in[i]);
-      if (hzs_in != nullptr) {
-        hzs.push_back((*hzs_in)[i]);
+      for (size_t k = 0; k < inputs_in.size(); ++k) {
+        inputs[k].push_back(inputs_in[k][i]);
       }
       continue;
     }
@@ -198,8 +231,8 @@ Workspace::Workspace(
     grads.push_back(grads_in[i].contiguous());
     exp_avgs.push_back(mutable_view(exp_avgs_in[i]));
     exp_hz_sqs.push_back(mutable_view(exp_hz_sqs_in[i]));
-    if (hzs_in != nullptr) {
-      hzs.push_back((*hzs_in)[i].contiguous());
+    for (size_t k = 0; k < inputs_in.size(); ++k) {
+      inputs[k].push_back(inputs_in[k][i].contiguous());
     }
   }
 }
@@ -209,6 +242,36 @@ void Workspace::finish() {
     original.copy_(copy);
   }
   writebacks_.clear();
+}
+
+std::unique_ptr<UpdateJob> prepare_update(
+    const char* op,
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList exp_avgs,
+    at::TensorList exp_hz_sqs,
+    const HzInputs& hz,
+    const at::Tensor* step_scalars,
+    c10::DeviceType device_type) {
+  check_inputs(op, params, grads, exp_avgs, exp_hz_sqs, hz, device_type);
+  std::vector<const double*> rows;
+  if (step_scalars != nullptr) {
+    rows = step_scalar_rows(op, *step_scalars, params);
+  }
+  if (params.empty()) {
+    return nullptr;
+  }
+  std::vector<at::TensorList> inputs;
+  for (const auto& named : hz.lists()) {
+    inputs.push_back(named.second);
+  }
+  auto job = std::unique_ptr<UpdateJob>(
+      new UpdateJob{Workspace(params, grads, exp_avgs, exp_hz_sqs, inputs), nullptr});
+  job->workspace.step_scalars = std::move(rows);
+  if (is_finite_difference(hz.source)) {
+    job->hz_scale = hz.scale->const_data_ptr<double>();
+  }
+  return job;
 }
 
 }  // namespace esgd

@@ -5,8 +5,10 @@
 #include "esgd_math.h"
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 
 #include <array>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -24,15 +26,31 @@ std::string dtype_name(at::ScalarType dtype);
 std::vector<const double*> step_scalar_rows(
     const char* op, const at::Tensor& step_scalars, at::TensorList params);
 
+// Checks a device scalar (a finite difference's 1/h): a 1-element float64 tensor on `device`,
+// read only by device code.
+void check_device_scalar(const char* op, const char* name, const at::Tensor& t, const at::Device& device);
+
+// Where an estimation step's curvature estimate comes from (HzSource) and its lists: `a` is hzs
+// (kDirect) or grads_plus, `b` grads_minus (kCentral); `scale` the device multiplier of a finite
+// difference. source == kNone is a plain step.
+struct HzInputs {
+  HzSource source = HzSource::kNone;
+  at::TensorList a;
+  at::TensorList b;
+  const at::Tensor* scale = nullptr;
+  // The read-only parameter-typed lists after grads, with their argument names.
+  std::vector<std::pair<const char*, at::TensorList>> lists() const;
+};
+
 // Validates every list against params before anything is written, so a bad call leaves the
-// parameters and state untouched. Errors name the list and index. hzs is null on plain steps.
+// parameters and state untouched. Errors name the list and index.
 void check_inputs(
     const char* op,
     at::TensorList params,
     at::TensorList grads,
     at::TensorList exp_avgs,
     at::TensorList exp_hz_sqs,
-    const at::TensorList* hzs,
+    const HzInputs& hz,
     c10::DeviceType device_type);
 
 // Tensors the kernels can walk as flat arrays. A tensor whose layout is dense and shared by all
@@ -40,12 +58,13 @@ void check_inputs(
 // anything else goes through a contiguous copy, written back by finish().
 class Workspace {
  public:
+  // `inputs`: the read-only parameter-typed lists after grads (HzInputs::lists()).
   Workspace(
       at::TensorList params,
       at::TensorList grads,
       at::TensorList exp_avgs,
       at::TensorList exp_hz_sqs,
-      const at::TensorList* hzs);
+      const std::vector<at::TensorList>& inputs);
 
   void finish();
 
@@ -53,7 +72,8 @@ class Workspace {
   std::vector<at::Tensor> grads;
   std::vector<at::Tensor> exp_avgs;
   std::vector<at::Tensor> exp_hz_sqs;
-  std::vector<at::Tensor> hzs;
+  // hzs, or grads_plus [and grads_minus], in HzInputs order.
+  std::vector<std::vector<at::Tensor>> inputs;
   // Capturable steps: row i (kStepScalars doubles, on the device) holds tensor i's step scalars.
   std::vector<const double*> step_scalars;
 
@@ -61,27 +81,45 @@ class Workspace {
   std::vector<std::pair<at::Tensor, at::Tensor>> writebacks_;
 };
 
-// A device's update routine: validates, then updates every tensor (hzs null on plain steps).
+// Everything the update kernels need after validation: the workspace (with step-scalar rows) and,
+// for a finite difference, the address of its device multiplier.
+struct UpdateJob {
+  Workspace workspace;
+  const double* hz_scale = nullptr;
+};
+
+// Validates, then lays out the tensors of an update for the kernels (null when params is empty).
+// Shared by the CPU kernel, the CUDA host code and the CUDA emulation.
+std::unique_ptr<UpdateJob> prepare_update(
+    const char* op,
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList exp_avgs,
+    at::TensorList exp_hz_sqs,
+    const HzInputs& hz,
+    const at::Tensor* step_scalars,
+    c10::DeviceType device_type);
+
+// A device's update routine: validates, then updates every tensor.
 using LaunchFn = void (*)(
     const char* op,
     at::TensorList params,
     at::TensorList grads,
     at::TensorList exp_avgs,
     at::TensorList exp_hz_sqs,
-    const at::TensorList* hzs,
+    const HzInputs& hz,
     const Hyper& hyper,
     const at::Tensor* step_scalars);
 
-// Test hook (cuda_emulation.cpp, bound as esgd_cuda._C.emulate_cuda_update): the CUDA kernel's
-// plan, tables and per-thread code run sequentially on CPU tensors. step_scalars may be null.
-// Returns one (tensor index, chunk, took the vector path) row per block, in launch order.
+// Test hook (cuda_emulation.cpp, bound as esgd_cuda._C.emulate_cuda_update[_fd]): the CUDA
+// kernel's plan, tables and per-thread code run sequentially on CPU tensors. step_scalars may be
+// null. Returns one (tensor index, chunk, took the vector path) row per block, in launch order.
 std::vector<std::array<int64_t, 3>> emulate_cuda_update(
     const std::vector<at::Tensor>& params,
     const std::vector<at::Tensor>& grads,
     const std::vector<at::Tensor>& exp_avgs,
     const std::vector<at::Tensor>& exp_hz_sqs,
-    const std::vector<at::Tensor>& hzs,
-    bool has_hz,
+    const HzInputs& hz,
     const Hyper& hyper,
     const at::Tensor* step_scalars);
 
@@ -104,7 +142,7 @@ void plain_op(
   // beta2 and hz_scale_inv only enter the D update, which plain steps skip.
   const Hyper hyper{beta1, 0.0, v, eps, weight_decay, step_size, momentum_scale, denom_scale,
                     grad_scale_inv, 1.0};
-  Launch("esgd_update_", params, grads, exp_avgs, exp_hz_sqs, nullptr, hyper, nullptr);
+  Launch("esgd_update_", params, grads, exp_avgs, exp_hz_sqs, HzInputs{}, hyper, nullptr);
 }
 
 template <LaunchFn Launch>
@@ -126,7 +164,8 @@ void hz_op(
     double hz_scale_inv) {
   const Hyper hyper{beta1, beta2, v, eps, weight_decay, step_size, momentum_scale, denom_scale,
                     grad_scale_inv, hz_scale_inv};
-  Launch("esgd_update_hz_", params, grads, exp_avgs, exp_hz_sqs, &hzs, hyper, nullptr);
+  Launch("esgd_update_hz_", params, grads, exp_avgs, exp_hz_sqs,
+         HzInputs{HzSource::kDirect, hzs, {}, nullptr}, hyper, nullptr);
 }
 
 // Capturable step: the step-dependent scalars come from the device (step_scalars), so the call
@@ -149,8 +188,39 @@ void capturable_op(
   // step_size, momentum_scale, denom_scale and weight_decay only enter through step_scalars.
   const Hyper hyper{beta1, beta2, v, eps, 0.0, 0.0, 1.0, 1.0, grad_scale_inv, hz_scale_inv};
   const bool estimate = !hzs.empty() || params.empty();
-  Launch("esgd_update_capturable_", params, grads, exp_avgs, exp_hz_sqs, estimate ? &hzs : nullptr,
-         hyper, &step_scalars);
+  const HzInputs hz{estimate ? HzSource::kDirect : HzSource::kNone, hzs, {}, nullptr};
+  Launch("esgd_update_capturable_", params, grads, exp_avgs, exp_hz_sqs, hz, hyper, &step_scalars);
+}
+
+// Estimation step with a finite-difference Hz: grads_plus - grads (empty grads_minus, forward) or
+// grads_plus - grads_minus (central), times hz_scale_inv * hz_scale, hz_scale read on the device.
+// With step_scalars, the host step scalars are ignored, as in a capturable step.
+template <LaunchFn Launch>
+void fd_op(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList exp_avgs,
+    at::TensorList exp_hz_sqs,
+    at::TensorList grads_plus,
+    at::TensorList grads_minus,
+    const at::Tensor& hz_scale,
+    const c10::optional<at::Tensor>& step_scalars,
+    double beta1,
+    double beta2,
+    double v,
+    double eps,
+    double weight_decay,
+    double step_size,
+    double momentum_scale,
+    double denom_scale,
+    double grad_scale_inv,
+    double hz_scale_inv) {
+  const Hyper hyper{beta1, beta2, v, eps, weight_decay, step_size, momentum_scale, denom_scale,
+                    grad_scale_inv, hz_scale_inv};
+  const HzInputs hz{grads_minus.empty() ? HzSource::kForward : HzSource::kCentral, grads_plus,
+                    grads_minus, &hz_scale};
+  Launch("esgd_update_fd_", params, grads, exp_avgs, exp_hz_sqs, hz, hyper,
+         step_scalars.has_value() ? &*step_scalars : nullptr);
 }
 
 }  // namespace esgd

@@ -1,6 +1,7 @@
 // Fused CPU kernel: one at::parallel_for over the concatenation of all tensors, so small tensors
 // do not each pay a thread-pool round trip and large ones are split across threads.
 
+#include "cpu_clones.h"
 #include "esgd_common.h"
 #include "esgd_math.h"
 
@@ -18,18 +19,10 @@
 #warning "esgd_cpu.cpp compiled without OpenMP: the fused CPU kernel will run on one thread"
 #endif
 
-// The element loop is written as scalar code over restrict pointers and vectorized by the
-// compiler (needs -fno-math-errno for sqrt, set in setup.py). On x86-64 the loop is cloned for
-// AVX2 and picked at load time (ifunc), so a portable build still runs 8-wide on current CPUs;
-// sqrt and division dominate, and at::vec::Vectorized in an extension only gets the baseline ISA.
-// No FMA clone: contraction would change rounding relative to the default clone.
-#if defined(__x86_64__) && defined(__linux__) && \
-    (defined(__clang__) ? __clang_major__ >= 14 : (defined(__GNUC__) && __GNUC__ >= 8))
-#define ESGD_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#define ESGD_CPU_F16C 1
+// The element loop is vectorized by the compiler (cpu_clones.h; sqrt needs -fno-math-errno, set
+// in setup.py): sqrt and division dominate.
+#ifdef ESGD_CPU_F16C
 #include <immintrin.h>
-#else
-#define ESGD_CPU_CLONES
 #endif
 
 namespace esgd {
@@ -40,25 +33,33 @@ namespace {
 // 19M-element model still spreads over every core.
 constexpr int64_t kGrain = 32768;
 
-template <typename P, typename S, bool kHasHz>
+// a: hzs or grads_plus; b: grads_minus (HzSource).
+template <typename P, typename S, HzSource Src>
 C10_ALWAYS_INLINE void update_range(
     P* __restrict__ p,
     const P* __restrict__ g,
     S* __restrict__ m,
     S* __restrict__ d,
-    const P* __restrict__ hz,
+    const P* __restrict__ a,
+    const P* __restrict__ b,
     int64_t n,
     const Coeffs<S>& coeffs) {
+  constexpr bool kHasHz = Src != HzSource::kNone;
   const Coeffs<S> c = coeffs;  // a local copy, so the compiler knows stores cannot alias it
   for (int64_t i = 0; i < n; ++i) {
     S pi = static_cast<S>(p[i]);
+    const S gi = static_cast<S>(g[i]);
     S mi = m[i];
     S di = d[i];
     S hi = S(0);
-    if constexpr (kHasHz) {
-      hi = static_cast<S>(hz[i]);
+    if constexpr (Src == HzSource::kDirect) {
+      hi = static_cast<S>(a[i]);
+    } else if constexpr (Src == HzSource::kForward) {
+      hi = fd_difference(static_cast<S>(a[i]), gi);
+    } else if constexpr (Src == HzSource::kCentral) {
+      hi = fd_difference(static_cast<S>(a[i]), static_cast<S>(b[i]));
     }
-    update<kHasHz>(pi, static_cast<S>(g[i]), mi, di, hi, c);
+    update<kHasHz>(pi, gi, mi, di, hi, c);
     p[i] = static_cast<P>(pi);
     m[i] = mi;
     if constexpr (kHasHz) {
@@ -67,31 +68,34 @@ C10_ALWAYS_INLINE void update_range(
   }
 }
 
-template <typename P, typename S, bool kHasHz>
-using RangeFn = void (*)(P*, const P*, S*, S*, const P*, int64_t, const Coeffs<S>&);
+template <typename P, typename S>
+using RangeFn = void (*)(P*, const P*, S*, S*, const P*, const P*, int64_t, const Coeffs<S>&);
 
-template <typename P, typename S, bool kHasHz>
+template <typename P, typename S, HzSource Src>
 struct Range;
 
-// target_clones needs plain functions, hence one per (param type, state type, estimation).
-#define ESGD_DEFINE_RANGE(P, S, HAS_HZ, NAME)                                                   \
+// target_clones needs plain functions, hence one per (param type, state type, hz source).
+#define ESGD_DEFINE_RANGE(P, S, SRC, NAME)                                                      \
   ESGD_CPU_CLONES void NAME(                                                                    \
-      P* p, const P* g, S* m, S* d, const P* hz, int64_t n, const Coeffs<S>& c) {              \
-    update_range<P, S, HAS_HZ>(p, g, m, d, hz, n, c);                                           \
+      P* p, const P* g, S* m, S* d, const P* a, const P* b, int64_t n, const Coeffs<S>& c) {    \
+    update_range<P, S, HzSource::SRC>(p, g, m, d, a, b, n, c);                                  \
   }                                                                                             \
   template <>                                                                                   \
-  struct Range<P, S, HAS_HZ> {                                                                  \
-    static constexpr RangeFn<P, S, HAS_HZ> fn = &NAME;                                          \
+  struct Range<P, S, HzSource::SRC> {                                                           \
+    static constexpr RangeFn<P, S> fn = &NAME;                                                  \
   };
 
-ESGD_DEFINE_RANGE(float, float, false, range_f32)
-ESGD_DEFINE_RANGE(float, float, true, range_f32_hz)
-ESGD_DEFINE_RANGE(double, double, false, range_f64)
-ESGD_DEFINE_RANGE(double, double, true, range_f64_hz)
-ESGD_DEFINE_RANGE(at::Half, float, false, range_f16)
-ESGD_DEFINE_RANGE(at::Half, float, true, range_f16_hz)
-ESGD_DEFINE_RANGE(at::BFloat16, float, false, range_bf16)
-ESGD_DEFINE_RANGE(at::BFloat16, float, true, range_bf16_hz)
+#define ESGD_DEFINE_RANGES(P, S, NAME)                   \
+  ESGD_DEFINE_RANGE(P, S, kNone, NAME)                   \
+  ESGD_DEFINE_RANGE(P, S, kDirect, NAME##_hz)            \
+  ESGD_DEFINE_RANGE(P, S, kForward, NAME##_fd_forward)   \
+  ESGD_DEFINE_RANGE(P, S, kCentral, NAME##_fd_central)
+
+ESGD_DEFINE_RANGES(float, float, range_f32)
+ESGD_DEFINE_RANGES(double, double, range_f64)
+ESGD_DEFINE_RANGES(at::Half, float, range_f16)
+ESGD_DEFINE_RANGES(at::BFloat16, float, range_bf16)
+#undef ESGD_DEFINE_RANGES
 #undef ESGD_DEFINE_RANGE
 
 #ifdef ESGD_CPU_F16C
@@ -125,21 +129,25 @@ __attribute__((target("avx2,f16c"))) inline void narrow(
   }
 }
 
-template <bool kHasHz>
+template <HzSource Src>
 __attribute__((target("avx2,f16c"))) void range_f16_f16c(
-    at::Half* p, const at::Half* g, float* m, float* d, const at::Half* hz, int64_t n,
-    const Coeffs<float>& c) {
+    at::Half* p, const at::Half* g, float* m, float* d, const at::Half* a, const at::Half* b,
+    int64_t n, const Coeffs<float>& c) {
   alignas(32) float pb[kHalfBlock];
   alignas(32) float gb[kHalfBlock];
-  alignas(32) float hb[kHalfBlock];
+  alignas(32) float ab[kHalfBlock];
+  alignas(32) float bb[kHalfBlock];
   for (int64_t i = 0; i < n; i += kHalfBlock) {
     const int64_t len = std::min(kHalfBlock, n - i);
     widen(p + i, pb, len);
     widen(g + i, gb, len);
-    if constexpr (kHasHz) {
-      widen(hz + i, hb, len);
+    if constexpr (Src != HzSource::kNone) {
+      widen(a + i, ab, len);
     }
-    update_range<float, float, kHasHz>(pb, gb, m + i, d + i, hb, len, c);
+    if constexpr (Src == HzSource::kCentral) {
+      widen(b + i, bb, len);
+    }
+    update_range<float, float, Src>(pb, gb, m + i, d + i, ab, bb, len, c);
     narrow(pb, p + i, len);
   }
 }
@@ -150,42 +158,51 @@ bool has_f16c() {
 }
 #endif
 
-template <typename P, typename S, bool kHasHz>
-RangeFn<P, S, kHasHz> pick_range() {
+template <typename P, typename S, HzSource Src>
+RangeFn<P, S> pick_range() {
 #ifdef ESGD_CPU_F16C
   if constexpr (std::is_same_v<P, at::Half>) {
     if (has_f16c()) {
-      return &range_f16_f16c<kHasHz>;
+      return &range_f16_f16c<Src>;
     }
   }
 #endif
-  return Range<P, S, kHasHz>::fn;
+  return Range<P, S, Src>::fn;
 }
 
-template <typename P, typename S, bool kHasHz>
-void run(const Workspace& w, const Hyper& hyper) {
+template <typename P, typename S, HzSource Src>
+void run(const UpdateJob& job, const Hyper& hyper) {
+  const Workspace& w = job.workspace;
   const size_t n = w.params.size();
   std::vector<int64_t> offsets(n + 1, 0);
   std::vector<P*> p(n);
   std::vector<const P*> g(n);
   std::vector<S*> m(n);
   std::vector<S*> d(n);
-  std::vector<const P*> hz(n, nullptr);
+  std::vector<const P*> a(n, nullptr);
+  std::vector<const P*> b(n, nullptr);
   for (size_t t = 0; t < n; ++t) {
     offsets[t + 1] = offsets[t] + w.params[t].numel();
     p[t] = w.params[t].data_ptr<P>();
     g[t] = w.grads[t].data_ptr<P>();
     m[t] = w.exp_avgs[t].data_ptr<S>();
     d[t] = w.exp_hz_sqs[t].data_ptr<S>();
-    if constexpr (kHasHz) {
-      hz[t] = w.hzs[t].data_ptr<P>();
+    if (!w.inputs.empty()) {
+      a[t] = w.inputs[0][t].data_ptr<P>();
+    }
+    if (w.inputs.size() > 1) {
+      b[t] = w.inputs[1][t].data_ptr<P>();
     }
   }
-  std::vector<Coeffs<S>> coeffs(n, make_coeffs<S>(hyper));
+  Coeffs<S> shared = make_coeffs<S>(hyper);
+  if constexpr (is_finite_difference(Src)) {
+    apply_hz_scale(shared, hyper.hz_scale_inv, *job.hz_scale);
+  }
+  std::vector<Coeffs<S>> coeffs(n, shared);
   for (size_t t = 0; t < w.step_scalars.size(); ++t) {
     apply_step_scalars(coeffs[t], w.step_scalars[t]);
   }
-  const RangeFn<P, S, kHasHz> range = pick_range<P, S, kHasHz>();
+  const RangeFn<P, S> range = pick_range<P, S, Src>();
   at::parallel_for(0, offsets[n], kGrain, [&](int64_t begin, int64_t end) {
     // Largest t with offsets[t] <= begin, which skips empty tensors.
     size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
@@ -193,8 +210,8 @@ void run(const Workspace& w, const Hyper& hyper) {
       const int64_t stop = std::min(end, offsets[t + 1]);
       const int64_t lo = begin - offsets[t];
       if (stop > begin) {
-        range(p[t] + lo, g[t] + lo, m[t] + lo, d[t] + lo, kHasHz ? hz[t] + lo : nullptr,
-              stop - begin, coeffs[t]);
+        range(p[t] + lo, g[t] + lo, m[t] + lo, d[t] + lo, a[t] ? a[t] + lo : nullptr,
+              b[t] ? b[t] + lo : nullptr, stop - begin, coeffs[t]);
       }
       begin = stop;
       ++t;
@@ -208,29 +225,33 @@ void launch(
     at::TensorList grads,
     at::TensorList exp_avgs,
     at::TensorList exp_hz_sqs,
-    const at::TensorList* hzs,
+    const HzInputs& hz,
     const Hyper& hyper,
     const at::Tensor* step_scalars) {
-  check_inputs(op, params, grads, exp_avgs, exp_hz_sqs, hzs, c10::DeviceType::CPU);
-  std::vector<const double*> rows;
-  if (step_scalars != nullptr) {
-    rows = step_scalar_rows(op, *step_scalars, params);
-  }
-  if (params.empty()) {
+  const std::unique_ptr<UpdateJob> job = prepare_update(
+      op, params, grads, exp_avgs, exp_hz_sqs, hz, step_scalars, c10::DeviceType::CPU);
+  if (!job) {
     return;
   }
-  Workspace w(params, grads, exp_avgs, exp_hz_sqs, hzs);
-  w.step_scalars = std::move(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), "esgd_update_cpu", [&] {
         using S = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        if (hzs != nullptr) {
-          run<scalar_t, S, true>(w, hyper);
-        } else {
-          run<scalar_t, S, false>(w, hyper);
+        switch (hz.source) {
+          case HzSource::kNone:
+            run<scalar_t, S, HzSource::kNone>(*job, hyper);
+            break;
+          case HzSource::kDirect:
+            run<scalar_t, S, HzSource::kDirect>(*job, hyper);
+            break;
+          case HzSource::kForward:
+            run<scalar_t, S, HzSource::kForward>(*job, hyper);
+            break;
+          case HzSource::kCentral:
+            run<scalar_t, S, HzSource::kCentral>(*job, hyper);
+            break;
         }
       });
-  w.finish();
+  job->workspace.finish();
 }
 
 }  // namespace
@@ -239,6 +260,7 @@ TORCH_LIBRARY_IMPL(esgd_cuda, CPU, m) {
   m.impl("esgd_update_", &plain_op<&launch>);
   m.impl("esgd_update_hz_", &hz_op<&launch>);
   m.impl("esgd_update_capturable_", &capturable_op<&launch>);
+  m.impl("esgd_update_fd_", &fd_op<&launch>);
 }
 
 }  // namespace esgd

@@ -32,14 +32,30 @@ namespace {
 template <typename P, typename S, int Depth>
 __global__ void __launch_bounds__(kBlockSize, 2)
     esgd_multi_tensor_kernel(const TensorTable<Depth> table, const Coeffs<S> c) {
-  process_block<P, S, Depth>(table, c, blockIdx.x, threadIdx.x, blockDim.x);
+  constexpr HzSource kSrc = Depth == 5 ? HzSource::kDirect : HzSource::kNone;
+  process_block<P, S, kSrc>(table, c, DeviceScale{nullptr, 1.0}, blockIdx.x, threadIdx.x, blockDim.x);
 }
 
+// Finite-difference estimation steps: Depth 5 is the forward difference (grads_plus - grads),
+// 6 the central one (grads_plus - grads_minus). The multiplier 1/h is read from device memory.
 template <typename P, typename S, int Depth>
-void launch_all(const Workspace& w, const Hyper& hyper, cudaStream_t stream) {
+__global__ void __launch_bounds__(kBlockSize, 2) esgd_fd_update_kernel(
+    const TensorTable<Depth> table, const Coeffs<S> c, const DeviceScale scale) {
+  constexpr HzSource kSrc = Depth == 6 ? HzSource::kCentral : HzSource::kForward;
+  process_block<P, S, kSrc>(table, c, scale, blockIdx.x, threadIdx.x, blockDim.x);
+}
+
+template <typename P, typename S, HzSource Src>
+void launch_all(const UpdateJob& job, const Hyper& hyper, cudaStream_t stream) {
+  constexpr int kDepth = depth_of<Src>();
   const Coeffs<S> coeffs = make_coeffs<S>(hyper);
-  for_each_launch<Depth>(w, [&](const TensorTable<Depth>& table, int blocks) {
-    esgd_multi_tensor_kernel<P, S, Depth><<<blocks, kBlockSize, 0, stream>>>(table, coeffs);
+  const DeviceScale scale{job.hz_scale, hyper.hz_scale_inv};
+  for_each_launch<Src>(job.workspace, [&](const TensorTable<kDepth>& table, int blocks) {
+    if constexpr (is_finite_difference(Src)) {
+      esgd_fd_update_kernel<P, S, kDepth><<<blocks, kBlockSize, 0, stream>>>(table, coeffs, scale);
+    } else {
+      esgd_multi_tensor_kernel<P, S, kDepth><<<blocks, kBlockSize, 0, stream>>>(table, coeffs);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -50,33 +66,37 @@ void launch(
     at::TensorList grads,
     at::TensorList exp_avgs,
     at::TensorList exp_hz_sqs,
-    const at::TensorList* hzs,
+    const HzInputs& hz,
     const Hyper& hyper,
     const at::Tensor* step_scalars) {
-  check_inputs(op, params, grads, exp_avgs, exp_hz_sqs, hzs, c10::DeviceType::CUDA);
-  std::vector<const double*> rows;
-  if (step_scalars != nullptr) {
-    rows = step_scalar_rows(op, *step_scalars, params);
-  }
-  if (params.empty()) {
+  const std::unique_ptr<UpdateJob> job = prepare_update(
+      op, params, grads, exp_avgs, exp_hz_sqs, hz, step_scalars, c10::DeviceType::CUDA);
+  if (!job) {
     return;
   }
   const c10::cuda::CUDAGuard guard(params[0].device());
   // The caller's current stream, so the update orders with the backward pass that made the
   // gradients and can be captured into a CUDA graph.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(params[0].device().index()).stream();
-  Workspace w(params, grads, exp_avgs, exp_hz_sqs, hzs);
-  w.step_scalars = std::move(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), "esgd_update_cuda", [&] {
         using S = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        if (hzs != nullptr) {
-          launch_all<scalar_t, S, 5>(w, hyper, stream);
-        } else {
-          launch_all<scalar_t, S, 4>(w, hyper, stream);
+        switch (hz.source) {
+          case HzSource::kNone:
+            launch_all<scalar_t, S, HzSource::kNone>(*job, hyper, stream);
+            break;
+          case HzSource::kDirect:
+            launch_all<scalar_t, S, HzSource::kDirect>(*job, hyper, stream);
+            break;
+          case HzSource::kForward:
+            launch_all<scalar_t, S, HzSource::kForward>(*job, hyper, stream);
+            break;
+          case HzSource::kCentral:
+            launch_all<scalar_t, S, HzSource::kCentral>(*job, hyper, stream);
+            break;
         }
       });
-  w.finish();
+  job->workspace.finish();
 }
 
 }  // namespace
@@ -85,6 +105,7 @@ TORCH_LIBRARY_IMPL(esgd_cuda, CUDA, m) {
   m.impl("esgd_update_", &plain_op<&launch>);
   m.impl("esgd_update_hz_", &hz_op<&launch>);
   m.impl("esgd_update_capturable_", &capturable_op<&launch>);
+  m.impl("esgd_update_fd_", &fd_op<&launch>);
 }
 
 }  // namespace esgd

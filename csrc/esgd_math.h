@@ -75,6 +75,29 @@ C10_HOST_DEVICE inline void apply_step_scalars(Coeffs<T>& c, const double* row) 
   c.denom_scale = static_cast<T>(row[2]);
 }
 
+// Where an estimation step's curvature estimate comes from: a list of Hessian-vector products
+// (kDirect), or a difference of gradients at perturbed parameters that the kernels form in
+// registers, g(theta + h z) - g(theta) (kForward) or g(theta + h z) - g(theta - h z) (kCentral).
+// kNone is a plain step.
+enum class HzSource : int { kNone = 0, kDirect = 1, kForward = 2, kCentral = 3 };
+
+constexpr bool is_finite_difference(HzSource src) {
+  return src == HzSource::kForward || src == HzSource::kCentral;
+}
+
+// A finite difference's multiplier 1/h (or 1/(2h)) lives on the device, so that choosing h never
+// syncs; the kernels read it when they start and fold the loss scale's inverse in, in double.
+template <typename T>
+C10_HOST_DEVICE inline void apply_hz_scale(Coeffs<T>& c, double hz_scale_inv, double device_value) {
+  c.hz_scale = static_cast<T>(hz_scale_inv * device_value);
+}
+
+// The finite difference in the math type (each operand converted from the parameter type first).
+template <typename V>
+C10_HOST_DEVICE inline V fd_difference(const V& plus, const V& base) {
+  return plus - base;
+}
+
 // Square root for the math type; a vector type can specialize it.
 template <typename V>
 struct Sqrt {
@@ -84,15 +107,22 @@ struct Sqrt {
 };
 
 // One ESGD-M step for one element (or one vector of elements). kHasHz selects estimation steps,
-// which also fold Hz^2 into the curvature estimate d.
+// which also fold Hz^2 into the curvature estimate d. hz is the estimate before its scale: a
+// Hessian-vector product, or a gradient difference (fd_difference).
 template <bool kHasHz, typename V>
 C10_HOST_DEVICE inline void update(V& p, const V& g_scaled, V& m, V& d, const V& hz, const Coeffs<V>& c) {
-  const V g = g_scaled * c.grad_scale;
-  m = c.beta1 * m + c.one_minus_beta1 * g;
+  V g = g_scaled * c.grad_scale;
   if constexpr (kHasHz) {
     const V h = hz * c.hz_scale;
+    // h - h is 0 where h is finite and NaN where it is inf or NaN. A non-finite curvature
+    // estimate must not pass silently, so it turns the gradient, hence m and p, NaN. Written as
+    // a compare and select rather than isfinite so that the CPU loop vectorizes and device code
+    // needs no math library call.
+    const V not_finite = h - h;
+    g = not_finite == V(0) ? g : not_finite;
     d = c.beta2 * d + c.one_minus_beta2 * h * h;
   }
+  m = c.beta1 * m + c.one_minus_beta1 * g;
   const V denom = Sqrt<V>::apply(d) * c.denom_scale + c.eps;
   const V est = c.v * m + c.one_minus_v * g;
   p = p * c.decay;

@@ -44,8 +44,19 @@ template <>
 struct MaxTensors<5> {
   static constexpr int value = kMaxTensorsDepth5;
 };
+template <>
+struct MaxTensors<6> {
+  static constexpr int value = kMaxTensorsDepth6;
+};
 
-// Passed by value as the kernel argument; lists are params, grads, exp_avgs, exp_hz_sqs[, hzs].
+// Lists a step reads: params, grads, exp_avgs, exp_hz_sqs, then hzs (kDirect), grads_plus
+// (kForward, whose base is grads) or grads_plus and grads_minus (kCentral).
+template <HzSource Src>
+constexpr int depth_of() {
+  return Src == HzSource::kNone ? 4 : (Src == HzSource::kCentral ? 6 : 5);
+}
+
+// Passed by value as the kernel argument, one address list per list above.
 template <int Depth>
 struct TensorTable {
   void* addresses[Depth][MaxTensors<Depth>::value];
@@ -56,9 +67,19 @@ struct TensorTable {
   int32_t block_chunk[kMaxBlocks];
 };
 
+// The device-side multiplier of a finite difference (apply_hz_scale): null `value` otherwise.
+struct DeviceScale {
+  const double* value;
+  double multiplier;
+};
+
 static_assert(sizeof(TensorTable<4>) + sizeof(Coeffs<double>) <= 4096, "kernel params > 4 KB");
-static_assert(sizeof(TensorTable<5>) + sizeof(Coeffs<double>) <= 4096, "kernel params > 4 KB");
-static_assert(kMaxTensorsDepth4 <= 256 && kMaxTensorsDepth5 <= 256, "slots are stored as bytes");
+static_assert(sizeof(TensorTable<5>) + sizeof(Coeffs<double>) + sizeof(DeviceScale) <= 4096,
+              "kernel params > 4 KB");
+static_assert(sizeof(TensorTable<6>) + sizeof(Coeffs<double>) + sizeof(DeviceScale) <= 4096,
+              "kernel params > 4 KB");
+static_assert(kMaxTensorsDepth4 <= 256 && kMaxTensorsDepth5 <= 256 && kMaxTensorsDepth6 <= 256,
+              "slots are stored as bytes");
 
 template <typename T, int Ilp>
 C10_HOST_DEVICE inline bool is_aligned(const T* ptr) {
@@ -87,7 +108,8 @@ struct BlockSpan {
   const P* g;
   S* m;
   S* d;
-  const P* hz;  // null on plain steps
+  const P* a;  // hzs or grads_plus; null on plain steps
+  const P* b;  // grads_minus of a central difference; null otherwise
   int n;  // elements in this chunk: kChunkSize, or fewer in a tensor's last chunk
 };
 
@@ -103,9 +125,13 @@ C10_HOST_DEVICE inline BlockSpan<P, S> block_span(const TensorTable<Depth>& tabl
   s.g = static_cast<const P*>(table.addresses[1][slot]) + start;
   s.m = static_cast<S*>(table.addresses[2][slot]) + start;
   s.d = static_cast<S*>(table.addresses[3][slot]) + start;
-  s.hz = nullptr;
-  if constexpr (Depth == 5) {
-    s.hz = static_cast<const P*>(table.addresses[4][slot]) + start;
+  s.a = nullptr;
+  s.b = nullptr;
+  if constexpr (Depth >= 5) {
+    s.a = static_cast<const P*>(table.addresses[4][slot]) + start;
+  }
+  if constexpr (Depth >= 6) {
+    s.b = static_cast<const P*>(table.addresses[5][slot]) + start;
   }
   return s;
 }
@@ -117,18 +143,36 @@ C10_HOST_DEVICE inline bool takes_vector_path(const BlockSpan<P, S>& s) {
   constexpr int kIlp = ilp_for<P>();
   return s.n % kIlp == 0 && is_aligned<P, kIlp>(s.p) && is_aligned<P, kIlp>(s.g) &&
       is_aligned<S, kIlp>(s.m) && is_aligned<S, kIlp>(s.d) &&
-      (s.hz == nullptr || is_aligned<P, kIlp>(s.hz));
+      (s.a == nullptr || is_aligned<P, kIlp>(s.a)) && (s.b == nullptr || is_aligned<P, kIlp>(s.b));
+}
+
+// The unscaled curvature estimate of one element, from the values the step loaded: a is hzs or
+// grads_plus, b grads_minus, g the gradient (the base of a forward difference).
+template <HzSource Src, typename S>
+C10_HOST_DEVICE inline S form_hz(S a, S b, S g) {
+  if constexpr (Src == HzSource::kDirect) {
+    return a;
+  } else if constexpr (Src == HzSource::kForward) {
+    return fd_difference(a, g);
+  } else if constexpr (Src == HzSource::kCentral) {
+    return fd_difference(a, b);
+  } else {
+    return S(0);
+  }
 }
 
 // The work of thread `thread` (of `threads`) in block `block` of one launch.
-template <typename P, typename S, int Depth>
+template <typename P, typename S, HzSource Src>
 C10_HOST_DEVICE inline void process_block(
-    const TensorTable<Depth>& table,
+    const TensorTable<depth_of<Src>()>& table,
     const Coeffs<S>& coeffs,
+    const DeviceScale& scale,
     int block,
     int thread,
     int threads) {
-  constexpr bool kHasHz = Depth == 5;
+  constexpr int kDepth = depth_of<Src>();
+  constexpr bool kHasHz = Src != HzSource::kNone;
+  constexpr bool kHasB = Src == HzSource::kCentral;
   constexpr int kIlp = ilp_for<P>();
   static_assert(kChunkSize % kIlp == 0, "the vector path assumes whole vectors per chunk");
   const int slot = table.block_slot[block];
@@ -136,36 +180,59 @@ C10_HOST_DEVICE inline void process_block(
   if (table.step_scalars[slot] != nullptr) {
     apply_step_scalars(c, table.step_scalars[slot]);
   }
-  const BlockSpan<P, S> span = block_span<P, S, Depth>(table, block);
+  if constexpr (is_finite_difference(Src)) {
+    apply_hz_scale(c, scale.multiplier, *scale.value);
+  }
+  const BlockSpan<P, S> span = block_span<P, S, kDepth>(table, block);
   const int n = span.n;
   P* __restrict__ p = span.p;
   const P* __restrict__ g = span.g;
   S* __restrict__ m = span.m;
   S* __restrict__ d = span.d;
-  const P* __restrict__ hz = span.hz;
+  const P* __restrict__ a = span.a;
+  const P* __restrict__ b = span.b;
 
   if (takes_vector_path(span)) {
-    for (int i = thread; i * kIlp < n; i += threads) {
-      Pack<P, kIlp> pp = load_pack<kIlp>(p, i);
+    // Register budget (64, see esgd_cuda.cu): the estimate is formed first, so the lists it
+    // comes from die before p and the state arrive; the fp32 state of 16-bit parameters (two
+    // 16-byte vectors per list) is updated one vector at a time; and the stride is the
+    // compile-time block size (every launch, and the emulation, runs kBlockSize threads), which
+    // ptxas folds into the addressing. Each keeps a 6-list or fp64 kernel from spilling.
+    constexpr int kStateIlp = 16 / static_cast<int>(sizeof(S));
+    constexpr int kStateVectors = kIlp / kStateIlp;
+    for (int i = thread; i * kIlp < n; i += kBlockSize) {
       const Pack<P, kIlp> gp = load_pack<kIlp>(g, i);
-      Pack<S, kIlp> mp = load_pack<kIlp>(m, i);
-      Pack<S, kIlp> dp = load_pack<kIlp>(d, i);
-      Pack<P, kIlp> hp{};
+      S hz[kIlp] = {};
       if constexpr (kHasHz) {
-        hp = load_pack<kIlp>(hz, i);
+        const Pack<P, kIlp> ap = load_pack<kIlp>(a, i);
+        Pack<P, kIlp> bp{};
+        if constexpr (kHasB) {
+          bp = load_pack<kIlp>(b, i);
+        }
+        ESGD_UNROLL
+        for (int k = 0; k < kIlp; ++k) {
+          hz[k] = form_hz<Src>(static_cast<S>(ap.v[k]), static_cast<S>(bp.v[k]), static_cast<S>(gp.v[k]));
+        }
       }
+      Pack<P, kIlp> pp = load_pack<kIlp>(p, i);
       ESGD_UNROLL
-      for (int k = 0; k < kIlp; ++k) {
-        S pk = static_cast<S>(pp.v[k]);
-        const S hk = kHasHz ? static_cast<S>(hp.v[k]) : S(0);
-        update<kHasHz>(pk, static_cast<S>(gp.v[k]), mp.v[k], dp.v[k], hk, c);
-        pp.v[k] = static_cast<P>(pk);
+      for (int half = 0; half < kStateVectors; ++half) {
+        const int j = i * kStateVectors + half;
+        Pack<S, kStateIlp> mp = load_pack<kStateIlp>(m, j);
+        Pack<S, kStateIlp> dp = load_pack<kStateIlp>(d, j);
+        ESGD_UNROLL
+        for (int q = 0; q < kStateIlp; ++q) {
+          const int k = half * kStateIlp + q;
+          S pk = static_cast<S>(pp.v[k]);
+          update<kHasHz>(pk, static_cast<S>(gp.v[k]), mp.v[q], dp.v[q], hz[k], c);
+          pp.v[k] = static_cast<P>(pk);
+        }
+        store_pack<kStateIlp>(m, j, mp);
+        if constexpr (kHasHz) {
+          store_pack<kStateIlp>(d, j, dp);
+        }
       }
       store_pack<kIlp>(p, i, pp);
-      store_pack<kIlp>(m, i, mp);
-      if constexpr (kHasHz) {
-        store_pack<kIlp>(d, i, dp);
-      }
     }
     return;
   }
@@ -182,7 +249,9 @@ C10_HOST_DEVICE inline void process_block(
         gr[k] = static_cast<S>(g[i]);
         mr[k] = m[i];
         dr[k] = d[i];
-        hr[k] = kHasHz ? static_cast<S>(hz[i]) : S(0);
+        const S ak = kHasHz ? static_cast<S>(a[i]) : S(0);
+        const S bk = kHasB ? static_cast<S>(b[i]) : S(0);
+        hr[k] = form_hz<Src>(ak, bk, gr[k]);
       }
     }
     ESGD_UNROLL
@@ -201,23 +270,25 @@ C10_HOST_DEVICE inline void process_block(
 }
 
 // Plans the launches for a workspace and calls launch(table, blocks) for each, in order.
-template <int Depth, typename LaunchFn>
+template <HzSource Src, typename LaunchFn>
 void for_each_launch(const Workspace& w, LaunchFn&& launch) {
+  constexpr int kDepth = depth_of<Src>();
+  TORCH_INTERNAL_ASSERT(w.inputs.size() == static_cast<size_t>(kDepth - 4));
   std::vector<int64_t> numels(w.params.size());
   for (size_t t = 0; t < numels.size(); ++t) {
     numels[t] = w.params[t].numel();
   }
   for (const Launch& plan :
-       plan_launches(numels, kChunkSize, MaxTensors<Depth>::value, kMaxBlocks)) {
-    TensorTable<Depth> table;
+       plan_launches(numels, kChunkSize, MaxTensors<kDepth>::value, kMaxBlocks)) {
+    TensorTable<kDepth> table;
     for (size_t slot = 0; slot < plan.tensors.size(); ++slot) {
       const int64_t t = plan.tensors[slot];
       table.addresses[0][slot] = w.params[t].data_ptr();
       table.addresses[1][slot] = w.grads[t].data_ptr();
       table.addresses[2][slot] = w.exp_avgs[t].data_ptr();
       table.addresses[3][slot] = w.exp_hz_sqs[t].data_ptr();
-      if constexpr (Depth == 5) {
-        table.addresses[4][slot] = w.hzs[t].data_ptr();
+      for (int k = 4; k < kDepth; ++k) {
+        table.addresses[k][slot] = w.inputs[k - 4][t].data_ptr();
       }
       table.numel[slot] = numels[t];
       table.step_scalars[slot] = w.step_scalars.empty() ? nullptr : w.step_scalars[t];

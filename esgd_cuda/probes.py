@@ -117,6 +117,20 @@ def rademacher_(tensors: List[Tensor], keys: List[int], offsets: List[int], *, f
             t.copy_(_probe(key, offset, t, t.dtype))
 
 
+def _may_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether the memory spans of two tensors intersect (conservative for interleaved views)."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: Tensor):
+        first = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s < 0)
+        last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s > 0)
+        return first, last
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 <= b1 and b0 <= a1
+
+
 def fd_perturb_(
     params: List[Tensor],
     backups: List[Tensor],
@@ -153,6 +167,8 @@ def fd_perturb_(
         if b.dtype != p.dtype or b.shape != p.shape or b.device != p.device:
             raise ValueError(f"{op}: backups[{i}] is {b.dtype} {list(b.shape)} on {b.device}, expected "
                              f"{p.dtype} {list(p.shape)} on {p.device} (as params[{i}])")
+        if _may_overlap(p, b):
+            raise ValueError(f"{op}: backups[{i}] shares memory with params[{i}]")
     if fused:
         from . import ops
 

@@ -1,15 +1,17 @@
 """Compile the CUDA kernels for one architecture and check their code, without a GPU.
 
-Runs `nvcc --cubin --resource-usage --keep` on csrc/esgd_cuda.cu (device code only, seconds rather
-than minutes), then reads ptxas's report and the PTX for every instantiation of
-esgd_multi_tensor_kernel:
-  - no stack frame and no spill stores or loads: a spill turns the memory-bound update into one
+Runs `nvcc --cubin --resource-usage --keep` on each CUDA source of csrc/ (device code only,
+seconds rather than minutes), then reads ptxas's report and the PTX for every instantiation of
+every kernel:
+  - no stack frame and no spill stores or loads: a spill turns a memory-bound kernel into one
     that also waits on local memory;
   - at most MAX_REGISTERS registers per thread, so two 512-thread blocks fit one SM's register
-    file (the occupancy the kernel's __launch_bounds__ asks for);
-  - 16-byte global loads and stores (ld/st.global.v4 of 32-bit or .v2 of 64-bit words), the
-    aligned vector path, in every kernel;
-  - every parameter dtype (fp32, fp16, bf16, fp64) for both list depths (4: plain, 5: with Hz).
+    file (the occupancy every kernel's __launch_bounds__ asks for);
+  - at least as many 16-byte global loads and stores (ld/st.global.v4 of 32-bit or .v2 of 64-bit
+    words) as one iteration of the aligned vector path needs, in every kernel;
+  - every parameter dtype (fp32, fp16, bf16, fp64) for every variant: the update with 4 lists
+    (plain) and 5 (Hz), the finite-difference update with 5 (forward) and 6 (central), the probe
+    fill, and the perturbation with and without saving a backup.
 Prints one line per kernel and exits 1 naming what failed.
 Usage: python scripts/check_kernel_resources.py [--arch sm_90] [--nvcc PATH]
 """
@@ -25,12 +27,21 @@ import tempfile
 from typing import Dict, Iterator, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNEL = "esgd_multi_tensor_kernel"
+SOURCES = ("esgd_cuda.cu", "probes_cuda.cu")
+# Kernel template -> its variants: the update kernels' list depth, the perturbation's bool save
+# (0/1), and 0 for the probe fill, which has no such argument.
+KERNELS = {
+    "esgd_multi_tensor_kernel": (4, 5),
+    "esgd_fd_update_kernel": (5, 6),
+    "esgd_rademacher_kernel": (0,),
+    "esgd_fd_perturb_kernel": (0, 1),
+}
 # 65536 registers per SM on sm_70..sm_100 / (2 blocks x 512 threads).
 MAX_REGISTERS = 64
-# Itanium-mangled template arguments of esgd_multi_tensor_kernel<P, S, Depth>.
+# Itanium-mangled template arguments: <P, S[, int Depth | bool kSave]>.
 PARAM_TYPES = {"N3c104HalfE": "fp16", "N3c108BFloat16E": "bf16", "f": "fp32", "d": "fp64"}
-EXPECTED = {(p, depth) for p in PARAM_TYPES.values() for depth in (4, 5)}
+Key = Tuple[str, str, int]  # (kernel, parameter dtype, variant)
+EXPECTED = {(k, p, v) for k, variants in KERNELS.items() for p in PARAM_TYPES.values() for v in variants}
 
 _FUNCTION = re.compile(r"ptxas info\s*:\s*(?:Compiling entry function|Function properties for) '?([^'\s]+)")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -38,17 +49,31 @@ _USED = re.compile(r"ptxas info\s*:\s*Used (\d+) registers")
 # Kernels (.entry) and device functions (.func, whose lines must not count for the kernel before).
 _ENTRY = re.compile(r"^\s*(?:\.(?:visible|weak|extern)\s+)*\.(?:entry|func)\s+(?:\([^)]*\)\s*)?([^\s(]+)\s*\(")
 _WIDE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global(?:\.nc)?(?:\.L1::\S+)?\.(?:v4\.[bfsu]32|v2\.[bfsu]64)\b")
+_SIGNATURE = re.compile(r"\d+(" + "|".join(KERNELS) + r")I(N3c104HalfE|N3c108BFloat16E|f|d)[fd](?:L[ib](\d+)E)?E")
 
 
-def kernel_signature(mangled: str) -> Tuple[str, int]:
-    """(parameter dtype, depth) of a mangled esgd_multi_tensor_kernel<P, S, Depth> name."""
-    match = re.search(KERNEL + r"I(N3c104HalfE|N3c108BFloat16E|f|d)[fd]Li(\d+)E", mangled)
+def label(key: Key) -> str:
+    kernel, dtype, variant = key
+    if kernel == "esgd_rademacher_kernel":
+        return f"{kernel}<{dtype}>"
+    if kernel == "esgd_fd_perturb_kernel":
+        return f"{kernel}<{dtype}, {'save' if variant else 'restore'}>"
+    return f"{kernel}<{dtype}, depth {variant}>"
+
+
+def kernel_signature(mangled: str) -> Key:
+    """(kernel, parameter dtype, variant) of a mangled instantiation of one of KERNELS."""
+    match = _SIGNATURE.search(mangled)
     if match is None:
         raise ValueError(f"unrecognised kernel instantiation {mangled!r}")
-    return PARAM_TYPES[match.group(1)], int(match.group(2))
+    return match.group(1), PARAM_TYPES[match.group(2)], int(match.group(3) or 0)
 
 
-def kernel_lines(text: str, header: "re.Pattern[str]") -> Iterator[Tuple[Tuple[str, int], Optional[str]]]:
+def _is_ours(name: str) -> bool:
+    return any(kernel in name for kernel in KERNELS)
+
+
+def kernel_lines(text: str, header: "re.Pattern[str]") -> Iterator[Tuple[Key, Optional[str]]]:
     """(kernel, None) where one of our kernels' sections starts (a `header` match), then
     (kernel, line) for each line of it; lines of other functions are dropped."""
     current = None
@@ -56,16 +81,16 @@ def kernel_lines(text: str, header: "re.Pattern[str]") -> Iterator[Tuple[Tuple[s
         match = header.search(line)
         if match:
             name = match.group(1)
-            current = kernel_signature(name) if KERNEL in name else None
+            current = kernel_signature(name) if _is_ours(name) else None
             if current is not None:
                 yield current, None
         elif current is not None:
             yield current, line
 
 
-def parse_resource_usage(text: str) -> Dict[Tuple[str, int], Dict[str, int]]:
+def parse_resource_usage(text: str) -> Dict[Key, Dict[str, int]]:
     """Per kernel: registers, stack, spill_stores, spill_loads, from ptxas -v style output."""
-    kernels: Dict[Tuple[str, int], Dict[str, int]] = {}
+    kernels: Dict[Key, Dict[str, int]] = {}
     for key, line in kernel_lines(text, _FUNCTION):
         usage = kernels.setdefault(key, {})
         frame = _FRAME.search(line) if line else None
@@ -78,9 +103,9 @@ def parse_resource_usage(text: str) -> Dict[Tuple[str, int], Dict[str, int]]:
     return kernels
 
 
-def parse_ptx_vector_accesses(ptx: str) -> Dict[Tuple[str, int], Dict[str, int]]:
+def parse_ptx_vector_accesses(ptx: str) -> Dict[Key, Dict[str, int]]:
     """Per kernel: how many 16-byte global loads (wide_loads) and stores (wide_stores) its PTX has."""
-    kernels: Dict[Tuple[str, int], Dict[str, int]] = {}
+    kernels: Dict[Key, Dict[str, int]] = {}
     for key, line in kernel_lines(ptx, _ENTRY):
         counts = kernels.setdefault(key, {"wide_loads": 0, "wide_stores": 0})
         wide = _WIDE.search(line) if line else None
@@ -89,22 +114,29 @@ def parse_ptx_vector_accesses(ptx: str) -> Dict[Tuple[str, int], Dict[str, int]]
     return kernels
 
 
-def expected_wide_accesses(dtype: str, depth: int) -> Tuple[int, int]:
-    """16-byte (loads, stores) one vector-path iteration needs: one per parameter-typed list
-    (p, g[, hz] read; p written), and per state list (m, d read; m[, d] written) one, or two for
-    16-bit parameters, whose eight elements of fp32 state span 32 bytes."""
+def expected_wide_accesses(key: Key) -> Tuple[int, int]:
+    """16-byte (loads, stores) one vector-path iteration needs. Update kernels: one per
+    parameter-typed list (p, g and the depth's extra lists read; p written), and per state list
+    (m, d read; m[, d] written) one, or two for 16-bit parameters, whose eight elements of fp32
+    state span 32 bytes. Probe fill: one store. Perturbation: one load (p, or the backup), one
+    store of p, one more of the backup when saving."""
+    kernel, dtype, variant = key
+    if kernel == "esgd_rademacher_kernel":
+        return 0, 1
+    if kernel == "esgd_fd_perturb_kernel":
+        return 1, 2 if variant else 1
     state_words = 2 if dtype in ("fp16", "bf16") else 1
-    loads = (3 if depth == 5 else 2) + 2 * state_words
-    stores = 1 + (2 if depth == 5 else 1) * state_words
+    loads = (variant - 2) + 2 * state_words
+    stores = 1 + (1 if variant == 4 else 2) * state_words
     return loads, stores
 
 
-def problems(kernels: Dict[Tuple[str, int], Dict[str, int]]) -> List[str]:
+def problems(kernels: Dict[Key, Dict[str, int]]) -> List[str]:
     found = []
     for key in sorted(EXPECTED - set(kernels)):
-        found.append(f"no {key[0]} depth-{key[1]} kernel in the ptxas report")
-    for (dtype, depth), usage in sorted(kernels.items()):
-        name = f"{dtype} depth-{depth}"
+        found.append(f"no {label(key)} in the ptxas report")
+    for key, usage in sorted(kernels.items()):
+        name = label(key)
         missing = {"registers", "stack", "spill_stores", "spill_loads"} - set(usage)
         if missing:
             found.append(f"{name}: ptxas did not report {', '.join(sorted(missing))}")
@@ -114,7 +146,7 @@ def problems(kernels: Dict[Tuple[str, int], Dict[str, int]]) -> List[str]:
                 f"{name}: {usage['stack']} bytes stack frame, {usage['spill_stores']} bytes spill "
                 f"stores, {usage['spill_loads']} bytes spill loads (want none)"
             )
-        for access, want in zip(("wide_loads", "wide_stores"), expected_wide_accesses(dtype, depth)):
+        for access, want in zip(("wide_loads", "wide_stores"), expected_wide_accesses(key)):
             if access in usage and usage[access] < want:
                 found.append(f"{name}: {usage[access]} 16-byte global {access.split('_')[1]} in the "
                              f"PTX, want at least {want} (a list left the vector path)")
@@ -125,7 +157,7 @@ def problems(kernels: Dict[Tuple[str, int], Dict[str, int]]) -> List[str]:
 
 
 def compile_report(nvcc: str, arch: str) -> Tuple[str, str]:
-    """(ptxas's resource report, the PTX) of csrc/esgd_cuda.cu compiled for `arch`."""
+    """(ptxas's resource report, the PTX) of the CUDA sources of csrc/ compiled for `arch`."""
     import torch
 
     torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
@@ -139,14 +171,22 @@ def compile_report(nvcc: str, arch: str) -> Tuple[str, str]:
             "--expt-relaxed-constexpr", "-DTORCH_API_INCLUDE_EXTENSION_H",
             "-DTORCH_EXTENSION_NAME=_C", "-DESGD_WITH_CUDA"]
     base += [f"-I{path}" for path in includes]
+    reports, ptxs = [], []
+    for source in SOURCES:
+        report, ptx = _compile_one(base, os.path.join(ROOT, "csrc", source))
+        reports.append(report)
+        ptxs.append(ptx)
+    return "\n".join(reports), "\n".join(ptxs)
+
+
+def _compile_one(base: List[str], source: str) -> Tuple[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "esgd_cuda.cubin")
+        out = os.path.join(tmp, "kernels.cubin")
         # Newer torch headers need C++20 and torch 2.4's were written for C++17: take the first
         # standard the installed headers compile with, as cpp_extension would.
         errors = []
         for std in ("-std=c++20", "-std=c++17"):
-            cmd = base + [std, f"--keep-dir={tmp}", os.path.join(ROOT, "csrc", "esgd_cuda.cu"),
-                          "-o", out]
+            cmd = base + [std, f"--keep-dir={tmp}", source, "-o", out]
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode == 0:
                 ptx_files = [f for f in os.listdir(tmp) if f.endswith(".ptx")]
@@ -155,7 +195,7 @@ def compile_report(nvcc: str, arch: str) -> Tuple[str, str]:
                 with open(os.path.join(tmp, ptx_files[0])) as f:
                     return run.stdout + run.stderr, f.read()
             errors.append(f"$ {' '.join(cmd)}\n{(run.stdout + run.stderr)[-3000:]}")
-    raise RuntimeError("nvcc failed to compile csrc/esgd_cuda.cu:\n" + "\n".join(errors))
+    raise RuntimeError(f"nvcc failed to compile {source}:\n" + "\n".join(errors))
 
 
 def main(argv=None) -> int:
@@ -175,8 +215,8 @@ def main(argv=None) -> int:
     kernels = parse_resource_usage(report)
     for key, accesses in parse_ptx_vector_accesses(ptx).items():
         kernels.setdefault(key, {}).update(accesses)
-    for (dtype, depth), usage in sorted(kernels.items()):
-        print(f"{args.arch} {KERNEL}<{dtype}, depth {depth}>: {usage.get('registers')} registers, "
+    for key, usage in sorted(kernels.items()):
+        print(f"{args.arch} {label(key)}: {usage.get('registers')} registers, "
               f"{usage.get('stack')} B stack, {usage.get('spill_stores')}/{usage.get('spill_loads')} "
               f"B spill stores/loads, {usage.get('wide_loads')}/{usage.get('wide_stores')} "
               "16-byte loads/stores")

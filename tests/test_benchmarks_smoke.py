@@ -9,6 +9,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,19 @@ def test_step_time_byte_model(bench):
     assert step_time.bytes_per_param("peer", torch.bfloat16) == 12
     assert step_time.bytes_per_param("tz", torch.float32) == 16
     assert step_time.bytes_per_param(None, torch.float32) is None
+    # Finite differences: the forward update reads g+ in place of Hz, the central one also g-.
+    assert step_time.bytes_per_param("esgd_fd_forward", torch.float32) == 32
+    assert step_time.bytes_per_param("esgd_fd_central", torch.float32) == 36
+    assert step_time.bytes_per_param("esgd_fd_forward", torch.bfloat16) == 24
+    assert step_time.bytes_per_param("esgd_fd_central", torch.bfloat16) == 26
+    assert step_time.bytes_per_param("esgd_fd_central", torch.float64) == 72
+    # Perturbation: read p, write backup and p (save) or read backup, write p; fills write once.
+    assert step_time.bytes_per_param("perturb_save", torch.float32) == 12
+    assert step_time.bytes_per_param("perturb_restore", torch.bfloat16) == 4
+    assert step_time.bytes_per_param("fill", torch.float16) == 2
+    assert step_time.bytes_per_param("fill", torch.float64) == 8
+    with pytest.raises(ValueError, match="unknown byte model"):
+        step_time.bytes_per_param("esgd_fd", torch.float32)
 
 
 def test_step_time_shapes_match_the_issue(bench):
@@ -95,6 +109,9 @@ def test_step_time_smoke(bench, tmp_path):
     assert {"ESGD fused=False: opt.step() plain", "ESGD fused=False: esgd_update estimation (+Hz)",
             "ESGD fused: opt.step() plain", "ESGD fused: esgd_update estimation (+Hz)",
             "Adam fused", "Adam foreach", "AdamW fused", "AdamW foreach"} <= cases
+    assert {"ESGD fused: esgd_update_fd forward", "ESGD fused: esgd_update_fd central",
+            "ESGD fused: fd_perturb_ save", "ESGD fused: fd_perturb_ restore", "ESGD fused: rademacher_",
+            "Tensor.fill_ (the rademacher_ tensors)"} <= cases
     # Every peer row ran (scripts/setup.sh installs the peers; a missing one would be n/a).
     peer_rows = {step_time._step_label(name, kind) for name, kind in step_time.PEER_ROWS}
     assert peer_rows <= cases and len(peer_rows) == len(step_time.PEER_ROWS)
@@ -181,7 +198,12 @@ def test_convergence_aggregate(bench):
     assert diverged["diverged"] == 1 and math.isinf(diverged["final_loss"])
 
 
+OPTIONAL_PACKAGES = ("sklearn", "matplotlib", "tqdm")  # what convergence.py imports besides torch
+
+
 def test_convergence_smoke(bench, tmp_path):
+    for name in OPTIONAL_PACKAGES:
+        pytest.importorskip(name)
     _, convergence = bench
     result = convergence.main(["--smoke", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
     outputs = result["outputs"]
@@ -310,36 +332,212 @@ def test_peer_learning_rates_centre_on_their_documented_defaults(bench):
         assert len(quick) == len(convergence.LR_GRIDS["quick"]["adam"])
 
 
-# benchmarks/gpu_suite.sh is meant for the rare session with a GPU, inside one 10-minute call; these
-# run it with a stand-in interpreter, so its control flow is checked on every CI run.
+@pytest.mark.parametrize("package", OPTIONAL_PACKAGES)
+def test_convergence_smoke_skips_without_an_optional_package(tmp_path, package):
+    """A machine's image (the GPU machines' among them) may lack a package CI installs."""
+    (tmp_path / "block_package.py").write_text(f"import sys\nsys.modules[{package!r}] = None\n")
+    import esgd_cuda
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path),
+                                                       str(Path(esgd_cuda.__file__).parents[1])]))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          "-p", "block_package", f"{__file__}::test_convergence_smoke"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "1 skipped" in run.stdout, run.stdout[-3000:]
+    assert f"could not import '{package}'" in run.stdout, run.stdout[-3000:]
+
+
+# ------------------------------------------------------------------------------------------ GPU suite
+# benchmarks/gpu_suite.sh is meant for the rare session with a GPU, inside one 10-minute call. These
+# run it for real in its rehearsal mode (the project's interpreter, every stage script up to its
+# device check) and with stand-in interpreters (its control flow), so it cannot rot between sessions.
 GPU_SUITE = BENCH_DIR / "gpu_suite.sh"
+SUITE_ORDER = ["build", "tests", "memcheck", "bandwidth", "step_time", "racecheck", "ncu"]
+DEVICE_BUDGET = 540  # seconds, inside the device tool's 600 s call
+REHEARSAL_LINE = "rehearsal: reached device check"
 
 
 def _suite_stages():
-    return re.findall(r"\bstage (\w+) \d+ ", GPU_SUITE.read_text())
+    """(name, limit in seconds, arguments after the interpreter) of each stage call, in order."""
+    calls = re.findall(r'^\s*(?:if )?stage (\w+) (\d+) "\$PYTHON" (.*?)(?:; then| \|\| true)$',
+                       GPU_SUITE.read_text(), re.M)
+    return [(name, int(limit), args) for name, limit, args in calls]
 
 
-def _run_suite(tmp_path, python, budget):
+def _suite_env(tmp_path, python, budget=None, **extra):
     out = tmp_path / "out"
-    out.mkdir()
-    env = dict(os.environ, PYTHON=str(python), OUT=str(out), TMPDIR=str(tmp_path),
-               ESGD_SUITE_BUDGET=str(budget), PATH="/usr/bin:/bin")
-    env.pop("CUDA_HOME", None)  # no compute-sanitizer or ncu: those stages report "not found"
-    run = subprocess.run(["bash", str(GPU_SUITE)], env=env, capture_output=True, text=True, timeout=120)
+    out.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ESGD_SUITE_") and k not in ("MAX_JOBS", "ESGD_CUDA_BUILD")}
+    env.update(PYTHON=str(python), OUT=str(out), TMPDIR=str(tmp_path), **extra)
+    if budget is not None:
+        env["ESGD_SUITE_BUDGET"] = str(budget)
+    return env, out
+
+
+def _run_suite(tmp_path, python, budget, timeout=120, **extra):
+    # Only /usr/bin and /bin: no compute-sanitizer, ncu or nvcc, as on a machine without CUDA.
+    env, out = _suite_env(tmp_path, python, budget, PATH="/usr/bin:/bin", **extra)
+    env.pop("CUDA_HOME", None)
+    run = subprocess.run(["bash", str(GPU_SUITE)], env=env, capture_output=True, text=True,
+                         timeout=timeout)
     assert "== gpu_suite summary" in run.stdout, run.stdout + run.stderr
     summary = run.stdout[run.stdout.index("== gpu_suite summary"):]
     return run, summary, out
 
 
-def test_gpu_suite_reports_every_stage_when_the_build_fails(tmp_path):
+def _stage_logs(log_text):
+    """{stage: its log} from the combined gpu_suite.log."""
+    parts = re.split(r"^===== (\w+)\.log\n", log_text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_gpu_suite_stages_fit_the_device_budget():
     stages = _suite_stages()
-    assert stages[0] == "build" and len(stages) == len(set(stages)) >= 8, stages
-    run, summary, out = _run_suite(tmp_path, "false", 540)
+    assert [name for name, _, _ in stages] == SUITE_ORDER
+    assert sum(limit for _, limit, _ in stages) <= DEVICE_BUDGET, stages
+    for name, _, args in stages[1:]:
+        script = args.split()[0]
+        assert script.startswith("benchmarks/gpu/") and (BENCH_DIR.parent / script).is_file(), (name, args)
+    # The header's budget table is the arithmetic the limits come from: it must agree with them.
+    text = GPU_SUITE.read_text()
+    table = re.findall(r"^#   (\w+)\s.*\s(\d+)\s+(\d+)$", text, re.M)
+    assert {name: int(limit) for name, _, limit in table} == {n: lim for n, lim, _ in stages}, table
+    assert f"budget of {DEVICE_BUDGET} s" in text
+
+
+# The suite's `tests` stage runs `pytest -m cuda`; tests/conftest.py adds the marker. Evaluated here
+# without a GPU: each test that skips for lack of one must be selected, and only those.
+_SELECTION_PLUGIN = """
+import json, os, re
+from _pytest.skipping import evaluate_skip_marks
+
+GPU = re.compile(r"\\b(cuda|gpu)\\b", re.IGNORECASE)
+
+
+def pytest_collection_finish(session):
+    rows = []
+    for item in session.items:
+        skip = evaluate_skip_marks(item)
+        rows.append(dict(id=item.nodeid, marked=item.get_closest_marker("cuda") is not None,
+                         gpu_skip=bool(skip and GPU.search(skip.reason))))
+    with open(os.environ["SELECTION_OUT"], "w") as f:
+        json.dump(rows, f)
+"""
+
+
+def _collect(tmp_path, *args):
+    (tmp_path / "selection_plugin.py").write_text(_SELECTION_PLUGIN)
+    out = tmp_path / f"selection{len(args)}.json"
+    import esgd_cuda
+
+    env = dict(os.environ, SELECTION_OUT=str(out),
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(Path(esgd_cuda.__file__).parents[1])]))
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "-p", "selection_plugin", *args, str(BENCH_DIR.parent / "tests")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_cuda_marker_selects_every_test_that_needs_a_gpu(tmp_path):
+    rows = _collect(tmp_path)
+    marked = {r["id"] for r in rows if r["marked"]}
+    selected = {r["id"] for r in _collect(tmp_path, "-m", "cuda")}
+    assert selected == marked
+    files = {i.split("::")[0].rsplit("/", 1)[-1] for i in marked}
+    assert {"test_kernels.py", "test_optimizer.py", "test_capturable.py", "test_compile.py",
+            "test_accumulation.py", "test_optimizer_state.py"} <= files, files
+    if not torch.cuda.is_available():
+        needs_gpu = {r["id"] for r in rows if r["gpu_skip"]}
+        assert marked == needs_gpu, (sorted(needs_gpu - marked), sorted(marked - needs_gpu))
+
+
+def test_an_unmarked_test_that_skips_for_lack_of_a_gpu_fails(tmp_path):
+    """Skips from a test's body are only known at run time: the conftest turns an unmarked one into
+    a failure, so a CUDA test the suite would never run cannot pass CI as a skip."""
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    for name in ("conftest.py", "reference.py"):
+        (tests / name).write_text((BENCH_DIR.parent / "tests" / name).read_text())
+    (tests / "test_skips.py").write_text(
+        "import pytest\n\n"
+        "def test_unmarked():\n    pytest.skip('needs a CUDA device')\n\n"
+        "@pytest.mark.cuda\ndef test_marked():\n    pytest.skip('needs a CUDA device')\n\n"
+        "def test_other_skip():\n    pytest.skip('needs scipy')\n")
+    import esgd_cuda
+
+    env = dict(os.environ, PYTHONPATH=str(Path(esgd_cuda.__file__).parents[1]))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", str(tests)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout
+    assert re.search(r"^FAILED .*test_unmarked", run.stdout, re.M), run.stdout
+    assert "add @pytest.mark.cuda" in run.stdout
+    assert re.search(r"^SKIPPED .*test_skips.py:\d+: needs a CUDA device", run.stdout, re.M), run.stdout
+    assert re.search(r"^SKIPPED .*needs scipy", run.stdout, re.M), run.stdout
+    assert "1 failed, 2 skipped" in run.stdout, run.stdout
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    """One real rehearsal (a CPU-only build in a copy, then every stage script), kept for inspection."""
+    tmp_path = tmp_path_factory.mktemp("rehearsal")
+    env, out = _suite_env(tmp_path, sys.executable, ESGD_SUITE_REHEARSAL="1", ESGD_SUITE_KEEP_COPY="1")
+    # The build needs the environment's ninja and compilers, as scripts/test.sh has them.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "/usr/bin:/bin")])
+    run = subprocess.run(["bash", str(GPU_SUITE)], env=env, capture_output=True, text=True,
+                         timeout=1800, cwd=BENCH_DIR.parent)
+    copy = re.search(r"^rehearsal: CPU-only build .* in (\S+)$", run.stdout, re.M)
+    return run, out, Path(copy.group(1)) if copy else None
+
+
+def test_gpu_suite_rehearsal_reaches_every_device_check(rehearsal):
+    run, out, copy = rehearsal
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    summary = run.stdout[run.stdout.index("== gpu_suite summary (rehearsal"):]
+    for name in SUITE_ORDER:
+        assert re.search(rf"^{name}\s+ok\s", summary, re.M), (name, summary)
+    logs = _stage_logs((out / "gpu_suite.log").read_text())
+    assert list(logs) == SUITE_ORDER
+    for name in SUITE_ORDER[1:]:
+        # Each stage imported the build the suite made in the copy, then stopped at its device check.
+        assert f"esgd_cuda from {copy / 'esgd_cuda'} " in logs[name], (name, logs[name])
+        assert REHEARSAL_LINE in logs[name], (name, logs[name])
+    selected = re.search(r"\[tests\] (\d+) CUDA tests selected", logs["tests"])
+    assert selected and int(selected.group(1)) > 0, logs["tests"]
+    assert (out / "summary.txt").read_text().startswith("== gpu_suite summary (rehearsal")
+
+
+def test_gpu_stage_scripts_refuse_a_build_other_than_the_suites(rehearsal):
+    """The review's bug: a stage script that does not put the repository root first on sys.path
+    imports no build (GPU machine) or an installed one (CI). Either must fail before the device
+    check, in every stage script."""
+    run, _, copy = rehearsal
+    assert run.returncode == 0 and copy is not None and copy.is_dir(), run.stdout[-3000:]
+    helper = copy / "benchmarks" / "gpu" / "_stage.py"
+    text = helper.read_text()
+    assert "sys.path.insert(0, str(ROOT))" in text
+    helper.write_text(text.replace("sys.path.insert(0, str(ROOT))", "pass"))
+    env = dict(os.environ, ESGD_SUITE_REHEARSAL="1", PYTHONPATH="")
+    try:
+        for name, _, args in _suite_stages()[1:]:
+            result = subprocess.run([sys.executable, *args.split()], cwd=copy, env=env,
+                                    capture_output=True, text=True, timeout=300)
+            output = result.stdout + result.stderr
+            assert result.returncode != 0 and REHEARSAL_LINE not in output, (name, output)
+            assert ("not the suite's in-place build" in output
+                    or "No module named 'esgd_cuda'" in output), (name, output)
+    finally:
+        helper.write_text(text)
+
+
+def test_gpu_suite_reports_every_stage_when_the_build_fails(tmp_path):
+    run, summary, out = _run_suite(tmp_path, "false", DEVICE_BUDGET)
     assert run.returncode == 1
     assert re.search(r"^build\s+FAILED", summary, re.M), summary
-    for name in stages[1:]:
+    for name in SUITE_ORDER[1:]:
         assert re.search(rf"^{name}\s+skipped\s+\(build failed\)", summary, re.M), (name, summary)
-    assert (out / "gpu_suite.log").is_file()
+    assert (out / "gpu_suite.log").is_file() and (out / "summary.txt").is_file()
 
 
 def test_gpu_suite_budget_skips_stages_but_prints_the_summary(tmp_path):
@@ -350,6 +548,26 @@ def test_gpu_suite_budget_skips_stages_but_prints_the_summary(tmp_path):
     assert run.returncode == 1, summary
     assert re.search(r"^build\s+ok", summary, re.M), summary
     cut = re.findall(r"^(\w+)\s+skipped\s+\(suite budget of 24s spent\)", summary, re.M)
-    assert "bandwidth" in cut and "step_time" in cut, summary
-    for name in _suite_stages():
+    assert "bandwidth" in cut and "ncu" in cut, summary
+    for name in SUITE_ORDER:
         assert re.search(rf"^{name}\s", summary, re.M), (name, summary)
+
+
+def test_gpu_suite_logs_are_complete_when_copied(tmp_path):
+    """Every stage's log in $OUT ends with the stage's last line, even when the suite's own output
+    drains slowly (the device tool reads it over a pipe): the copy must wait for the log writer."""
+    chatty = tmp_path / "chatty-python"
+    chatty.write_text('#!/bin/sh\nhead -c 200000 /dev/zero | tr "\\0" x | fold -w 100; echo\n'
+                      'echo "END OF $*"\n')
+    chatty.chmod(0o755)
+    env, out = _suite_env(tmp_path, chatty, DEVICE_BUDGET, PATH="/usr/bin:/bin")
+    slow_reader = ("import sys, time\n"
+                   "for chunk in iter(lambda: sys.stdin.buffer.read(16384), b''):\n"
+                   "    time.sleep(0.05)\n")
+    run = subprocess.run(["bash", "-c", 'bash "$0" | "$1" -c "$2"', str(GPU_SUITE), sys.executable,
+                          slow_reader], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    logs = _stage_logs((out / "gpu_suite.log").read_text())
+    assert list(logs) == SUITE_ORDER
+    for name, _, args in _suite_stages():
+        assert logs[name].rstrip("\n").rsplit("\n", 1)[-1] == f"END OF {args}", (name, logs[name][-300:])

@@ -36,6 +36,19 @@ SCENARIOS = {
 FUSED = {"fused=False": False, "fused=None": None}
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4}
 
+# Finite-difference estimators under plain DDP: every closure pass is an ordinary DDP backward
+# (gradients averaged by DDP's reducer), and replicas draw the same z and h. name -> (dtype, hvp).
+FD_SCENARIOS = {
+    "fd-forward-fp64": (torch.float64, "finite_difference"),
+    "fd-central-fp64": (torch.float64, "central_difference"),
+    "fd-forward-fp32": (torch.float32, "finite_difference"),
+}
+# The DDP mean and the whole-batch mean round differently; the difference divides that rounding by
+# h (relative step sqrt(eps) forward, eps^(1/3) central), so per estimate Hz differs by about
+# eps / fd_step: 1.5e-8 (fp64 forward), 3.7e-11 (fp64 central), 3.4e-4 (fp32 forward); the bounds
+# below allow the 25 steps to compound it tenfold.
+FD_TOLERANCE = {"fd-forward-fp64": 2e-7, "fd-central-fp64": 4e-10, "fd-forward-fp32": 3e-3}
+
 
 def make_mlp(dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -96,6 +109,42 @@ def train_replica(rank, dtype, seed, k, fused):
     return dict(params=params, state=state, seed=opt.seed, estimated=estimated)
 
 
+def fd_closure(opt, model, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def train_single_fd(dtype, hvp, fused):
+    model = make_mlp(dtype)
+    opt = ESGD(model.parameters(), **KWARGS, seed=1000, fused=fused, hvp=hvp)
+    for s in range(NUM_STEPS):
+        opt.step(fd_closure(opt, model, *batch(s, dtype)))
+    return snapshot(model, opt)
+
+
+def train_replica_fd(rank, dtype, hvp, fused):
+    """Plain DDP (no no_sync, no opt.backward): the closure's backward is DDP's. Seeds differ per rank
+    before the broadcast, as in "seeds-differ"."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_mlp(dtype)
+    ddp = DDP(model)
+    opt = ESGD(ddp.parameters(), **KWARGS, seed=1000 + 7 * rank, fused=fused, hvp=hvp,
+               process_group=dist.group.WORLD)
+    estimated = []
+    for s in range(NUM_STEPS):
+        x, y = batch(s, dtype)
+        estimated.append(opt.is_estimation_step())
+        opt.step(fd_closure(opt, ddp, x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]))
+    params, state = snapshot(model, opt)
+    return dict(params=params, state=state, seed=opt.seed, estimated=estimated)
+
+
 def _worker(rank, tmpdir):
     try:
         torch.set_num_threads(1)
@@ -106,6 +155,8 @@ def _worker(rank, tmpdir):
         for fused_name, fused in FUSED.items():
             for name, (dtype, seed_of, k, _) in SCENARIOS.items():
                 results[(name, fused_name)] = train_replica(rank, dtype, seed_of(rank), k, fused)
+            for name, (dtype, hvp) in FD_SCENARIOS.items():
+                results[(name, fused_name)] = train_replica_fd(rank, dtype, hvp, fused)
         # seed=None: each rank's global RNG differs, the broadcast must still agree.
         torch.manual_seed(rank)
         results["seed-none"] = ESGD(make_mlp(torch.float32).parameters(), process_group=dist.group.WORLD).seed
@@ -149,9 +200,11 @@ def ddp_runs(tmp_path_factory):
 
 CASES = [(name, fused_name) for fused_name in FUSED for name in SCENARIOS]
 CASE_IDS = [f"{name}-{fused_name}" for name, fused_name in CASES]
+FD_CASES = [(name, fused_name) for fused_name in FUSED for name in FD_SCENARIOS]
+FD_CASE_IDS = [f"{name}-{fused_name}" for name, fused_name in FD_CASES]
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", CASES + FD_CASES, ids=CASE_IDS + FD_CASE_IDS)
 def test_replicas_stay_bit_identical(ddp_runs, case):
     a, b = ddp_runs[0][case], ddp_runs[1][case]
     assert a["estimated"] == b["estimated"]
@@ -184,6 +237,24 @@ def test_replicas_match_single_process_on_the_whole_batch(ddp_runs, case):
         for key in ("exp_avg", "exp_hz_sq"):
             err = (s[key] - t[key]).abs().max() / t[key].abs().max()
             assert err <= 10 * rtol, f"{case}: state[{j}][{key!r}] is {err:.3e} away from the single-process run"
+
+
+@pytest.mark.parametrize("case", FD_CASES, ids=FD_CASE_IDS)
+def test_finite_difference_replicas_match_single_process_on_the_whole_batch(ddp_runs, case):
+    name, fused_name = case
+    dtype, hvp = FD_SCENARIOS[name]
+    params, state = train_single_fd(dtype, hvp, FUSED[fused_name])
+    got = ddp_runs[0][case]
+    assert got["seed"] == 1000
+    tol = FD_TOLERANCE[name]
+    start = make_mlp(dtype)
+    moved = max((p - s.detach()).abs().max() for p, s in zip(params, start.parameters()))
+    assert moved > 0.05, "the run barely moved: the comparison would prove nothing"
+    for j, (p, q) in enumerate(zip(got["params"], params)):
+        err = (p - q).abs().max() / q.abs().max()
+        assert err <= tol, f"{case}: param {j} is {err:.3e} away from the single-process run"
+    for j, (s, t) in enumerate(zip(got["state"], state)):
+        assert s["step"] == t["step"] == NUM_STEPS and s["estimates"] == t["estimates"]
 
 
 def test_seed_is_broadcast_from_the_first_rank(ddp_runs):

@@ -288,3 +288,153 @@ def test_fd_bad_input_rejected_before_any_write(fused, case):
                                   args["hz_scale"], step_scalars=args["step_scalars"], fused=fused, **hyper(0))
     for got, want in zip(params + exp_avgs + exp_hz_sqs, sum(snapshot, [])):
         assert torch.equal(got, want), "a rejected call changed its inputs"
+
+
+@NATIVE_ONLY
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_fd_vector_path_choice(dtype, mode):
+    """Which blocks of the CUDA FD kernel take the 16-byte vector path (through the emulation):
+    exactly those where every list it reads (5 forward, 6 central) is aligned and the chunk is
+    whole vectors; a misaligned grads_minus only matters to the central difference."""
+    from esgd_cuda import _C
+
+    chunk = _C.CHUNK_SIZE
+    sd = state_dtype(dtype)
+    width = 16 // torch.empty((), dtype=dtype).element_size()
+    gen = torch.Generator().manual_seed(12)
+
+    def draw(n, dt, offset=0, positive=False, scale=1.0):
+        x = torch.rand(n + offset, generator=gen, dtype=torch.float64) if positive else torch.randn(
+            n + offset, generator=gen, dtype=torch.float64)
+        return (x * scale).to(dt)[offset:]
+
+    # (numel, offset of grads_plus, offset of grads_minus)
+    layouts = [(2 * chunk + 3, 0, 0), (chunk + width, 0, 0), (chunk, 1, 0), (chunk, 0, 1), (chunk, width, width),
+               (width - 1, 0, 0)]
+    params = [draw(n, dtype) for n, _, _ in layouts]
+    grads = [draw(n, dtype) for n, _, _ in layouts]
+    exp_avgs = [draw(n, sd, scale=0.1) for n, _, _ in layouts]
+    exp_hz_sqs = [draw(n, sd, positive=True) for n, _, _ in layouts]
+    gp = [draw(n, dtype, po) for n, po, _ in layouts]
+    gm = [draw(n, dtype, mo) for n, _, mo in layouts]
+    gm_arg = gm if mode == "central" else None
+    hz_scale = torch.tensor(2.0, dtype=torch.float64)
+    h = hyper(4)
+    before = clone_lists(params, exp_avgs, exp_hz_sqs)
+    rows = run_fd("cuda-emulated", params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale, h)
+    assert_step(before, (params, exp_avgs, exp_hz_sqs), grads, gp, gm if mode == "central" else grads,
+                math_coeff(2.0, 1.0, dtype), h, dtype)
+    blocks = {(t, c): bool(v) for t, c, v in rows}
+    assert len(blocks) == len(rows)
+    assert set(blocks) == {(t, c) for t, (n, _, _) in enumerate(layouts) for c in range(-(-n // chunk))}
+    lists = [params, grads, exp_avgs, exp_hz_sqs, gp] + ([gm] if mode == "central" else [])
+    for (t, c), vectorized in blocks.items():
+        n = min(chunk, layouts[t][0] - c * chunk)
+        aligned = all(
+            (x[t].data_ptr() + c * chunk * x[t].element_size()) % (width * x[t].element_size()) == 0
+            for x in lists)
+        assert vectorized == (aligned and n % width == 0), f"tensor {t} chunk {c}"
+    assert blocks[(0, 0)] and blocks[(1, 1)] and blocks[(4, 0)]
+    assert not blocks[(0, 2)] and not blocks[(2, 0)] and not blocks[(5, 0)]
+    assert blocks[(3, 0)] == (mode == "forward")
+
+
+@NATIVE_ONLY
+@pytest.mark.parametrize("target", ["cuda-emulated", pytest.param("cuda", marks=CUDA_ONLY)])
+def test_fd_central_launch_boundaries(target):
+    """The six-list (central) table: more tensors than a launch holds, empty tensors, and one tensor
+    spanning more blocks than a launch holds."""
+    from esgd_cuda import _C
+
+    chunk = _C.CHUNK_SIZE
+    sizes = [(i * 977) % 3000 for i in range(_C.MAX_TENSORS_CENTRAL + 40)]
+    sizes[10:10] = [0, chunk - 1, chunk, chunk + 1, 0, 1, 3]
+    sizes.append(chunk * _C.MAX_BLOCKS + 5)
+    sizes += [0, 0]
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs(sizes, torch.float32, device_of(target), 13)
+    hz_scale = torch.tensor(500.0, dtype=torch.float64, device=device_of(target))
+    h = hyper(4)
+    before = clone_lists(params, exp_avgs, exp_hz_sqs)
+    run_fd(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale, h)
+    assert_step(before, (params, exp_avgs, exp_hz_sqs), grads, gp, gm, math_coeff(500.0, 1.0, torch.float32), h,
+                torch.float32)
+
+
+@NATIVE_ONLY
+@pytest.mark.parametrize("case", [
+    (lambda a: a.update(hz_scale=torch.tensor(2.0)), r"esgd_update_fd_: hz_scale has dtype float32, expected float64"),
+    (lambda a: a.update(hz_scale=torch.ones(1, 2, dtype=torch.float64)), r"esgd_update_fd_: hz_scale has 2 elements"),
+    (lambda a: a["gp"].__setitem__(1, a["gp"][1].double()), r"grads_plus\[1\] has dtype float64, expected float32"),
+    (lambda a: a["gm"].__setitem__(0, a["gm"][0][:2]), r"grads_minus\[0\] has shape \[2\], expected \[5\]"),
+    (lambda a: a["gm"].pop(), r"esgd_update_fd_: grads_minus has 1 tensors but params has 2"),
+    (lambda a: a.update(step_scalars=torch.zeros(2, 3)), r"step_scalars has dtype float32, expected float64"),
+], ids=["scale_dtype", "scale_numel", "gp_dtype", "gm_shape", "gm_len", "table_dtype"])
+def test_native_fd_errors_name_the_argument(case):
+    from esgd_cuda import ops
+
+    corrupt, message = case
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs([5, 3], torch.float32, "cpu", 10)
+    args = dict(gp=gp, gm=gm, hz_scale=torch.tensor(2.0, dtype=torch.float64), step_scalars=None)
+    corrupt(args)
+    snapshot = clone_lists(params, exp_avgs, exp_hz_sqs)
+    with pytest.raises(RuntimeError, match=message):
+        ops.esgd_update_fd_(params, grads, exp_avgs, exp_hz_sqs, args["gp"], args["gm"], args["hz_scale"],
+                            args["step_scalars"], **hyper(0))
+    for got, want in zip(params + exp_avgs + exp_hz_sqs, sum(snapshot, [])):
+        assert torch.equal(got, want), "a rejected call changed its inputs"
+
+
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") + (
+    ("test_aot_dispatch_dynamic",) if _extension.COMPILABLE else ()
+)
+
+
+@NATIVE_ONLY
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_ONLY)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(device, dtype):
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs([3, 0, 130], dtype, device, 5)
+    hz_scale = torch.tensor(100.0, dtype=torch.float64, device=device)
+    table = torch.tensor([[0.99, 1e-3, 2.0], [1.0, 1e-2, 1.5], [0.9, 1e-3, 3.0]], dtype=torch.float64, device=device)
+    kwargs = dict(hyper(1), grad_scale_inv=0.25, hz_scale_inv=0.5)
+    for minus in ([], gm):
+        for rows in (None, table):
+            torch.library.opcheck(torch.ops.esgd_cuda.esgd_update_fd_.default,
+                                  (params, grads, exp_avgs, exp_hz_sqs, gp, minus, hz_scale, rows), kwargs,
+                                  test_utils=OPCHECK_UTILS)
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_fd_update_capture_and_no_sync(mode):
+    """1/h is read on the device: no host sync, and a graph replay sees a new hz_scale."""
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs([1000, 3, 70000], torch.float32, "cuda", 17)
+    gm_arg = gm if mode == "central" else None
+    hz_scale = torch.tensor(10.0, dtype=torch.float64, device="cuda")
+    h = hyper(5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        functional.esgd_update_fd(params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale, fused=True, **h)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    snapshot = clone_lists(params, exp_avgs, exp_hz_sqs)
+    expected = clone_lists(*snapshot)
+    functional.esgd_update_fd(expected[0], grads, expected[1], expected[2], gp, gm_arg,
+                              torch.tensor(20.0, dtype=torch.float64, device="cuda"), fused=True, **h)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        functional.esgd_update_fd(params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale, fused=True, **h)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        functional.esgd_update_fd(params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale, fused=True, **h)
+    for dst, src in zip(params + exp_avgs + exp_hz_sqs, sum(snapshot, [])):
+        dst.copy_(src)
+    hz_scale.fill_(20.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(params + exp_avgs + exp_hz_sqs, sum(expected, [])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

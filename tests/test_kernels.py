@@ -197,6 +197,47 @@ def test_loss_scale_is_undone(target, dtype, gscale, hscale):
                             plain, dtype)
 
 
+@pytest.mark.parametrize("target", TARGETS + ["foreach", "capturable", "capturable-foreach"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_finite_hz_poisons_the_parameter(target, dtype):
+    """Where the scaled Hz is inf or NaN (also where only hz_scale_inv makes it overflow), the
+    update's gradient is NaN, so p and m become NaN there; elsewhere the step is the ordinary one."""
+    device = device_of(target)
+    n = 4101
+    params, grads, exp_avgs, exp_hz_sqs, hzs = make_tensors([n], dtype, device, 21)
+    bad = [5, 6, 7, 64, 4100]
+    for i, value in zip(bad, [math.inf, -math.inf, math.nan, math.nan, math.inf]):
+        hzs[0][i] = value
+    big = torch.finfo(dtype).max
+    hzs[0][9] = big  # finite, but not once multiplied by hz_scale_inv in the math dtype
+    # The 16-bit maximum times 1e35 overflows float32 math; the other values (|hz| < 10) do not.
+    hz_scale_inv = 4.0 if dtype in (torch.float32, torch.float64) else 1e35
+    h = dict(hyper(2), hz_scale_inv=hz_scale_inv)
+    before = clone_lists(params, exp_avgs, exp_hz_sqs)
+    if target.startswith("capturable"):
+        steps = [torch.tensor(5, device=device)]
+        functional.esgd_update_capturable(
+            params, grads, exp_avgs, exp_hz_sqs, hzs, lr=0.1, steps=steps, estimates=steps,
+            beta1=h["beta1"], beta2=h["beta2"], v=h["v"], lr_warmup=0.9, eps=h["eps"], weight_decay=0.01,
+            hz_scale_inv=hz_scale_inv, fused=target == "capturable")
+    elif target == "foreach":
+        call(params, grads, exp_avgs, exp_hz_sqs, hzs, h, fused=False)
+    else:
+        call_target(target, params, grads, exp_avgs, exp_hz_sqs, hzs, h)
+    expect_nan = torch.zeros(n, dtype=torch.bool)
+    expect_nan[bad + [9]] = True
+    assert torch.equal(params[0].isnan().cpu(), expect_nan)
+    assert torch.equal(exp_avgs[0].isnan().cpu(), expect_nan)
+    if not target.startswith("capturable"):
+        keep = ~expect_nan
+        scaled = dict(h, hz_scale_inv=1.0)
+        rp, rm, rd = reference(before[0][0][keep], grads[0][keep], before[1][0][keep], before[2][0][keep],
+                               hzs[0][keep].double() * hz_scale_inv, scaled)
+        rtol, atol = tolerances(dtype)
+        assert_close(params[0][keep], rp, rtol, atol, "params[0]")
+        assert_close(exp_avgs[0][keep], rm, *STATE_TOL[state_dtype(dtype)], "exp_avgs[0]")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("estimate", [True, False], ids=["hz", "plain"])
 def test_cuda_vector_path_choice(dtype, estimate):

@@ -182,6 +182,11 @@ def test_different_keys_give_independent_probes():
 # ------------------------------------------------------------------------------------------ perturb
 
 
+def _overlapping(a):
+    base = torch.full((8,), 3.0)
+    a["params"][0], a["backups"][0] = base[:5], base[3:]
+
+
 def perturb_reference(x, key, offset, h, sign, dtype):
     """P(S(x) + S(sign*h) * z) with S the math dtype, via float64 for the sum's exact value."""
     math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -313,15 +318,238 @@ def test_rademacher_bad_input(fused, case):
     (lambda a: a["backups"].__setitem__(0, a["backups"][0][:4]), ValueError, r"backups\[0\] is torch.float32 \[4\]"),
     (lambda a: a.update(offsets=[-3, 0]), ValueError, r"offsets\[0\] = -3"),
     (lambda a: a["params"].__setitem__(1, a["params"][1].half()), ValueError, r"backups\[1\] is torch.float32"),
-], ids=["backups_len", "scale_dtype", "scale_numel", "backup_dtype", "backup_shape", "neg_offset", "param_dtype"])
+    (lambda a: a["backups"].__setitem__(1, a["params"][1]), ValueError, r"backups\[1\] shares memory with params\[1\]"),
+    (lambda a: _overlapping(a), ValueError, r"backups\[0\] shares memory with params\[0\]"),
+], ids=["backups_len", "scale_dtype", "scale_numel", "backup_dtype", "backup_shape", "neg_offset", "param_dtype",
+        "alias", "overlap"])
 def test_perturb_bad_input(fused, case):
     corrupt, exc, message = case
     args = dict(params=[torch.full((5,), 3.0), torch.full((3,), 3.0)],
                 backups=[torch.zeros(5), torch.zeros(3)], scale=torch.tensor(0.1, dtype=torch.float64),
                 keys=[1, 2], offsets=[0, 0])
+    fresh_backups = list(args["backups"])
     corrupt(args)
     with pytest.raises(exc, match=message):
         probes.fd_perturb_(args["params"], args["backups"], args["scale"], args["keys"], args["offsets"],
                            sign=1.0, save=True, fused=fused)
     assert all(bool((t == 3).all()) for t in args["params"])
-    assert all(bool((t == 0).all()) for t in args["backups"] if t.dtype == torch.float32 and t.numel() != 4)
+    assert all(bool((t == 0).all()) for t in fresh_backups)
+
+
+@pytest.mark.parametrize("case", [
+    (lambda a: a.update(keys=[1, -2]), r"esgd_rademacher_: keys\[1\] = -2 is negative"),
+    (lambda a: a.update(offsets=[-1, 0]), r"esgd_rademacher_: offsets\[0\] = -1 is negative"),
+    (lambda a: a.update(offsets=[0]), r"esgd_rademacher_: offsets has 1 entries but out has 2 tensors"),
+    (lambda a: a.update(offsets=[0, 2**63 - 2]), r"offsets\[1\] \+ out\[1\].numel\(\) exceeds"),
+    (lambda a: a["out"].__setitem__(1, torch.full((3,), 3, dtype=torch.int64)),
+     r"esgd_rademacher_: out\[1\] has dtype int64, expected one of"),
+], ids=["neg_key", "neg_offset", "offsets_len", "overflow", "int_out"])
+@NATIVE_ONLY
+def test_native_rademacher_errors_name_the_argument(case):
+    """The op's own checks (probes.rademacher_ checks first, so they are reached only directly)."""
+    from esgd_cuda import ops
+
+    corrupt, message = case
+    args = dict(out=[torch.full((5,), 3.0), torch.full((3,), 3.0)], keys=[1, 2], offsets=[0, 0])
+    corrupt(args)
+    with pytest.raises(RuntimeError, match=message):
+        ops.esgd_rademacher_(args["out"], args["keys"], args["offsets"])
+    assert all(bool((t == 3).all()) for t in args["out"])
+
+
+@pytest.mark.parametrize("case", [
+    (lambda a: a["backups"].__setitem__(0, torch.zeros(4)), r"backups\[0\] has shape \[4\], expected \[5\]"),
+    (lambda a: a["backups"].__setitem__(1, a["params"][1]), r"backups\[1\] shares memory with params\[1\]"),
+    (_overlapping, r"backups\[0\] shares memory with params\[0\]"),
+    (lambda a: a["backups"].__setitem__(0, torch.zeros(5, dtype=torch.float16)),
+     r"backups\[0\] has dtype float16, expected float32 \(the dtype of params\[0\]\)"),
+    (lambda a: a.update(scale=torch.tensor(0.1)), r"esgd_fd_perturb_: scale has dtype float32, expected float64"),
+    (lambda a: a.update(scale=torch.zeros(1, 2, dtype=torch.float64)), r"scale has 2 elements, expected 1"),
+    (lambda a: a.update(keys=[-5, 0]), r"keys\[0\] = -5 is negative"),
+    (lambda a: a["backups"].pop(), r"esgd_fd_perturb_: backups has 1 tensors but params has 2"),
+], ids=["shape", "same_tensor", "overlap", "dtype", "scale_dtype", "scale_numel", "neg_key", "backups_len"])
+@NATIVE_ONLY
+def test_native_perturb_errors_name_the_argument(case):
+    from esgd_cuda import ops
+
+    corrupt, message = case
+    args = dict(params=[torch.full((5,), 3.0), torch.full((3,), 3.0)],
+                backups=[torch.zeros(5), torch.zeros(3)], scale=torch.tensor(0.1, dtype=torch.float64),
+                keys=[1, 2], offsets=[0, 0])
+    corrupt(args)
+    with pytest.raises(RuntimeError, match=message):
+        ops.esgd_fd_perturb_(args["params"], args["backups"], args["scale"], args["keys"], args["offsets"],
+                             sign=1.0, save=True)
+    assert all(bool((t == 3).all()) for t in args["params"])
+
+
+@NATIVE_ONLY
+@pytest.mark.parametrize("target", ["cpu", "cuda-emulated", pytest.param("cuda", marks=CUDA_ONLY)])
+def test_mixed_dtypes_in_one_call(target):
+    """The native ops run each dtype of a list separately; every tensor still gets its own probe."""
+    device = device_of(target)
+    dtypes = [torch.float16, torch.float32, torch.bfloat16, torch.float64, torch.float32]
+    sizes = [70001, 3, 4097, 65, 0]
+    keys, offsets = KEYS, [0, 9, 64, 1 << 50, 3]
+    out = [torch.zeros(n, dtype=dt, device=device) for n, dt in zip(sizes, dtypes)]
+    run_rademacher(target, out, keys, offsets)
+    for t, key, offset in zip(out, keys, offsets):
+        assert torch.equal(t.cpu(), reference_probe(key, offset, t.shape, t.dtype))
+    params = [torch.randn(n, dtype=torch.float64).to(dt).to(device) for n, dt in zip(sizes, dtypes)]
+    originals = [p.clone() for p in params]
+    backups = [torch.empty_like(p) for p in params]
+    run_perturb(target, params, backups, scale_tensor(0.01, device), keys, offsets, -1.0, save=True)
+    for p, x, key, offset in zip(params, originals, keys, offsets):
+        assert torch.equal(p.cpu(), perturb_reference(x, key, offset, 0.01, -1.0, p.dtype))
+
+
+@NATIVE_ONLY
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["rademacher", "perturb-save", "perturb-restore"])
+def test_cuda_probe_vector_path_choice(dtype, op):
+    """Which blocks of the CUDA probe kernels take the 16-byte vector path, through the emulation:
+    exactly those whose lists are all aligned to 16 bytes and whose chunk is whole vectors."""
+    from esgd_cuda import _C
+
+    chunk = _C.CHUNK_SIZE
+    width = 16 // torch.empty((), dtype=dtype).element_size()
+    # (numel, element offset of the params/out view, element offset of the backups view)
+    layouts = [
+        (2 * chunk + 3, 0, 0),  # two aligned chunks, then a 3-element tail: scalar
+        (chunk + width, 0, 0),  # a tail of exactly one vector: vector
+        (chunk + 2 * width, 1, 0),  # params one element off: scalar throughout
+        (chunk, 0, width // 2),  # backups half a vector off: scalar (perturb only)
+        (chunk, width, width),  # both one whole vector off, still aligned: vector
+        (width - 1, 0, 0),  # shorter than a vector: scalar
+    ]
+    params = [torch.randn(n + po, dtype=torch.float64).to(dtype)[po:] for n, po, _ in layouts]
+    backups = [torch.randn(n + bo, dtype=torch.float64).to(dtype)[bo:] for n, _, bo in layouts]
+    keys, offsets = [KEYS[i % len(KEYS)] for i in range(len(layouts))], [5 * i for i in range(len(layouts))]
+    originals = [p.clone() for p in params]
+    sources = originals if op != "perturb-restore" else [b.clone() for b in backups]
+    if op == "rademacher":
+        rows = run_rademacher("cuda-emulated", params, keys, offsets)
+        lists = [params]
+        for p, key, offset in zip(params, keys, offsets):
+            assert torch.equal(p, reference_probe(key, offset, p.shape, dtype))
+    else:
+        save = op == "perturb-save"
+        rows = run_perturb("cuda-emulated", params, backups, scale_tensor(0.5, "cpu"), keys, offsets, 1.0, save)
+        lists = [params, backups]
+        for p, x, key, offset in zip(params, sources, keys, offsets):
+            assert torch.equal(p, perturb_reference(x, key, offset, 0.5, 1.0, dtype))
+    blocks = {(t, c): bool(v) for t, c, v in rows}
+    assert len(blocks) == len(rows), "a chunk was processed twice"
+    assert set(blocks) == {(t, c) for t, (n, _, _) in enumerate(layouts) for c in range(-(-n // chunk))}
+    for (t, c), vectorized in blocks.items():
+        n = min(chunk, layouts[t][0] - c * chunk)
+        aligned = all((x[t].data_ptr() + c * chunk * x[t].element_size()) % 16 == 0 for x in lists)
+        assert vectorized == (aligned and n % width == 0), f"tensor {t} chunk {c}"
+    assert blocks[(0, 0)] and blocks[(0, 1)] and not blocks[(0, 2)]
+    assert blocks[(1, 1)] and blocks[(4, 0)]
+    assert not any(blocks[(2, c)] for c in range(2)) and not blocks[(5, 0)]
+    assert blocks[(3, 0)] == (op == "rademacher")
+
+
+@NATIVE_ONLY
+@pytest.mark.parametrize("target", ["cuda-emulated", pytest.param("cuda", marks=CUDA_ONLY)])
+def test_probe_launch_boundaries(target):
+    """More tensors than one launch's table, empty tensors between and at the end, and one tensor
+    spanning more blocks than a launch holds: every element gets its own bit."""
+    from esgd_cuda import _C
+
+    device = device_of(target)
+    chunk = _C.CHUNK_SIZE
+    sizes = [(i * 977) % 3000 for i in range(_C.MAX_TENSORS_PROBE + 20)]
+    sizes[10:10] = [0, chunk - 1, chunk, chunk + 1, 0, 1, 3]
+    sizes.append(chunk * _C.MAX_BLOCKS + 5)
+    sizes += [0, 0]
+    keys = [probes.probe_key(9, i) for i in range(len(sizes))]
+    offsets = [(i * 37) % 200 for i in range(len(sizes))]
+    out = [torch.empty(n, dtype=torch.float16, device=device) for n in sizes]
+    run_rademacher(target, out, keys, offsets)
+    twin = [torch.empty_like(t) for t in out]
+    probes.rademacher_(twin, keys, offsets, fused=False)
+    for i, (a, b) in enumerate(zip(out, twin)):
+        assert torch.equal(a, b), f"tensor {i} of {sizes[i]} elements"
+    for i in (11, 12, 13, len(sizes) - 3):
+        assert torch.equal(out[i].cpu(), reference_probe(keys[i], offsets[i], out[i].shape, torch.float16))
+    params = [torch.zeros(n, dtype=torch.float16, device=device) for n in sizes]
+    backups = [torch.empty_like(p) for p in params]
+    run_perturb(target, params, backups, scale_tensor(1.0, device), keys, offsets, 1.0, save=True)
+    for i, (p, z) in enumerate(zip(params, out)):
+        assert torch.equal(p, z), f"tensor {i}"
+
+
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") + (
+    ("test_aot_dispatch_dynamic",) if _extension.COMPILABLE else ()
+)
+
+
+@NATIVE_ONLY
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA_ONLY)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(device, dtype):
+    out = [torch.empty(n, dtype=dtype, device=device) for n in (3, 0, 130)]
+    torch.library.opcheck(torch.ops.esgd_cuda.esgd_rademacher_.default, (out, [1, 2, 3], [0, 4, 64]),
+                          test_utils=OPCHECK_UTILS)
+    params = [torch.randn(n, device=device).to(dtype) for n in (3, 0, 130)]
+    backups = [torch.empty_like(p) for p in params]
+    scale = scale_tensor(0.01, device)
+    for save in (True, False):
+        torch.library.opcheck(torch.ops.esgd_cuda.esgd_fd_perturb_.default,
+                              (params, backups, scale, [1, 2, 3], [0, 4, 64]), dict(sign=-1.0, save=save),
+                              test_utils=OPCHECK_UTILS)
+
+
+@NATIVE_ONLY
+@pytest.mark.skipif(not _extension.COMPILABLE, reason=f"torch {torch.__version__} cannot compile the ops")
+def test_torch_compile_fullgraph():
+    from esgd_cuda import ops
+
+    def perturb(params, backups, out, scale):
+        ops.esgd_fd_perturb_(params, backups, scale, [3, 4], [0, 7], sign=1.0, save=True)
+        ops.esgd_rademacher_(out, [3, 4], [0, 7])
+
+    def fresh():
+        params = [torch.arange(5.0), torch.ones(2, 3)]
+        return params, [torch.empty_like(p) for p in params], [torch.empty(5), torch.empty(2, 3)]
+
+    eager, compiled = fresh(), fresh()
+    scale = scale_tensor(0.125, "cpu")
+    perturb(*eager, scale)
+    torch._dynamo.reset()
+    torch.compile(perturb, fullgraph=True, backend="aot_eager")(*compiled, scale)
+    for a, b in zip(sum(eager, []), sum(compiled, [])):
+        assert torch.equal(a, b)
+
+
+@CUDA_ONLY
+def test_cuda_probes_capture_and_no_sync():
+    """Both ops read h on the device: no host sync, and a captured graph replays with a new h."""
+    params = [torch.randn(n, device="cuda") for n in (1000, 3, 70000)]
+    originals = [p.clone() for p in params]
+    backups = [torch.empty_like(p) for p in params]
+    out = [torch.empty_like(p) for p in params]
+    keys, offsets = [5, 6, 7], [0, 1, 2]
+    scale = scale_tensor(0.5, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        probes.fd_perturb_(params, backups, scale, keys, offsets, sign=1.0, save=True, fused=True)
+        probes.rademacher_(out, keys, offsets, fused=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        probes.fd_perturb_(params, backups, scale, keys, offsets, sign=-1.0, save=False, fused=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        probes.fd_perturb_(params, backups, scale, keys, offsets, sign=-1.0, save=False, fused=True)
+    scale.fill_(0.25)
+    graph.replay()
+    torch.cuda.synchronize()
+    for p, x, z in zip(params, originals, out):
+        assert torch.equal(p, x - 0.25 * z)

@@ -1,0 +1,76 @@
+"""Stage `bandwidth` of benchmarks/gpu_suite.sh: the fused kernels' effective bandwidth against a copy.
+
+128M parameters in 100 tensors, fp32 and bf16 parameters (fp32 state), plain and estimation steps.
+Bytes per parameter (what the update must move at best): plain 3 x param + 3 x state (read p, g, m,
+D; write p, m), estimation 4 x param + 4 x state (also read Hz, write D); a copy moves 2 x 4 B per
+fp32 element. Times are CUDA-event medians of 50 calls after 5 warm-ups.
+"""
+
+import sys
+
+import _stage
+
+esgd_cuda = _stage.import_built()
+
+import torch  # noqa: E402
+from esgd_cuda import ops  # noqa: E402
+
+KW = dict(beta1=0.9, v=0.7, eps=1e-4, weight_decay=0.0, step_size=1e-3, momentum_scale=1.2,
+          denom_scale=1.5)
+ELEMENTS, TENSORS = 128 * 2**20, 100
+
+
+def sizes_for(total, count):
+    return [total // count + (i % 7) * 1024 for i in range(count)]
+
+
+def steps(dtype, sizes, device):
+    """(name, bytes per parameter, one call) for the plain and the estimation step."""
+    p, g, hz = ([torch.randn(n, device=device).to(dtype) for n in sizes] for _ in range(3))
+    m = [torch.randn(n, device=device) for n in sizes]
+    d = [torch.rand(n, device=device) for n in sizes]
+    ps, ss = p[0].element_size(), m[0].element_size()
+    return [("plain", 3 * ps + 3 * ss, lambda: ops.esgd_update_(p, g, m, d, **KW)),
+            ("estimation", 4 * ps + 4 * ss,
+             lambda: ops.esgd_update_hz_(p, g, m, d, hz, beta2=0.999, **KW))]
+
+
+def timed(fn, reps=50):
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    for dtype in (torch.float32, torch.bfloat16):
+        for _, _, fn in steps(dtype, sizes_for(4096, 4), torch.device("cpu")):
+            fn()
+    device = _stage.device_check(esgd_cuda, "time the fused steps on the GPU")
+    sizes = sizes_for(ELEMENTS, TENSORS)
+    elements = sum(sizes)
+    src = torch.empty(elements, device=device)
+    dst = torch.empty_like(src)
+    copy_gbs = 8 * elements / timed(lambda: dst.copy_(src)) / 1e9
+    del src, dst
+    print(f"bandwidth: {torch.cuda.get_device_name(device)}, {elements} parameters in {len(sizes)} "
+          f"tensors; copy {copy_gbs:.0f} GB/s")
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, per_param, fn in steps(dtype, sizes, device):
+            seconds = timed(fn)
+            gbs = per_param * elements / seconds / 1e9
+            print(f"bandwidth: {str(dtype).replace('torch.', '')} {name} step {seconds * 1e3:.3f} ms, "
+                  f"{per_param} B/param, {gbs:.0f} GB/s = {gbs / copy_gbs:.1%} of copy", flush=True)
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Stages `memcheck` and `racecheck` of benchmarks/gpu_suite.sh: compute-sanitizer over a small
+workload that launches every kernel variant (4 dtypes x plain/estimation/capturable, aligned and
+misaligned views, odd and empty sizes, more tensors than one launch holds).
+
+    python benchmarks/gpu/sanitize.py memcheck|racecheck    # runs the workload under the sanitizer
+    python benchmarks/gpu/sanitize.py --workload            # the workload alone, on the GPU
+
+The workload first runs once at a tiny size on the CPU kernels (same calls, same arguments), so a
+rehearsal catches a call that no longer matches the ops before a GPU session does.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+
+import _stage
+
+esgd_cuda = _stage.import_built()
+
+import torch  # noqa: E402
+from esgd_cuda import ops  # noqa: E402
+from esgd_cuda.functional import step_scalar_table  # noqa: E402
+
+KW = dict(beta1=0.9, v=0.7, eps=1e-4, weight_decay=0.01, step_size=0.1, momentum_scale=1.2,
+          denom_scale=1.5)
+SIZES = [1, 3, 0, 4097, 65535, 65537, 131072]
+TINY = [1, 3, 0, 37]
+
+
+def workload(device, sizes):
+    gen = torch.Generator().manual_seed(0)
+
+    def lists(dtype, offset):
+        # Slicing off `offset` elements makes a misaligned view: the kernel's scalar path.
+        return [torch.rand(n + offset, generator=gen, dtype=torch.float64).to(dtype).to(device)[offset:]
+                for n in sizes]
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        state = torch.float64 if dtype == torch.float64 else torch.float32
+        for offset in (0, 1):
+            p, g, hz = lists(dtype, offset), lists(dtype, offset), lists(dtype, offset)
+            m, d = lists(state, offset), lists(state, offset)
+            ops.esgd_update_hz_(p, g, m, d, hz, beta2=0.999, **KW)
+            ops.esgd_update_(p, g, m, d, **KW)
+        # The capturable op reads its step scalars from a device table, one row per tensor.
+        ones = [torch.ones((), device=device) for _ in sizes]
+        table = step_scalar_table(ones, ones, lr=0.1, beta1=0.9, beta2=0.999, v=0.7, lr_warmup=0.9,
+                                  weight_decay=0.01)
+        ops.esgd_update_capturable_(p, g, m, d, hz, table, beta1=0.9, beta2=0.999, v=0.7, eps=1e-4)
+        ops.esgd_update_capturable_(p, g, m, d, [], table, beta1=0.9, beta2=0.999, v=0.7, eps=1e-4)
+    # More tensors than one launch's table holds.
+    many = [torch.rand(n % 700 + 1, generator=gen).to(device) for n in range(80)]
+    state = [torch.rand(t.numel(), generator=gen).to(device) for t in many]
+    ops.esgd_update_(many, [t.clone() for t in many], state, [s.clone() for s in state], **KW)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tool", nargs="?", choices=["memcheck", "racecheck"])
+    parser.add_argument("--workload", action="store_true", help="run the workload alone on the GPU")
+    args = parser.parse_args()
+    if args.workload:
+        workload(torch.device("cuda"), SIZES)
+        print("[sanitize] workload done", flush=True)
+        return 0
+    if args.tool is None:
+        parser.error("name the tool: memcheck or racecheck")
+
+    workload(torch.device("cpu"), TINY)
+    sanitizer = _stage.find_tool("compute-sanitizer")
+    print(f"[{args.tool}] compute-sanitizer: {sanitizer or 'not found'}", flush=True)
+    _stage.device_check(esgd_cuda, f"compute-sanitizer --tool {args.tool}")
+    if sanitizer is None:
+        _stage.fail("compute-sanitizer not found on PATH, in CUDA_HOME/bin or /usr/local/cuda/bin")
+    env = dict(os.environ)
+    if args.tool == "memcheck":
+        # Without the caching allocator every tensor is its own allocation, so an out-of-bounds
+        # access cannot land unseen inside a pooled block.
+        env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
+    # No kernel filter: the workload launches the esgd kernels and a few torch fills and copies,
+    # so a kernel added under another name is checked too.
+    command = [sanitizer, "--tool", args.tool, "--error-exitcode", "1",
+               sys.executable, os.path.abspath(__file__), "--workload"]
+    print("[{}] {}".format(args.tool, " ".join(command)), flush=True)
+    return subprocess.call(command, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

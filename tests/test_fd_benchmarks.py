@@ -1,0 +1,54 @@
+"""The finite-difference benchmark scripts run end to end at a tiny size, so they cannot rot unnoticed."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import fd_accuracy
+    import fd_cost
+
+    return fd_cost, fd_accuracy
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_fd_cost_smoke(bench, tmp_path):
+    fd_cost, _ = bench
+    result = fd_cost.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    data = json.loads(result["outputs"]["json"].read_text())
+    markdown = result["outputs"]["markdown"].read_text()
+    mlp = data["mlp"]
+    for mode in ("exact", "forward", "central"):
+        row = mlp["modes"][mode]
+        for key in ("passes_ms", "step_ms", "amortized_ms", "amortized_vs_adam"):
+            assert _positive(row[key]), (mode, key, row)
+    assert set(data["lm"]["amortized"]) == {"adam", "finite_difference", "central_difference", "exact"}
+    assert data["lm"]["amortized"]["adam"]["vs_adam"] == 1.0
+    assert all(_positive(r["ms_per_step"]) for r in data["lm"]["amortized"].values())
+    assert set(data["memory"]) == {"plain", "exact", "finite_difference", "central_difference"}
+    assert all(math.isfinite(m["grown_mib"]) for m in data["memory"].values())
+    assert "overhead / passes" in markdown and "Peak memory" in markdown
+
+
+def test_fd_accuracy_smoke(bench, tmp_path):
+    _, fd_accuracy = bench
+    result = fd_accuracy.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads(result["outputs"]["json"].read_text())
+    rows = {(r["model"], r["hvp"]): r for r in data["accuracy"]}
+    # On the smooth MLP both differences agree with autograd; the central one more closely.
+    assert rows[("mlp", "finite_difference")]["default_error"] < 1e-2
+    assert rows[("mlp", "central_difference")]["default_error"] < 1e-3
+    assert {r["hvp"] for r in data["relu"]["runs"]} == {"autograd", "finite_difference", "central_difference"}
+    for r in data["relu"]["runs"]:
+        assert r["final_acc"] is not None and 0.0 <= r["final_acc"] <= 1.0
+    assert "default" in result["outputs"]["markdown"].read_text()
