@@ -76,6 +76,9 @@ def test_step_time_shapes_match_the_issue(bench):
     assert "gpt2-124M" in step_time.PRESETS["cuda"]["shapes"]
 
 
+# The peers' documented backward(create_graph=True) warns about the parameter <-> gradient cycle; the
+# benchmark sets p.grad to None after each such step, which breaks it.
+@pytest.mark.filterwarnings(r"ignore:Using backward\(\) with create_graph=True")
 def test_step_time_smoke(bench, tmp_path):
     step_time, _ = bench
     import esgd_cuda._extension as ext
