@@ -161,6 +161,14 @@ def get_extensions():
     return [extension], cmdclass
 
 
+# The versions scripts/setup.sh installs and the examples and benchmarks are tested with (torch 2.14.1,
+# Python 3.11). timm's torchvision is left to pip here: it must match the installed torch.
+EXTRAS_REQUIRE = {
+    "examples": ["lightning==2.6.6", "transformers==5.24.0", "accelerate==1.15.0", "timm==1.0.31",
+                 "scikit-learn"],
+    "bench": ["pytorch-optimizer==4.1.0", "torchzero==0.4.4", "scikit-learn", "matplotlib", "tqdm"],
+}
+
 ext_modules, cmdclass = get_extensions()
 
 setup(
@@ -170,6 +178,7 @@ setup(
     packages=["esgd_cuda"],
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
+    extras_require=EXTRAS_REQUIRE,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -1,12 +1,15 @@
-"""Convergence benchmark: how fast ESGD-M trains real models, against Adam, AdamW and SGD (Nesterov).
+"""Convergence benchmark: how fast ESGD-M trains real models, against Adam, AdamW and SGD (Nesterov), and
+against the second-order peers AdaHessian, SophiaH (pytorch-optimizer) and torchzero's ESGD.
 
 Every optimizer gets the same learning-rate sweep size and the same seeds on each problem. The table
 reports, at each optimizer's best learning rate (lowest mean final training loss over seeds): the final
 training loss, the test metric, the steps and the training wall-clock seconds until the mean training
-loss first reaches the target (Adam's best mean final loss), and the amortized time per step
-(ESGD-M's Hessian-vector products included).
+loss first reaches the target (Adam's best mean final loss), and the amortized time per step (every
+second-order optimizer's Hessian-vector products included, each on its own default schedule: ESGD-M
+every 10th step after 20 warm-up estimates, AdaHessian every step, SophiaH every 10th, torchzero ESGD
+every 20th; see _peers.py for how each is driven).
 
-    python benchmarks/convergence.py                # --quick: all problems, 2.5-3.5 min on 2 quiet CPU cores
+    python benchmarks/convergence.py                # --quick: every problem and optimizer, a few minutes
     python benchmarks/convergence.py --full         # longer runs, finer sweep, 5 seeds
     python benchmarks/convergence.py --problems digits-mlp rosenbrock --device cuda
 """
@@ -30,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import _peers
 from _common import (DEFAULT_OUT, OUT_HELP, command_line, environment, environment_markdown, fmt,
                      import_esgd, load_average, markdown_table, resolve_device, write_outputs)
 
@@ -55,13 +59,18 @@ LR_GRIDS = {
 SEEDS = {"quick": 3, "full": 5, "smoke": 2}
 
 OPTIMIZER_LABELS = {"esgd": "ESGD-M", "esgd-nowarmup": "ESGD-M lr_warmup=0", "adam": "Adam",
-                    "adamw": "AdamW", "sgd": "SGD (Nesterov)"}
+                    "adamw": "AdamW", "sgd": "SGD (Nesterov)",
+                    **{name: peer.label for name, peer in _peers.PEERS.items()}}
 OPTIMIZER_COLORS = {"esgd": "tab:red", "esgd-nowarmup": "tab:orange", "adam": "tab:blue",
-                    "adamw": "tab:cyan", "sgd": "tab:gray"}
+                    "adamw": "tab:cyan", "sgd": "tab:gray",
+                    **{name: peer.color for name, peer in _peers.PEERS.items()}}
 # ESGD-M without its learning-rate warm-up is opt-in: it shows what the warm-up costs on short runs.
-DEFAULT_OPTIMIZERS = ["esgd", "adam", "adamw", "sgd"]
-for _grid in LR_GRIDS.values():
+DEFAULT_OPTIMIZERS = ["esgd", "adam", "adamw", "sgd", *_peers.PEERS]
+for _preset, _grid in LR_GRIDS.items():
     _grid["esgd-nowarmup"] = _grid["esgd"]
+    # Each peer's sweep is centred on its own documented default learning rate.
+    for _name in _peers.PEERS:
+        _grid[_name] = _peers.lr_grid(_name, _preset)
 
 
 # ----------------------------------------------------------------------------------------- problems
@@ -101,9 +110,22 @@ def _digits(device_str: str):
     return tuple(t.to(device_str) for t in (x[tr], y[tr], x[te], y[te]))
 
 
+def _per_step(draw: Callable[[], torch.Tensor]) -> Callable[[int], torch.Tensor]:
+    """`draw()` once per step index: optimizers that re-evaluate the loss within a step (closures) must
+    see the same minibatch, and the stream of batches stays the same for those that evaluate once."""
+    last: dict[int, torch.Tensor] = {}
+
+    def at(step: int) -> torch.Tensor:
+        if step not in last:
+            last.clear()
+            last[step] = draw()
+        return last[step]
+    return at
+
+
 def _batch_sampler(n: int, batch: int, seed: int, device: torch.device) -> Callable[[int], torch.Tensor]:
     gen = torch.Generator().manual_seed(10_000 + seed)
-    return lambda step: torch.randint(0, n, (batch,), generator=gen).to(device)
+    return _per_step(lambda: torch.randint(0, n, (batch,), generator=gen).to(device))
 
 
 class DigitsMLP(Problem):
@@ -225,6 +247,7 @@ class CharTransformerLM(Problem):
         torch.manual_seed(seed)
         model = CharTransformer(vocab, self.d, self.heads, self.layers, self.ctx).to(device)
         gen = torch.Generator().manual_seed(10_000 + seed)
+        batch_starts = _per_step(lambda: torch.randint(0, len(train) - self.ctx - 1, (self.batch,), generator=gen))
 
         def windows(data, starts):
             offsets = torch.arange(self.ctx + 1, device=device)
@@ -236,7 +259,7 @@ class CharTransformerLM(Problem):
             return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
         def batch_loss(step):
-            return loss_on(train, torch.randint(0, len(train) - self.ctx - 1, (self.batch,), generator=gen))
+            return loss_on(train, batch_starts(step))
 
         # Fixed evaluation windows, the same for every optimizer and seed.
         n_eval = 32 if preset != "smoke" else 8
@@ -321,7 +344,23 @@ def make_optimizer(name: str, params, lr: float, seed: int, device: torch.device
             return cls(params, lr=lr, foreach=True)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+    if name in _peers.PEERS:
+        return _peers.make(name, params, lr, seed)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def train_step(name: str, opt, batch_loss: Callable[[int], torch.Tensor], step: int) -> None:
+    """One training step on minibatch `step`, driven as each optimizer documents."""
+    if name in _peers.PEERS:
+        _peers.train_step(name, opt, lambda: batch_loss(step))
+        return
+    opt.zero_grad(set_to_none=True)
+    loss = batch_loss(step)
+    if name.startswith("esgd"):
+        opt.backward(loss)
+    else:
+        loss.backward()
+    opt.step()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -338,7 +377,6 @@ def run_one(task: tuple) -> dict:
     inst = problem.instance(seed, device, preset)
     params = list(inst.module.parameters())
     opt = make_optimizer(opt_name, params, lr, seed, device)
-    is_esgd = opt_name.startswith("esgd")
     eval_every = max(1, steps // problem.eval_points)
 
     curve_steps, curve_loss, curve_time = [0], [inst.train_loss()], [0.0]
@@ -349,13 +387,7 @@ def run_one(task: tuple) -> dict:
         _synchronize(device)
         start = time.perf_counter()
         for _ in range(min(eval_every, steps - step)):
-            opt.zero_grad(set_to_none=True)
-            loss = inst.batch_loss(step)
-            if is_esgd:
-                opt.backward(loss)
-            else:
-                loss.backward()
-            opt.step()
+            train_step(opt_name, opt, inst.batch_loss, step)
             step += 1
         _synchronize(device)
         train_seconds += time.perf_counter() - start
@@ -370,14 +402,29 @@ def run_one(task: tuple) -> dict:
                 final_loss=curve_loss[-1], test_metric=test, diverged=diverged)
 
 
+def estimation_period(name: str) -> int:
+    """Steps per Hessian-vector product of optimizer `name` in its steady state (1: first-order)."""
+    if name.startswith("esgd"):
+        return 10  # the library default update_d_every, after d_warmup
+    return _peers.PEERS[name].period if name in _peers.PEERS else 1
+
+
+def steady_block(optimizers: list[str], at_least: int) -> int:
+    """The shortest block of >= `at_least` steps that holds a whole number of every optimizer's
+    estimation periods, so each block amortizes exactly its share of Hessian-vector products."""
+    period = math.lcm(*(estimation_period(o) for o in optimizers))
+    return period * max(1, -(-at_least // period))
+
+
 def measure_steady_step_times(problems: list[str], optimizers: list[str], device: torch.device,
-                              preset: str, threads: int, rounds: int = 3, block: int = 30) -> dict:
+                              preset: str, threads: int, rounds: int = 3, block: int = 30,
+                              warmup: int = 20) -> dict:
     """Amortized step time after ESGD-M's estimation warm-up, every optimizer on the same model.
 
     The training runs' own timings include ESGD-M's first `d_warmup` estimation steps and whatever
     else the machine was doing. Here the optimizers take turns in this process: blocks of `block` steps
-    (a multiple of update_d_every=10, so exactly one in ten is an estimation step), `rounds` times,
-    the fastest block kept.
+    (from `steady_block`: a whole number of every optimizer's estimation periods), `rounds` times, the
+    fastest block kept, after `warmup` steps (20: past ESGD-M's d_warmup=20 estimation steps).
     """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -397,18 +444,11 @@ def measure_steady_step_times(problems: list[str], optimizers: list[str], device
 
             def train(opt_name, inst, opt, n):
                 for _ in range(n):
-                    opt.zero_grad(set_to_none=True)
-                    loss = inst.batch_loss(step_index[opt_name])
-                    if opt_name.startswith("esgd"):
-                        opt.backward(loss)
-                    else:
-                        loss.backward()
-                    opt.step()
+                    train_step(opt_name, opt, inst.batch_loss, step_index[opt_name])
                     step_index[opt_name] += 1
 
             for opt_name, inst, opt in trainers:
-                # Past ESGD-M's d_warmup=20 estimation steps, and warm for everyone.
-                train(opt_name, inst, opt, 20)
+                train(opt_name, inst, opt, warmup)
             best = {name: math.inf for name in optimizers}
             for _ in range(rounds):
                 for opt_name, inst, opt in trainers:
@@ -558,10 +598,13 @@ def to_markdown(result: dict) -> str:
              "- Target = Adam's best mean final training loss; \"to target\" = first evaluation where "
              "the seed-mean training loss is <= target; seconds count training steps only "
              "(no evaluation), the minimum over seeds (the run least disturbed by other processes). "
-             "ms/step: amortized steady-state training step (forward, backward, step; ESGD-M with a "
-             "Hessian-vector product every 10th step), optimizers taking turns in one process, best of 5 "
-             "blocks of 30 steps; the runs' own amortized step times (which include ESGD-M's 20 "
-             "warm-up estimation steps) are in the JSON as run_ms_per_step.", ""]
+             "ms/step: amortized steady-state training step (forward, backward, step), optimizers taking "
+             f"turns in one process, best of {result.get('steady_rounds', 5)} blocks of "
+             f"{result.get('steady_block', 30)} steps; the runs' own amortized step times (which include "
+             "ESGD-M's 20 warm-up estimation steps) are in the JSON as run_ms_per_step.",
+             "- Hessian-vector products, each optimizer on its library's default schedule: "
+             + "; ".join(f"{OPTIMIZER_LABELS[o]} {_schedule(o)}" for o in result["lr_grid"]
+                         if estimation_period(o) > 1 or o in _peers.PEERS), ""]
     headers = ["problem", "optimizer", "best lr", "final train loss", "test", "steps to target",
                "s to target", "time to target vs Adam", "ms/step", "step time vs Adam"]
     rows = []
@@ -591,6 +634,12 @@ def to_markdown(result: dict) -> str:
     if goals:
         parts += ["", "Performance goals (measured, not asserted):"] + goals
     return "\n".join(parts) + "\n"
+
+
+def _schedule(name: str) -> str:
+    if name.startswith("esgd"):
+        return "every 10th step after 20 warm-up estimates (update_d_every=10, d_warmup=20)"
+    return _peers.PEERS[name].schedule
 
 
 def goal_lines(summary: list[dict]) -> list[str]:
@@ -648,7 +697,8 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
             ax.tick_params(labelsize=8)
             if row == 0:
                 ax.legend(fontsize=7)
-    fig.suptitle(f"ESGD-M vs Adam/AdamW/SGD, best lr per optimizer, {result['n_seeds']} seeds "
+    fig.suptitle(f"ESGD-M vs {', '.join(OPTIMIZER_LABELS[o] for o in result['lr_grid'] if o != 'esgd')}, "
+                 f"best lr per optimizer, {result['n_seeds']} seeds "
                  f"({result['device']}, {result['preset']})", fontsize=11)
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -705,6 +755,11 @@ def main(argv=None) -> dict:
     problems = args.problems or list(PROBLEMS)
     n_seeds = args.seeds or SEEDS[args.preset]
     grid = {o: LR_GRIDS[args.preset][o] for o in args.optimizers}
+    absent = _peers.missing(grid)
+    if absent:
+        raise SystemExit(f"--optimizers: the peers {', '.join(o for o in grid if o in _peers.PEERS)} need "
+                         f"{' '.join(absent)} (pip install {' '.join(absent)}, or scripts/setup.sh); "
+                         f"or leave them out with --optimizers {' '.join(o for o in grid if o not in _peers.PEERS)}")
 
     tasks = [(problem, opt, lr, seed, str(device), args.preset)
              for problem in problems
@@ -718,14 +773,18 @@ def main(argv=None) -> dict:
     env = environment(device, command=args.command)
     started = time.perf_counter()
     runs = run_tasks(tasks, jobs, threads, args.progress)
+    steady_rounds = 1 if args.preset == "smoke" else 5
+    block = steady_block(list(grid), 10 if args.preset == "smoke" else 30)
+    # --smoke only checks that the measurement runs: no warm-up past ESGD-M's estimation phase.
     steady = measure_steady_step_times(problems, list(grid), device, args.preset, threads,
-                                       rounds=1 if args.preset == "smoke" else 5,
-                                       block=10 if args.preset == "smoke" else 30)
+                                       rounds=steady_rounds, block=block,
+                                       warmup=2 if args.preset == "smoke" else 20)
     elapsed = time.perf_counter() - started
     env["load_avg_end"] = load_average()
     runs.sort(key=lambda r: (problems.index(r["problem"]), list(grid).index(r["optimizer"]), r["lr"], r["seed"]))
     result = dict(environment=env, preset=args.preset, device=str(device), problems=problems,
                   lr_grid=grid, n_seeds=n_seeds, jobs=jobs, threads=threads, elapsed_s=elapsed,
+                  steady_rounds=steady_rounds, steady_block=block,
                   aggregate=aggregate(runs, steady), runs=runs)
     markdown = to_markdown(result)
     stem = f"convergence_{args.preset}_{device.type}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -342,12 +343,16 @@ def _rss_bytes():
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure_memory(preset, device):
+def measure_memory(preset, device, esgd):
     out = {}
+    # The child must import the esgd_cuda this process measures, installed or not.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(esgd.__file__).resolve().parent.parent)]
+                                        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     for kind in ("plain", "exact", "finite_difference", "central_difference"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory", kind, "--preset", preset,
                "--device", str(device)]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
         if res.returncode != 0:
             raise RuntimeError(f"memory measurement {kind} failed:\n{res.stderr[-3000:]}")
         out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -411,7 +416,7 @@ def main(argv=None):
     result = dict(environment=env, preset=args.preset)
     result["mlp"] = measure_mlp(args.preset, device, esgd) if "mlp" in only else None
     result["lm"] = measure_lm(args.preset, device, esgd) if "lm" in only else None
-    result["memory"] = measure_memory(args.preset, device) if "memory" in only else None
+    result["memory"] = measure_memory(args.preset, device, esgd) if "memory" in only else None
     env["load_avg_end"] = load_average()
     markdown = to_markdown(result) if only == {"mlp", "lm", "memory"} else json.dumps(result, indent=1, default=str)
     stem = f"fd_cost_{args.preset}_{device.type}"

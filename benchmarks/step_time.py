@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch.utils import benchmark as tbench
 
+import _peers
 from _common import (DEFAULT_OUT, OUT_HELP, command_line, environment, environment_markdown, fmt,
                      import_esgd, load_average, markdown_table, resolve_device, write_outputs)
 
@@ -84,15 +85,22 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-def bytes_per_param(kind: str, param_dtype: torch.dtype) -> int:
+def bytes_per_param(kind: str | None, param_dtype: torch.dtype) -> int | None:
     """Bytes one parameter's update must read and write, at best, in one step.
 
     ESGD plain: read p, g, m, D; write p, m. Estimation adds read Hz and write D.
     Adam: read p, g, m, v; write p, m, v (torch keeps Adam state in the parameter dtype).
+    AdaHessian and SophiaH ("peer", state in the parameter dtype): as ESGD; "peer_hz" with their
+    Hessian estimate given. torchzero ESGD ("tz", no momentum): read p, g, D; write p.
+    None: the row includes work no byte model covers (a closure's finite difference, autograd).
     The finite-difference and probe kinds are described below.
     """
+    if kind is None:
+        return None
     ps = torch.empty((), dtype=param_dtype).element_size()
     ss = torch.empty((), dtype=state_dtype(param_dtype)).element_size()
+    if kind in ("peer", "peer_hz", "tz"):
+        return {"peer": 6, "peer_hz": 8, "tz": 4}[kind] * ps
     if kind == "esgd":
         return 3 * ps + 3 * ss
     if kind == "esgd_hz":
@@ -277,6 +285,134 @@ def adam_case(shape, dtype, device, gen, cls, impl: str) -> Case:
     return Case(f"{cls.__name__} {impl}", "adam", opt.step)
 
 
+def _quadratic(params: list[torch.Tensor]) -> torch.Tensor:
+    """The cheapest loss with a Hessian: 0.5*|p|^2, whose gradient and Hz are a few elementwise passes."""
+    return sum(0.5 * (p.float() ** 2).sum() for p in params)
+
+
+def _precomputed_grads_closure(params, grads):
+    """A torchzero closure that hands back fixed gradients: its step is timed without a model.
+
+    torchzero's finite difference then subtracts the fixed gradient from itself in place, so its Hz
+    (and from the first estimate on, the gradient) is zero; the work done does not depend on the values.
+    """
+    loss = torch.zeros((), device=params[0].device)
+
+    def closure(backward=True):
+        if backward:
+            for p, g in zip(params, grads):
+                p.grad = g
+        return loss
+    return closure
+
+
+def peer_case(esgd_cuda, name: str, kind: str, shape, dtype, device, gen) -> Case:
+    """One step of a second-order peer (or, for kind "quadratic", of ESGD-M too), on ready state.
+
+    kind "plain": step() on a step that does not estimate, p.grad set (AdaHessian and SophiaH with
+    update_period=10**9, so that no timed step estimates; their plain step does not depend on it).
+    kind "hessian": AdaHessian/SophiaH step(hessian=Hz): the update given the Hessian estimate; excludes
+    the probe, the Hessian-vector product and their z*Hz product, as ESGD's esgd_update (+Hz) row
+    excludes the probe and Hz.
+    kind "fd": torchzero ESGD's estimation step with hvp_method="fd_forward" and a closure that hands
+    back fixed gradients: the probe, the parameter perturbation and restore, the difference and the
+    update, without the model's two gradient evaluations.
+    kind "quadratic": a whole estimation step on the loss 0.5*|p|^2, the Hessian-vector product by
+    autograd included, every optimizer driven as documented (ESGD-M: opt.backward(loss) + step();
+    AdaHessian/SophiaH: backward(create_graph=True) + step(); torchzero: step(closure)).
+    """
+    params = [torch.nn.Parameter(t) for t in make_tensors(shape, dtype, device, gen)]
+    grads = make_tensors(shape, dtype, device, gen, scale=1e-2)
+    hz = make_tensors(shape, dtype, device, gen, scale=1e-1)
+    lr = 1e-3
+    if kind == "quadratic":
+        if name == "esgd":
+            opt = esgd_cuda.ESGD(params, lr=lr, update_d_every=1, d_warmup=1, seed=0, fused=True)
+
+            def fn():
+                opt.zero_grad()
+                opt.backward(_quadratic(params))
+                opt.step()
+        elif name == "tz-esgd":
+            opt = _peers.make(name, params, lr, 0, update_freq=1)
+
+            def closure(backward=True):
+                loss = _quadratic(params)
+                if backward:
+                    opt.zero_grad()
+                    loss.backward()
+                return loss
+
+            def fn():
+                opt.step(closure)
+        else:
+            opt = _peers.make(name, params, lr, 0, update_period=1)
+
+            def fn():
+                opt.zero_grad()
+                _quadratic(params).backward(create_graph=True)
+                opt.step()
+                opt.zero_grad()
+        fn()
+    elif name == "tz-esgd":
+        tz_closure = _precomputed_grads_closure(params, grads)
+        # Every step estimates for "fd"; for "plain" only the first (setting up the state) does.
+        opt = _peers.make(name, params, lr, 0, hvp_method="fd_forward", update_freq=1 if kind == "fd" else 10 ** 9)
+        # Copies for the first step, so that the plain steps timed after it keep nonzero gradients.
+        opt.step(_precomputed_grads_closure(params, [g.clone() for g in grads]))
+
+        def fn():
+            opt.step(tz_closure)
+    else:
+        opt = _peers.make(name, params, lr, 0, update_period=10 ** 9)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step(hessian=hz)  # the first step estimates: state and the Hessian EMA exist from here on
+
+        def fn():
+            if kind == "hessian":
+                opt.step(hessian=hz)
+            else:
+                opt.step()
+    case = Case(_step_label(name, kind), _peer_byte_kind(name, kind), fn)
+    case.optimizer = opt
+    return case
+
+
+def _step_label(name: str, kind: str) -> str:
+    label = "ESGD fused" if name == "esgd" else _peers.PEERS[name].label
+    if kind == "quadratic":
+        how = "step(closure)" if name == "tz-esgd" else "backward + step()"
+        return f"quadratic: {label}{' autograd' if name == 'tz-esgd' else ''}: {how} estimation"
+    if name == "tz-esgd":
+        return f"{label} fd_forward: step(closure) estimation" if kind == "fd" else f"{label}: step(closure) plain"
+    return f"{label}: step(hessian=Hz) estimation" if kind == "hessian" else f"{label}: step() plain"
+
+
+PEER_ROWS = [("adahessian", "plain"), ("adahessian", "hessian"), ("sophiah", "plain"), ("sophiah", "hessian"),
+             ("tz-esgd", "plain"), ("tz-esgd", "fd"), ("esgd", "quadratic"), ("adahessian", "quadratic"),
+             ("sophiah", "quadratic"), ("tz-esgd", "quadratic")]
+
+
+def _peer_byte_kind(name: str, kind: str) -> str | None:
+    if kind == "plain":
+        return "tz" if name == "tz-esgd" else "peer"
+    return "peer_hz" if kind == "hessian" else None
+
+
+def peer_specs(esgd_cuda, shape: Shape, dtype: torch.dtype, device: torch.device, gen, fused_why):
+    """build_cases' rows for the second-order peers (n/a with the reason when a library is missing)."""
+    specs = []
+    for name, kind in PEER_ROWS:
+        label = _step_label(name, kind)
+        absent = _peers.missing([name])
+        why = (f"{' '.join(absent)} is not installed (pip install esgd_cuda[bench])" if absent
+               else fused_why if name == "esgd" else None)
+        specs.append((label, _peer_byte_kind(name, kind), why,
+                      lambda name=name, kind=kind: peer_case(esgd_cuda, name, kind, shape, dtype, device, gen)))
+    return specs
+
+
 def build_cases(esgd_cuda, shape: Shape, dtype: torch.dtype, device: torch.device, seed: int):
     """Yield (name, byte_kind, case factory or skip reason). Factories build lazily so each row's
     tensors can be freed before the next one is allocated (the 124M shape is large on a CPU box)."""
@@ -318,6 +454,7 @@ def build_cases(esgd_cuda, shape: Shape, dtype: torch.dtype, device: torch.devic
         for impl in ("fused", "foreach"):
             specs.append((f"{cls.__name__} {impl}", "adam", None,
                           lambda cls=cls, impl=impl: adam_case(shape, dtype, device, gen, cls, impl)))
+    specs += peer_specs(esgd_cuda, shape, dtype, device, gen, fused_why)
     return specs
 
 
@@ -376,7 +513,8 @@ def run(args) -> dict:
             for row in group:
                 if row["skipped"] is None:
                     row["ms"] = min(row["round_ms"])
-                    row["gbs"] = row["bytes_per_param"] * shape.numel / (row["ms"] / 1e3) / 1e9
+                    if row["bytes_per_param"] is not None:
+                        row["gbs"] = row["bytes_per_param"] * shape.numel / (row["ms"] / 1e3) / 1e9
                 if args.verbose:
                     print(f"  {shape.name:>12} {dtype_name:>5} {row['case']:<46} {fmt(row['ms'])} ms"
                           + (f"  {row['skipped']}" if row["skipped"] else ""), file=sys.stderr, flush=True)
@@ -420,8 +558,8 @@ def to_markdown(result: dict) -> str:
                 table.append([r["case"], "n/a", "", "", "", r["bytes_per_param"]])
                 continue
             table.append([r["case"], fmt(r["ms"]), fmt(r["gbs"]),
-                          f"{100 * r['copy_fraction']:.0f}%", fmt(r["vs_adam_fused"]),
-                          r["bytes_per_param"]])
+                          "—" if r["copy_fraction"] is None else f"{100 * r['copy_fraction']:.0f}%",
+                          fmt(r["vs_adam_fused"]), "—" if r["bytes_per_param"] is None else r["bytes_per_param"]])
         parts.append(markdown_table(headers, table))
         skipped = sorted({r["skipped"] for r in rows if r["skipped"]})
         if skipped:

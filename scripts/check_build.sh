@@ -61,7 +61,7 @@ if ! (cd "$ROOT" && ESGD_CUDA_BUILD=cpu "$PYTHON" setup.py -q build_ext -b "$WOR
 fi
 grep -E "^esgd_cuda setup" "$WORK/build.log" || true
 cp "$ROOT"/tests/test_kernels.py "$ROOT"/tests/test_planning.py "$ROOT"/tests/test_extension_loading.py \
-  "$WORK/tests/"
+  "$ROOT"/tests/test_probes.py "$ROOT"/tests/test_fd_kernels.py "$WORK/tests/"
 (cd "$WORK/tests" && PYTHONPATH="$WORK/pkg" "$PYTHON" - <<'PY'
 import os, sys
 import esgd_cuda
@@ -77,5 +77,5 @@ PY
 # --noconftest: the repository's conftest puts the source tree first on sys.path.
 (cd "$WORK/tests" && PYTHONPATH="$WORK/pkg" ESGD_CUDA_DISABLE_EXTENSION= \
   "$PYTHON" -m pytest -q --noconftest -p no:cacheprovider test_kernels.py test_planning.py \
-  test_extension_loading.py) || fail "kernel tests against the CPU-only build"
+  test_extension_loading.py test_probes.py test_fd_kernels.py) || fail "kernel tests against the CPU-only build"
 echo "check_build: OK"

@@ -20,6 +20,19 @@ python -m pip install --quiet --disable-pip-version-check \
   "$TORCH_SPEC" numpy pytest ninja pybind11 setuptools wheel expecttest \
   scikit-learn matplotlib tqdm
 
+# The examples' libraries and the benchmarks' second-order peers, pinned to releases that work with
+# torch 2.14.1 on Python 3.11 (torchvision 0.29.1 is torch 2.14.1's, for timm). setup.py's [examples]
+# and [bench] extras carry the same pins. torch is named again so that pip fails rather than move it.
+EXTRAS_SPEC=(lightning==2.6.6 transformers==5.24.0 accelerate==1.15.0 timm==1.0.31 torchvision==0.29.1
+             pytorch-optimizer==4.1.0 torchzero==0.4.4)
+if [ "$TORCH_SPEC" = "torch==2.14.1" ]; then
+  echo "== installing the example and benchmark-peer dependencies"
+  python -m pip install --quiet --disable-pip-version-check "$TORCH_SPEC" "${EXTRAS_SPEC[@]}"
+else
+  echo "== $TORCH_SPEC: not installing ${EXTRAS_SPEC[*]} (pinned for torch 2.14.1);" \
+       "tests/test_examples.py and the peer benchmark checks need them"
+fi
+
 # torch guesses CUDA_HOME from the nvcc on PATH, which here is a wrapper script outside the toolkit.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda

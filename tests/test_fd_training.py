@@ -236,7 +236,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_compiled_model_with_default_sdpa_and_dropout_trains(fresh_dynamo, monkeypatch):
+def test_compiled_model_with_default_sdpa_and_dropout_trains(fresh_dynamo):
     """torch.compile + default SDPA + dropout, in finite-difference mode: it trains, and after 20
     estimates its preconditioner D agrees with the exact one that autograd (eager, math SDPA, double
     backward) computes at the same parameters, on the same batches, probes and dropout masks.
@@ -252,7 +252,11 @@ def test_compiled_model_with_default_sdpa_and_dropout_trains(fresh_dynamo, monke
     """
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    with inductor_config.patch(fallback_random=True):
+        _compare_compiled_with_exact()
+
+
+def _compare_compiled_with_exact():
     batches = lm_batches(20, seed=1)
     kwargs = dict(lr=0.3, d_warmup=20, seed=11)
 

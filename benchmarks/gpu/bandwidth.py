@@ -1,9 +1,12 @@
 """Stage `bandwidth` of benchmarks/gpu_suite.sh: the fused kernels' effective bandwidth against a copy.
 
-128M parameters in 100 tensors, fp32 and bf16 parameters (fp32 state), plain and estimation steps.
-Bytes per parameter (what the update must move at best): plain 3 x param + 3 x state (read p, g, m,
-D; write p, m), estimation 4 x param + 4 x state (also read Hz, write D); a copy moves 2 x 4 B per
-fp32 element. Times are CUDA-event medians of 50 calls after 5 warm-ups.
+128M parameters in 100 tensors, fp32 and bf16 parameters (fp32 state): the plain and estimation
+steps, the finite-difference update (forward, central), the perturbation and the probe fill.
+Bytes per parameter (what each must move at best): plain 3 x param + 3 x state (read p, g, m, D;
+write p, m), estimation 4 x param + 4 x state (also read Hz, write D); a forward difference reads g+
+instead of Hz (same bytes), a central one also g- (one more param); the perturbation with save reads p
+and writes the backup and p (3 x param); the probe fill writes z (1 x param). A copy moves 2 x 4 B
+per fp32 element. Times are CUDA-event medians of 50 calls after 5 warm-ups.
 """
 
 import sys
@@ -13,7 +16,7 @@ import _stage
 esgd_cuda = _stage.import_built()
 
 import torch  # noqa: E402
-from esgd_cuda import ops  # noqa: E402
+from esgd_cuda import ops, probes  # noqa: E402
 
 KW = dict(beta1=0.9, v=0.7, eps=1e-4, weight_decay=0.0, step_size=1e-3, momentum_scale=1.2,
           denom_scale=1.5)
@@ -30,9 +33,20 @@ def steps(dtype, sizes, device):
     m = [torch.randn(n, device=device) for n in sizes]
     d = [torch.rand(n, device=device) for n in sizes]
     ps, ss = p[0].element_size(), m[0].element_size()
+    gm = [t.clone() for t in hz]
+    backups = [torch.empty_like(t) for t in p]
+    scale = torch.tensor(1e-3, dtype=torch.float64, device=device)
+    keys, zeros = list(range(1, len(p) + 1)), [0] * len(p)
     return [("plain", 3 * ps + 3 * ss, lambda: ops.esgd_update_(p, g, m, d, **KW)),
             ("estimation", 4 * ps + 4 * ss,
-             lambda: ops.esgd_update_hz_(p, g, m, d, hz, beta2=0.999, **KW))]
+             lambda: ops.esgd_update_hz_(p, g, m, d, hz, beta2=0.999, **KW)),
+            ("forward-difference update", 4 * ps + 4 * ss,
+             lambda: ops.esgd_update_fd_(p, g, m, d, hz, [], scale, None, beta2=0.999, **KW)),
+            ("central-difference update", 5 * ps + 4 * ss,
+             lambda: ops.esgd_update_fd_(p, g, m, d, hz, gm, scale, None, beta2=0.999, **KW)),
+            ("perturbation (save)", 3 * ps,
+             lambda: probes.fd_perturb_(p, backups, scale, keys, zeros, sign=1.0, save=True, fused=True)),
+            ("probe fill", ps, lambda: probes.rademacher_(hz, keys, zeros, fused=True))]
 
 
 def timed(fn, reps=50):
@@ -66,7 +80,7 @@ def main():
         for name, per_param, fn in steps(dtype, sizes, device):
             seconds = timed(fn)
             gbs = per_param * elements / seconds / 1e9
-            print(f"bandwidth: {str(dtype).replace('torch.', '')} {name} step {seconds * 1e3:.3f} ms, "
+            print(f"bandwidth: {str(dtype).replace('torch.', '')} {name} {seconds * 1e3:.3f} ms, "
                   f"{per_param} B/param, {gbs:.0f} GB/s = {gbs / copy_gbs:.1%} of copy", flush=True)
         torch.cuda.empty_cache()
     return 0

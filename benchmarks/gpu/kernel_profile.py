@@ -23,15 +23,16 @@ import _stage
 esgd_cuda = _stage.import_built()
 
 import torch  # noqa: E402
-from esgd_cuda import ops  # noqa: E402
+from esgd_cuda import ops, probes  # noqa: E402
 
 KW = dict(beta1=0.9, v=0.7, eps=1e-4, weight_decay=0.0, step_size=1e-3, momentum_scale=1.2,
           denom_scale=1.5)
 # 64M parameters per call: whole launches of the multi-tensor kernel, as in training.
 SIZES = [16 * 2**20] * 4
 TINY = [1000, 7, 4096]
-# 2 dtypes x (plain, estimation) calls of 4 launches each.
-LAUNCHES = 16
+# 2 dtypes x (plain, estimation) calls, then the fp32 forward-difference update, perturbation and
+# probe fill: 7 calls of 4 launches each.
+LAUNCHES = 28
 METRICS = ",".join([
     "gpu__time_duration.sum",
     "dram__throughput.avg.pct_of_peak_sustained_elapsed",
@@ -43,7 +44,8 @@ NO_COUNTERS = ("ERR_NVGPUCTRPERM", "LibraryNotLoaded")
 
 
 def calls(device, sizes):
-    """(label, bytes per parameter, one call) for fp32 and bf16 parameters, plain and estimation."""
+    """(label, bytes per parameter, one call): fp32 and bf16 plain and estimation steps, then the
+    fp32 forward-difference update, perturbation and probe fill."""
     out = []
     for dtype in (torch.float32, torch.bfloat16):
         p, g, hz = ([torch.randn(n, device=device).to(dtype) for n in sizes] for _ in range(3))
@@ -56,6 +58,16 @@ def calls(device, sizes):
         out.append((f"{name} estimation", 4 * ps + 16,
                     lambda p=p, g=g, m=m, d=d, hz=hz: ops.esgd_update_hz_(p, g, m, d, hz, beta2=0.999,
                                                                           **KW)))
+    p, g, hz, m = ([torch.randn(n, device=device) for n in sizes] for _ in range(4))
+    d = [torch.rand(n, device=device) for n in sizes]
+    scale = torch.tensor(1e-3, dtype=torch.float64, device=device)
+    backups = [torch.empty_like(t) for t in p]
+    keys, zeros = list(range(1, len(p) + 1)), [0] * len(p)
+    out.append(("float32 forward-difference update", 32,
+                lambda: ops.esgd_update_fd_(p, g, m, d, hz, [], scale, None, beta2=0.999, **KW)))
+    out.append(("float32 perturbation (save)", 12,
+                lambda: probes.fd_perturb_(p, backups, scale, keys, zeros, sign=1.0, save=True, fused=True)))
+    out.append(("float32 probe fill", 4, lambda: probes.rademacher_(hz, keys, zeros, fused=True)))
     return out
 
 

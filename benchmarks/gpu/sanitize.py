@@ -1,6 +1,8 @@
 """Stages `memcheck` and `racecheck` of benchmarks/gpu_suite.sh: compute-sanitizer over a small
-workload that launches every kernel variant (4 dtypes x plain/estimation/capturable, aligned and
-misaligned views, odd and empty sizes, more tensors than one launch holds).
+workload that launches every kernel variant (4 dtypes x plain/estimation/capturable, the
+finite-difference update (forward, central, with and without the step-scalar table), the perturbation
+(save and restore) and the probe fill; aligned and misaligned views, odd and empty sizes, more tensors
+than one launch holds).
 
     python benchmarks/gpu/sanitize.py memcheck|racecheck    # runs the workload under the sanitizer
     python benchmarks/gpu/sanitize.py --workload            # the workload alone, on the GPU
@@ -19,7 +21,7 @@ import _stage
 esgd_cuda = _stage.import_built()
 
 import torch  # noqa: E402
-from esgd_cuda import ops  # noqa: E402
+from esgd_cuda import ops, probes  # noqa: E402
 from esgd_cuda.functional import step_scalar_table  # noqa: E402
 
 KW = dict(beta1=0.9, v=0.7, eps=1e-4, weight_decay=0.01, step_size=0.1, momentum_scale=1.2,
@@ -49,10 +51,29 @@ def workload(device, sizes):
                                   weight_decay=0.01)
         ops.esgd_update_capturable_(p, g, m, d, hz, table, beta1=0.9, beta2=0.999, v=0.7, eps=1e-4)
         ops.esgd_update_capturable_(p, g, m, d, [], table, beta1=0.9, beta2=0.999, v=0.7, eps=1e-4)
+        # Finite differences: the update reads g+ (and g-) and 1/h from the device; the
+        # perturbation draws z in the kernel, saving a backup and restoring from it.
+        scale = torch.tensor(100.0, dtype=torch.float64, device=device)
+        for offset in (0, 1):
+            p, g, gp, gm = (lists(dtype, offset) for _ in range(4))
+            m, d = lists(state, offset), lists(state, offset)
+            for minus in ([], gm):
+                ops.esgd_update_fd_(p, g, m, d, gp, minus, scale, None, beta2=0.999, **KW)
+                ops.esgd_update_fd_(p, g, m, d, gp, minus, scale, table, beta2=0.999, **KW)
+            backups = [torch.empty_like(t) for t in p]
+            keys, starts = [7 * i + 1 for i in range(len(p))], [3 * i for i in range(len(p))]
+            probes.fd_perturb_(p, backups, scale, keys, starts, sign=1.0, save=True, fused=True)
+            probes.fd_perturb_(p, backups, scale, keys, starts, sign=-1.0, save=False, fused=True)
     # More tensors than one launch's table holds.
     many = [torch.rand(n % 700 + 1, generator=gen).to(device) for n in range(80)]
     state = [torch.rand(t.numel(), generator=gen).to(device) for t in many]
     ops.esgd_update_(many, [t.clone() for t in many], state, [s.clone() for s in state], **KW)
+    # Probe fills: mixed dtypes and sizes, nonzero offsets, a misaligned view, two launches' worth.
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    fills = [torch.empty(n % 900 + (n % 3), dtype=dtypes[n % 4], device=device) for n in range(60)]
+    fills.append(torch.empty(4097, device=device)[1:])
+    probes.rademacher_(fills, [11 * i + 5 for i in range(len(fills))], [i * 65 for i in range(len(fills))],
+                       fused=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
