@@ -80,6 +80,6 @@ def warn_unestimated(param_groups: List[dict], state) -> None:
         f"ESGD: this plain step {what} ({shown}): no estimation step has seen their gradient yet, so "
         "they have no curvature estimate. They start training on the next estimation step that sees "
         "one; if this persists, their gradients do not reach p.grad on estimation steps (they must be "
-        "in the graph of the loss given to opt.backward; sharded parameters are not supported).",
+        "in the graph of the loss given to opt.backward, or the closure's backward must reach them).",
         stacklevel=_user_stacklevel(),
     )

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _extension
+from .distributed import check_sharding, is_sharded
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -73,33 +74,27 @@ def param_tensor(p):
     return p
 
 
-def is_dtensor(p) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch 2.4 keeps it private
-        from torch.distributed._tensor import DTensor
-    return isinstance(p, DTensor)
-
-
-def check_param(p, j: int, where: str, fused) -> None:
-    """A parameter ESGD can update: a plain real floating tensor, and the fused kernel's when fused=True."""
+def check_param(p, j: int, where: str, fused, hvp: str = "autograd") -> None:
+    """A parameter ESGD can update: a real floating tensor (sharded along dim 0 with a
+    finite-difference hvp), and the fused kernel's when fused=True."""
     name = f" ({p[0]!r})" if isinstance(p, tuple) and len(p) == 2 else ""
     p = param_tensor(p)
     if not isinstance(p, Tensor):
         return
     what = f"params[{j}]{name}{where}"
-    if is_dtensor(p):
-        # fully_shard (FSDP2) computes with unsharded copies and reduce-scatters their gradients into
-        # the sharded p.grad from post-accumulate-grad hooks; the estimation-step double backward
-        # (torch.autograd.grad) accumulates nothing, so those hooks never run and no parameter would
-        # ever get a curvature estimate, i.e. nothing would train.
-        raise ValueError(
-            f"ESGD: {what} is a DTensor (torch.distributed.fsdp.fully_shard or tensor parallelism); "
-            "sharded parameters are not supported yet. Use DistributedDataParallel (README: Data-parallel "
-            "training)."
-        )
+    if is_sharded(p):
+        if hvp == "autograd":
+            # fully_shard (FSDP2) computes with unsharded copies and reduce-scatters their gradients
+            # into the sharded p.grad from post-accumulate-grad hooks; the exact estimator's double
+            # backward (torch.autograd.grad) accumulates nothing, so those hooks never run: it would
+            # never see a gradient, and FSDP2 has no create_graph backward either.
+            raise ValueError(
+                f"ESGD: {what} is a DTensor (torch.distributed.fsdp.fully_shard); the exact estimator "
+                "(hvp='autograd') needs a double backward, which sharded training does not provide. Use "
+                "ESGD(..., hvp='finite_difference') (or 'central_difference') with opt.step(closure): "
+                "its passes are ordinary FSDP2 forward and backward passes (README: Sharded training (FSDP2))."
+            )
+        check_sharding(p, what)
     if p.is_complex():
         raise ValueError(f"ESGD: {what} is complex ({p.dtype}); complex parameters are not supported")
     if p.dtype not in SUPPORTED_DTYPES:

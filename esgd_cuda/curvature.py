@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ._validation import HVP_MODES  # noqa: F401  (re-exported: the estimators this module offers)
-from .distributed import average_over_group
+from .distributed import average_over_group, local, shard_offset, sum_of_squares
 from .probes import fd_perturb_, probe_key, rademacher_
 
 UseFused = Callable[[torch.device, torch.dtype], bool]
@@ -246,16 +246,13 @@ class CurvatureEstimator:
     def step_size(self, params: List[Tensor], rel_step: float) -> Dict[torch.device, Tensor]:
         """h = rel_step * RMS(theta), one scalar for every parameter (a per-tensor h would estimate
         H D z for a diagonal D instead of H z), as a 0-dim float64 tensor on each parameter device.
-        Computed on the devices: nothing syncs. Scaling with theta keeps the estimate invariant to
-        the scale of the parameters, as the exact product is."""
+        Computed on the devices (sharded parameters add one small all-reduce): nothing syncs the
+        host. Scaling with theta keeps the estimate invariant to the scale of the parameters, as the
+        exact product is."""
         devices = list(OrderedDict.fromkeys(p.device for p in params))
         home = devices[0]
-        total = torch.zeros((), dtype=torch.float64, device=home)
-        for (device, _), idx in _buckets(params).items():
-            norms = torch._foreach_norm([params[i].detach() for i in idx], 2, dtype=torch.float64)
-            total = total + torch.stack(norms).square().sum().to(home)
-        count = sum(p.numel() for p in params)
-        rms = (total / max(count, 1)).sqrt()
+        count = sum(p.numel() for p in params)  # whole parameters, sharded or not
+        rms = (sum_of_squares(params, home) / max(count, 1)).sqrt()
         # All-zero parameters (or an overflow) leave no scale to be relative to: take rel_step itself.
         rms = torch.where((rms > 0) & torch.isfinite(rms), rms, torch.ones_like(rms))
         h = rms * rel_step
@@ -278,12 +275,16 @@ class CurvatureEstimator:
         h = self.step_size(trainable, rel_step)
         keys = self.keys(len(trainable), index)
         buckets = _buckets(trainable)
-        backups = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in trainable]
+        # What the kernels perturb: a sharded parameter's local shard, whose probe is the slice of the
+        # whole parameter's that starts at the shard's offset.
+        views = [local(p) for p in trainable]
+        offsets = [shard_offset(p) for p in trainable]
+        backups = [torch.empty_like(v, memory_format=torch.contiguous_format) for v in views]
 
         def perturb(sign: float, save: bool) -> None:
             for (device, dtype), idx in buckets.items():
-                fd_perturb_([trainable[i] for i in idx], [backups[i] for i in idx], h[device],
-                            [keys[i] for i in idx], [0] * len(idx), sign=sign, save=save,
+                fd_perturb_([views[i] for i in idx], [backups[i] for i in idx], h[device],
+                            [keys[i] for i in idx], [offsets[i] for i in idx], sign=sign, save=save,
                             fused=use_fused(device, dtype))
 
         def gradients() -> Dict[Tensor, Optional[Tensor]]:
@@ -292,7 +293,7 @@ class CurvatureEstimator:
             rng.restore()
             with torch.enable_grad():
                 closure()
-            return {p: p.grad for p in trainable}
+            return {p: None if p.grad is None else local(p.grad) for p in trainable}
 
         minus = None
         try:
@@ -304,7 +305,7 @@ class CurvatureEstimator:
         finally:
             with torch.no_grad():
                 for (device, dtype), idx in buckets.items():
-                    torch._foreach_copy_([trainable[i] for i in idx], [backups[i] for i in idx])
+                    torch._foreach_copy_([views[i] for i in idx], [backups[i] for i in idx])
                 for b, saved in zip(buffers, saved_buffers):
                     b.copy_(saved)
             after.restore()

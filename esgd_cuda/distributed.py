@@ -69,3 +69,109 @@ def average_over_group(
         for (lst, i), start, here in zip(entries, offsets, present):
             n = params[i].numel()
             lst[i] = flat[start:start + n].view(params[i].shape) if here > 0 else None
+
+
+# ------------------------------------------------------------------ sharded parameters (FSDP2 DTensors)
+
+def _dtensor_class():
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch 2.4 keeps it private
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
+
+
+_DTENSOR = _dtensor_class()
+
+
+def is_sharded(t) -> bool:
+    return _DTENSOR is not None and isinstance(t, _DTENSOR)
+
+
+def local(t: Tensor) -> Tensor:
+    """The rank's own part of a DTensor (a view of its storage: in-place updates land in the
+    DTensor), or the tensor itself. The update is elementwise, so it runs on local shards exactly."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def check_sharding(p, what: str) -> None:
+    """ESGD draws a shard's probe as a contiguous slice of the whole parameter's: every mesh dimension
+    must shard dim 0 (FSDP2's layout) or replicate."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    for placement in p.placements:
+        if not (isinstance(placement, Replicate) or (isinstance(placement, Shard) and placement.dim == 0)):
+            raise ValueError(
+                f"ESGD: {what} is a DTensor with placements {tuple(p.placements)}; ESGD supports sharding "
+                "along dim 0 (torch.distributed.fsdp.fully_shard's layout) and replication"
+            )
+
+
+def shard_offset(p: Tensor) -> int:
+    """Flat (row-major) index, in the whole parameter, of the first element of this rank's shard."""
+    if not is_sharded(p) or p.dim() == 0:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row = 1
+    for size in p.shape[1:]:
+        row *= size
+    return int(offset[0]) * row
+
+
+def _shard_groups(p) -> list:
+    """The process groups over which p's shards (not its replicas) are spread."""
+    from torch.distributed.tensor import Shard
+
+    mesh = p.device_mesh
+    return [mesh.get_group(i) for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+
+
+def sum_of_squares(params: List[Tensor], device: torch.device) -> Tensor:
+    """sum(p**2) over every element of every whole parameter, as a float64 0-dim tensor on `device`.
+
+    Sharded parameters add their local shards' sums, then one all-reduce per distinct set of shard
+    groups (one for an FSDP2 model) completes them; nothing is gathered, nothing syncs the host."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    partial: "OrderedDict[tuple, Tensor]" = OrderedDict()
+    by_place: "OrderedDict[tuple, List[Tensor]]" = OrderedDict()
+    for p in params:
+        key = (p.device, p.dtype)
+        if is_sharded(p):
+            key += (id(p.device_mesh), tuple(p.placements))
+        by_place.setdefault(key, []).append(p)
+    for key, ps in by_place.items():
+        norms = torch._foreach_norm([local(p).detach() for p in ps], 2, dtype=torch.float64)
+        s = torch.stack(norms).square().sum()
+        if len(key) > 2:
+            groups = tuple(_shard_groups(ps[0]))
+            partial[groups] = partial[groups] + s.to(partial[groups].device) if groups in partial else s
+        else:
+            total = total + s.to(device)
+    for groups, s in partial.items():
+        for group in groups:
+            torch.distributed.all_reduce(s, group=group)
+        total = total + s.to(device)
+    return total
+
+
+def combine_shard_stats(stats: Optional[list], p: Tensor) -> Optional[list]:
+    """[min, max, sum, count] of this rank's shards -> of the whole parameters (collective over p's
+    shard groups; None where a rank holds no elements)."""
+    inf = float("inf")
+    lo, hi, total, count = stats if stats is not None else (inf, -inf, 0.0, 0)
+    device = local(p).device
+    extremes = torch.tensor([-lo, hi], dtype=torch.float64, device=device)
+    sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+    for group in _shard_groups(p):
+        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX, group=group)
+        torch.distributed.all_reduce(sums, group=group)
+    neg_lo, hi = extremes.tolist()
+    total, count = sums.tolist()
+    return None if count == 0 else [-neg_lo, hi, total, int(count)]

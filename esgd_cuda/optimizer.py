@@ -20,7 +20,7 @@ from ._param_watch import GraphBackwardWatch, warn_unestimated
 from ._validation import (check_buffers, check_capturable_lr, check_group, check_hparams, check_hvp, check_param,
                           check_schedule, fused_unavailable_reason, param_tensor)
 from .curvature import HVP_MODES, CurvatureEstimator, FiniteDifference, default_fd_step, release_graphs
-from .distributed import broadcast_seed
+from .distributed import broadcast_seed, combine_shard_stats, is_sharded, local
 from .functional import esgd_update, esgd_update_capturable, esgd_update_fd, state_dtype, step_scalar_table
 
 __all__ = ["ESGD"]
@@ -209,7 +209,7 @@ class ESGD(torch.optim.Optimizer):
         check_group(merged, where)
         seen: Dict[int, int] = {}
         for j, p in enumerate(plist):
-            check_param(p, j, where, self.fused)
+            check_param(p, j, where, self.fused, self.hvp)
             p = param_tensor(p)
             if isinstance(p, Tensor):
                 # A parameter listed twice would be updated twice per step, and on CUDA by two blocks
@@ -443,7 +443,7 @@ class ESGD(torch.optim.Optimizer):
                 return (p.device, p.dtype, state["step"], state["estimates"])
 
             buckets = self._buckets(params, grads, estimate, advance_counters)
-            for (device, dtype, t, k), (ps, gs, exp_avgs, exp_hz_sqs, _) in buckets.items():
+            for (device, dtype, t, k), (ps, gs, exp_avgs, exp_hz_sqs, _, owners) in buckets.items():
                 # mb = beta1**t, db = beta2**k, warm = lr_warmup**t: the running products of the
                 # algorithm, in closed form (as torch.optim.Adam does) so state is two integers.
                 step_size = float(group["lr"]) * (1.0 - group["lr_warmup"] ** t)
@@ -456,9 +456,10 @@ class ESGD(torch.optim.Optimizer):
                 if not estimate:
                     esgd_update(ps, gs, exp_avgs, exp_hz_sqs, None, **kw)
                 elif fd is None:
-                    esgd_update(ps, gs, exp_avgs, exp_hz_sqs, _exact_hzs(ps, hz_of), hz_scale_inv=hz_scale_inv, **kw)
+                    esgd_update(ps, gs, exp_avgs, exp_hz_sqs, _exact_hzs(owners, hz_of), hz_scale_inv=hz_scale_inv,
+                                **kw)
                 else:
-                    plus, minus = fd.lists(ps, gs)
+                    plus, minus = fd.lists(owners, gs)
                     esgd_update_fd(ps, gs, exp_avgs, exp_hz_sqs, plus, minus, fd.hz_scale[device], **kw)
 
         self._advance(index, estimate)
@@ -485,8 +486,9 @@ class ESGD(torch.optim.Optimizer):
         self, params: List[Tensor], grads: List[Tensor], estimate: bool, key_of: Callable[[Tensor, dict], tuple],
     ) -> Dict[tuple, Tuple[list, ...]]:
         """The parameters to update, grouped by key_of(p, state) into lists (params, grads,
-        exp_avgs, exp_hz_sqs, states). State starts on an estimation step; key_of is called once per
-        updated parameter, in order."""
+        exp_avgs, exp_hz_sqs, states, owners). State starts on an estimation step; key_of is called
+        once per updated parameter, in order. The first four lists hold what the kernels update: of a
+        sharded parameter (DTensor) its rank's local shard; `owners` holds the parameters themselves."""
         buckets: Dict[tuple, Tuple[list, ...]] = {}
         for p, g in zip(params, grads):
             state = self.state[p]
@@ -497,12 +499,13 @@ class ESGD(torch.optim.Optimizer):
             key = key_of(p, state)
             lists = buckets.get(key)
             if lists is None:
-                lists = buckets[key] = ([], [], [], [], [])
-            lists[0].append(p)
-            lists[1].append(g)
-            lists[2].append(state["exp_avg"])
-            lists[3].append(state["exp_hz_sq"])
+                lists = buckets[key] = ([], [], [], [], [], [])
+            lists[0].append(local(p))
+            lists[1].append(local(g))
+            lists[2].append(local(state["exp_avg"]))
+            lists[3].append(local(state["exp_hz_sq"]))
             lists[4].append(state)
+            lists[5].append(p)
         return buckets
 
     def _init_state(self, p: Tensor, state: dict) -> None:
@@ -534,7 +537,7 @@ class ESGD(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             v = beta1 if group["v"] is None else group["v"]
             buckets = self._buckets(params, grads, estimate, lambda p, state: (p.device, p.dtype))
-            for (device, dtype), (ps, gs, exp_avgs, exp_hz_sqs, states) in buckets.items():
+            for (device, dtype), (ps, gs, exp_avgs, exp_hz_sqs, states, owners) in buckets.items():
                 steps = [state["step"] for state in states]
                 estimates = [state["estimates"] for state in states]
                 torch._foreach_add_(steps, 1.0)
@@ -546,14 +549,14 @@ class ESGD(torch.optim.Optimizer):
                           fused=self._use_fused(device, dtype))
                 if fd is None:
                     esgd_update_capturable(
-                        ps, gs, exp_avgs, exp_hz_sqs, _exact_hzs(ps, hz_of) if estimate else None,
+                        ps, gs, exp_avgs, exp_hz_sqs, _exact_hzs(owners, hz_of) if estimate else None,
                         lr=_scalar_lr(group["lr"]), steps=steps, estimates=estimates, eps=group["eps"],
                         grad_scale_inv=kw["grad_scale_inv"], hz_scale_inv=hz_scale_inv, fused=kw["fused"],
                         **hyper,
                     )
                 else:
                     table = step_scalar_table(steps, estimates, lr=_scalar_lr(group["lr"]), **hyper)
-                    plus, minus = fd.lists(ps, gs)
+                    plus, minus = fd.lists(owners, gs)
                     esgd_update_fd(ps, gs, exp_avgs, exp_hz_sqs, plus, minus, fd.hz_scale[device],
                                    weight_decay=group["weight_decay"], step_size=0.0, momentum_scale=1.0,
                                    denom_scale=1.0, step_scalars=table, **kw)
@@ -616,8 +619,9 @@ class ESGD(torch.optim.Optimizer):
         (whether the last step estimated the curvature), ``estimates`` (curvature estimates so far),
         ``skipped_steps`` (steps GradScaler skipped for inf/NaN, all groups), ``sqrt_d``: min, mean and
         max over the group's elements of the bias-corrected sqrt(D), the preconditioner the momentum is
-        divided by (None before the first estimate); ``hvp``, the estimator, and ``fd_h``, the step h of
-        the latest finite-difference estimate (None before one).
+        divided by (None before the first estimate; over every rank's shards for sharded parameters,
+        so every rank of a sharded model must call it); ``hvp``, the estimator, and ``fd_h``, the step h
+        of the latest finite-difference estimate (None before one).
         """
         last_h = self._curvature.last_h
         fd_h = None if last_h is None else float(last_h)
@@ -626,6 +630,7 @@ class ESGD(torch.optim.Optimizer):
             beta2 = group["betas"][1]
             t = k = 0
             mins, maxs, sums, count = [], [], [], 0
+            sharded = None
             for p in group["params"]:
                 state = self.state.get(p)
                 if not state:
@@ -633,19 +638,27 @@ class ESGD(torch.optim.Optimizer):
                 # int(): capturable mode keeps the counters in device tensors.
                 pt, pk = int(state["step"]), int(state["estimates"])
                 t, k = max(t, pt), max(k, pk)
-                if pk == 0 or state["exp_hz_sq"].numel() == 0:
+                if is_sharded(p):
+                    sharded = p
+                d = local(state["exp_hz_sq"])  # this rank's shard; the ranks' stats are combined below
+                if pk == 0 or d.numel() == 0:
                     continue
-                root = state["exp_hz_sq"].sqrt().mul_(1.0 / math.sqrt(1.0 - beta2**pk))
+                root = d.sqrt().mul_(1.0 / math.sqrt(1.0 - beta2**pk))
                 lo, hi = torch.aminmax(root)
                 mins.append(lo.double().cpu())
                 maxs.append(hi.double().cpu())
                 sums.append(root.sum(dtype=torch.float64).cpu())
                 count += root.numel()
-            sqrt_d = None
+            stats = None
             if count:
-                lo, hi, total = (float(x) for x in torch.stack(
+                stats = [float(x) for x in torch.stack(
                     [torch.stack(mins).min(), torch.stack(maxs).max(), torch.stack(sums).sum()]
-                ).tolist())
+                ).tolist()] + [count]
+            if sharded is not None:
+                stats = combine_shard_stats(stats, sharded)
+            sqrt_d = None
+            if stats is not None:
+                lo, hi, total, count = stats
                 sqrt_d = {"min": lo, "mean": total / count, "max": hi}
             lr = float(group["lr"])
             warm = 1.0 - group["lr_warmup"] ** t

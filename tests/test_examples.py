@@ -151,3 +151,20 @@ def test_setup_sh_pins_match_setup_py_extras():
     assert {"lightning", "transformers", "timm"} <= {s.split("==")[0] for s in extras["examples"]}
     assert {"pytorch-optimizer", "torchzero"} <= {s.split("==")[0] for s in extras["bench"]}
     assert "torch" not in pins
+
+
+def test_fsdp2_with_a_dcp_checkpoint_on_two_gloo_ranks():
+    """torchrun --nproc_per_node=2 on CPU: FSDP2-sharded training through a DCP save and resume."""
+    env = dict(os.environ, PYTHONPATH=str(Path(esgd_cuda.__file__).resolve().parent.parent), PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(EXAMPLES / "fsdp2_esgd.py"), "--steps", "30"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    out = proc.stdout
+    assert re.search(r"^resumed from .* at step 15$", out, re.M), out
+    first, last, diagnostics = training_summary(out)
+    assert last < 0.9 * first, (first, last)
+    assert diagnostics[0]["step"] == 30 and diagnostics[0]["estimates"] > 0, diagnostics
+    held = json.loads(re.search(r"^optimizer state per rank: (\[.*\]) elements of (\d+)$", out, re.M)[1])
+    total = int(re.search(r"^optimizer state per rank: .* elements of (\d+)$", out, re.M)[1])
+    assert len(held) == 2 and sum(held) == total and max(held) < 0.6 * total, (held, total)

@@ -52,3 +52,24 @@ def test_fd_accuracy_smoke(bench, tmp_path):
     for r in data["relu"]["runs"]:
         assert r["final_acc"] is not None and 0.0 <= r["final_acc"] <= 1.0
     assert "default" in result["outputs"]["markdown"].read_text()
+
+
+def test_fsdp_cost_smoke(monkeypatch, tmp_path):
+    """The sharded model's collectives: an estimation step of a forward (central) difference adds one
+    (two) FSDP2 forward+backward's worth of traffic, plus the 8-byte all-reduce of h; state is halved."""
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import fsdp_cost
+
+    result = fsdp_cost.main(["--smoke", "--out", str(tmp_path)])
+    payload = result["payload"]
+    extra = payload["per_param_extra"]
+    plain = payload["counts"]["finite_difference/plain"]
+    estimation = payload["counts"]["finite_difference/estimation"]
+    assert tuple(estimation["c10d.allreduce_.default"]) == (1, 8)
+    for op, (calls, nbytes) in plain.items():
+        assert tuple(estimation[op]) == (2 * calls, 2 * nbytes), op
+    # The h all-reduce: 8 bytes in, 8 out, whatever the model's size; the rest scales with the passes.
+    h_bytes = 8 / payload["params"]
+    assert extra["central_difference"] - extra["finite_difference"] == pytest.approx(
+        extra["finite_difference"] - h_bytes, rel=1e-9)
+    assert payload["state_bytes_per_rank"] * 2 == payload["unsharded_state_bytes"]

@@ -392,16 +392,19 @@ def test_optimizer_with_a_process_group_deep_copies_but_does_not_pickle(gloo):
 # ------------------------------------------------------------------ sharded parameters
 
 
-def test_dtensor_parameters_are_refused(gloo):
+def test_dtensor_parameters_need_a_finite_difference_estimator(gloo):
+    """The exact estimator would never see a gradient of an FSDP2 model (see README: Sharded training
+    (FSDP2)); it refuses sharded parameters, naming the estimator that works. tests/test_fsdp.py trains them."""
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
         pytest.skip("this torch has no torch.distributed.fsdp.fully_shard")
     model = make_model()
     fully_shard(model)
-    with pytest.raises(ValueError, match=r"params\[0\] in param_groups\[0\] is a DTensor .*not supported"):
+    with pytest.raises(ValueError, match=r"params\[0\] in param_groups\[0\] is a DTensor .*hvp='finite_difference'"):
         ESGD(model.parameters())
     opt = ESGD([torch.nn.Parameter(torch.randn(2))])
     with pytest.raises(ValueError, match=r"params\[0\] in param_groups\[1\] is a DTensor"):
         opt.add_param_group({"params": list(model.parameters())})
     assert len(opt.param_groups) == 1
+    ESGD(model.parameters(), hvp="finite_difference")
