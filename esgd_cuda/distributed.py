@@ -73,20 +73,23 @@ def average_over_group(
 
 # ------------------------------------------------------------------ sharded parameters (FSDP2 DTensors)
 
-def _dtensor_class():
+def _dtensor_api():
+    """(DTensor, Shard, Replicate, compute_local_shape_and_global_offset), or Nones."""
     if not torch.distributed.is_available():
-        return None
+        return None, None, None, None
     try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch 2.4 keeps it private
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # torch 2.4 keeps them private
         try:
-            from torch.distributed._tensor import DTensor
+            from torch.distributed._tensor import DTensor, Replicate, Shard
+            from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
         except ImportError:
-            return None
-    return DTensor
+            return None, None, None, None
+    return DTensor, Shard, Replicate, compute_local_shape_and_global_offset
 
 
-_DTENSOR = _dtensor_class()
+_DTENSOR, _SHARD, _REPLICATE, _LOCAL_SHAPE_AND_OFFSET = _dtensor_api()
 
 
 def is_sharded(t) -> bool:
@@ -102,10 +105,8 @@ def local(t: Tensor) -> Tensor:
 def check_sharding(p, what: str) -> None:
     """ESGD draws a shard's probe as a contiguous slice of the whole parameter's: every mesh dimension
     must shard dim 0 (FSDP2's layout) or replicate."""
-    from torch.distributed.tensor import Replicate, Shard
-
     for placement in p.placements:
-        if not (isinstance(placement, Replicate) or (isinstance(placement, Shard) and placement.dim == 0)):
+        if not (isinstance(placement, _REPLICATE) or (isinstance(placement, _SHARD) and placement.dim == 0)):
             raise ValueError(
                 f"ESGD: {what} is a DTensor with placements {tuple(p.placements)}; ESGD supports sharding "
                 "along dim 0 (torch.distributed.fsdp.fully_shard's layout) and replication"
@@ -116,9 +117,7 @@ def shard_offset(p: Tensor) -> int:
     """Flat (row-major) index, in the whole parameter, of the first element of this rank's shard."""
     if not is_sharded(p) or p.dim() == 0:
         return 0
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    _, offset = _LOCAL_SHAPE_AND_OFFSET(p.shape, p.device_mesh, p.placements)
     row = 1
     for size in p.shape[1:]:
         row *= size
@@ -127,10 +126,8 @@ def shard_offset(p: Tensor) -> int:
 
 def _shard_groups(p) -> list:
     """The process groups over which p's shards (not its replicas) are spread."""
-    from torch.distributed.tensor import Shard
-
     mesh = p.device_mesh
-    return [mesh.get_group(i) for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+    return [mesh.get_group(i) for i, pl in enumerate(p.placements) if isinstance(pl, _SHARD)]
 
 
 def sum_of_squares(params: List[Tensor], device: torch.device) -> Tensor:
