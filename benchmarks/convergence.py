@@ -58,16 +58,23 @@ LR_GRIDS = {
 }
 SEEDS = {"quick": 3, "full": 5, "smoke": 2}
 
-OPTIMIZER_LABELS = {"esgd": "ESGD-M", "esgd-nowarmup": "ESGD-M lr_warmup=0", "adam": "Adam",
+OPTIMIZER_LABELS = {"esgd": "ESGD-M", "esgd-fd": "ESGD-M forward difference",
+                    "esgd-cd": "ESGD-M central difference", "esgd-nowarmup": "ESGD-M lr_warmup=0", "adam": "Adam",
                     "adamw": "AdamW", "sgd": "SGD (Nesterov)",
                     **{name: peer.label for name, peer in _peers.PEERS.items()}}
-OPTIMIZER_COLORS = {"esgd": "tab:red", "esgd-nowarmup": "tab:orange", "adam": "tab:blue",
+OPTIMIZER_COLORS = {"esgd": "tab:red", "esgd-fd": "tab:pink", "esgd-cd": "tab:olive",
+                    "esgd-nowarmup": "tab:orange", "adam": "tab:blue",
                     "adamw": "tab:cyan", "sgd": "tab:gray",
                     **{name: peer.color for name, peer in _peers.PEERS.items()}}
 # ESGD-M without its learning-rate warm-up is opt-in: it shows what the warm-up costs on short runs.
-DEFAULT_OPTIMIZERS = ["esgd", "adam", "adamw", "sgd", *_peers.PEERS]
+# So is the central difference (three passes per estimate); the forward difference runs by default,
+# next to the exact ESGD-M.
+DEFAULT_OPTIMIZERS = ["esgd", "esgd-fd", "adam", "adamw", "sgd", *_peers.PEERS]
+FD_HVP = {"esgd-fd": "finite_difference", "esgd-cd": "central_difference"}
 for _preset, _grid in LR_GRIDS.items():
     _grid["esgd-nowarmup"] = _grid["esgd"]
+    for _name in FD_HVP:
+        _grid[_name] = _grid["esgd"]
     # Each peer's sweep is centred on its own documented default learning rate.
     for _name in _peers.PEERS:
         _grid[_name] = _peers.lr_grid(_name, _preset)
@@ -335,6 +342,8 @@ def make_optimizer(name: str, params, lr: float, seed: int, device: torch.device
         return import_esgd().ESGD(params, lr=lr, seed=seed)
     if name == "esgd-nowarmup":
         return import_esgd().ESGD(params, lr=lr, lr_warmup=0.0, seed=seed)
+    if name in FD_HVP:
+        return import_esgd().ESGD(params, lr=lr, seed=seed, hvp=FD_HVP[name])
     if name in ("adam", "adamw"):
         cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
         # The fastest Adam torch offers on this device is the fair baseline.
@@ -353,6 +362,15 @@ def train_step(name: str, opt, batch_loss: Callable[[int], torch.Tensor], step: 
     """One training step on minibatch `step`, driven as each optimizer documents."""
     if name in _peers.PEERS:
         _peers.train_step(name, opt, lambda: batch_loss(step))
+        return
+    if name in FD_HVP:
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = batch_loss(step)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
         return
     opt.zero_grad(set_to_none=True)
     loss = batch_loss(step)
@@ -637,6 +655,10 @@ def to_markdown(result: dict) -> str:
 
 
 def _schedule(name: str) -> str:
+    if name in FD_HVP:
+        passes = 2 if name == "esgd-fd" else 3
+        return (f"every 10th step after 20 warm-up estimates, each by {passes} forward+backward passes "
+                f"(hvp={FD_HVP[name]!r}, default fd_step)")
     if name.startswith("esgd"):
         return "every 10th step after 20 warm-up estimates (update_d_every=10, d_warmup=20)"
     return _peers.PEERS[name].schedule
