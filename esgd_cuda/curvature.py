@@ -202,10 +202,13 @@ class CurvatureEstimator:
             if scaler is not None:
                 inv = 1.0 / float(scaler.get_scale())
                 hs = [None if h is None else h.mul_(inv) for h in hs]
+            pairs = [(g, h) for g, h in zip(gs, hs) if g is not None and h is not None]
+            if pairs:
+                # A non-finite Hz is reported through the gradient, where GradScaler (and users) look
+                # for overflow before step(): g + 0*h is g where h is finite and NaN where it is not,
+                # in one multi-tensor pass.
+                torch._foreach_add_([g for g, _ in pairs], [h for _, h in pairs], alpha=0.0)
             for p, g, h in zip(params, gs, hs):
-                if g is not None and h is not None:
-                    # Reported through the gradient, where GradScaler and users look for overflow.
-                    g.masked_fill_(~torch.isfinite(h), float("nan"))
                 if g is not None:
                     if p.grad is None:
                         # The graph is gone, so g can become p.grad unless its layout differs.

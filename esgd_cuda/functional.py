@@ -165,8 +165,9 @@ def _foreach_apply(
     upcast = params[0].dtype != math_dtype
     work_params, grads, hzs = _math_inputs(params, grads, hzs, math_dtype, grad_scale_inv, hz_scale_inv)
     if hzs is not None:
+        # g + (h - h): NaN where h is not finite, g elsewhere, as the kernels form it (esgd_math.h).
         # Out of place: grads may still be the caller's tensors.
-        grads = [torch.where(torch.isfinite(h), g, float("nan")) for g, h in zip(grads, hzs)]
+        grads = torch._foreach_add(grads, torch._foreach_sub(hzs, hzs))
 
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)

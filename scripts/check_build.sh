@@ -3,6 +3,7 @@
 #   1. the installed extension loads and, when torch is a CUDA build and a toolkit is present,
 #      carries sm_90 device code (read from its .nv_fatbin section), and the sm_90 kernels compile
 #      without spills inside their register budget (scripts/check_kernel_resources.py);
+#      and that the CPU kernel's AVX2 loops are vectorized (scripts/check_cpu_vectorization.py);
 #   2. the CPU-only build path (what a user without nvcc gets) compiles in a temporary directory,
 #      and the kernel, planning and loading tests pass against it.
 # Exits non-zero on the first failure. PYTHON overrides the interpreter; ESGD_CHECK_ARCH the arch.
@@ -50,6 +51,9 @@ if [ "$CUDA" = 1 ]; then
 else
   echo "no CUDA kernels in this build (torch $("$PYTHON" -c 'import torch; print(torch.__version__)')), skipping the device-code check"
 fi
+# The CPU kernel's AVX2 loops must be vectorized (a loop the compiler leaves scalar is 4x slower).
+"$PYTHON" "$ROOT/scripts/check_cpu_vectorization.py" "$LIB" | tail -n 1 \
+  || fail "a CPU kernel loop is not vectorized"
 
 echo "== check_build 2/2: CPU-only build (ESGD_CUDA_BUILD=cpu) in $WORK"
 mkdir -p "$WORK/pkg/esgd_cuda" "$WORK/tests"

@@ -7,15 +7,13 @@ and Hz over the group inside ESGD, and plain steps are DDP's. Ranks report throu
 rank fails the tests with its traceback, and a hung run is killed after DDP_TIMEOUT_S.
 """
 
-import os
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from _spawn import run_ranks
 
 from esgd_cuda import ESGD, _extension
 from esgd_cuda.functional import esgd_update, state_dtype
@@ -145,57 +143,22 @@ def train_replica_fd(rank, dtype, hvp, fused):
     return dict(params=params, state=state, seed=opt.seed, estimated=estimated)
 
 
-def _worker(rank, tmpdir):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", init_method=f"file://{os.path.join(tmpdir, 'rendezvous')}", rank=rank, world_size=WORLD
-        )
-        results = {}
-        for fused_name, fused in FUSED.items():
-            for name, (dtype, seed_of, k, _) in SCENARIOS.items():
-                results[(name, fused_name)] = train_replica(rank, dtype, seed_of(rank), k, fused)
-            for name, (dtype, hvp) in FD_SCENARIOS.items():
-                results[(name, fused_name)] = train_replica_fd(rank, dtype, hvp, fused)
-        # seed=None: each rank's global RNG differs, the broadcast must still agree.
-        torch.manual_seed(rank)
-        results["seed-none"] = ESGD(make_mlp(torch.float32).parameters(), process_group=dist.group.WORLD).seed
-        torch.save(results, os.path.join(tmpdir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(tmpdir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-def _worker_errors(tmpdir):
-    out = []
-    for rank in range(WORLD):
-        path = os.path.join(tmpdir, f"rank{rank}.err")
-        if os.path.exists(path):
-            with open(path) as f:
-                out.append(f"--- rank {rank} ---\n{f.read()}")
-    return "\n".join(out)
+def _train_all(rank, tmpdir):
+    results = {}
+    for fused_name, fused in FUSED.items():
+        for name, (dtype, seed_of, k, _) in SCENARIOS.items():
+            results[(name, fused_name)] = train_replica(rank, dtype, seed_of(rank), k, fused)
+        for name, (dtype, hvp) in FD_SCENARIOS.items():
+            results[(name, fused_name)] = train_replica_fd(rank, dtype, hvp, fused)
+    # seed=None: each rank's global RNG differs, the broadcast must still agree.
+    torch.manual_seed(rank)
+    results["seed-none"] = ESGD(make_mlp(torch.float32).parameters(), process_group=dist.group.WORLD).seed
+    return results
 
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
-    tmpdir = str(tmp_path_factory.mktemp("ddp"))
-    ctx = mp.spawn(_worker, args=(tmpdir,), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + DDP_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                for proc in ctx.processes:
-                    if proc.is_alive():
-                        proc.kill()
-                pytest.fail(f"DDP workers did not finish in {DDP_TIMEOUT_S}s (hang?)\n{_worker_errors(tmpdir)}")
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-        pytest.fail(f"a DDP worker failed: {exc}\n{_worker_errors(tmpdir)}", pytrace=False)
-    return [torch.load(os.path.join(tmpdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_ranks(_train_all, WORLD, str(tmp_path_factory.mktemp("ddp")), DDP_TIMEOUT_S)
 
 
 CASES = [(name, fused_name) for fused_name in FUSED for name in SCENARIOS]

@@ -11,15 +11,14 @@ exact estimator refuses sharded parameters with an error naming the finite-diffe
 """
 
 import os
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+
+from _spawn import run_ranks
 
 from esgd_cuda import ESGD
 
@@ -142,64 +141,29 @@ def checkpoint_round_trip(rank, tmpdir, dtype, hvp, how):
     return dict(continued=continued, resumed=resumed, path=path)
 
 
-def _worker(rank, tmpdir):
+def _train_all(rank, tmpdir):
+    results = {}
+    for name, (dtype, hvp, how) in SCENARIOS.items():
+        trajectory, opt, model = train_sharded(rank, dtype, hvp, how, NUM_STEPS)
+        results[name] = dict(trajectory=trajectory, state_bytes=state_bytes(opt),
+                             estimates=[d["estimates"] for d in opt.diagnostics()])
+    for hvp in ("finite_difference", "central_difference"):
+        results[f"dcp-{hvp}"] = checkpoint_round_trip(rank, tmpdir, torch.float64, hvp, "per-layer")
     try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmpdir, 'rendezvous')}",
-                                rank=rank, world_size=WORLD)
-        results = {}
-        for name, (dtype, hvp, how) in SCENARIOS.items():
-            trajectory, opt, model = train_sharded(rank, dtype, hvp, how, NUM_STEPS)
-            results[name] = dict(trajectory=trajectory, state_bytes=state_bytes(opt), estimates=[
-                d["estimates"] for d in opt.diagnostics()])
-        for hvp in ("finite_difference", "central_difference"):
-            results[f"dcp-{hvp}"] = checkpoint_round_trip(rank, tmpdir, torch.float64, hvp, "per-layer")
-        try:
-            ESGD(shard(make_mlp(torch.float64), "per-layer").parameters())
-        except ValueError as exc:
-            results["exact-error"] = str(exc)
-        torch.save(results, os.path.join(tmpdir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(tmpdir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-def _errors(tmpdir):
-    out = []
-    for rank in range(WORLD):
-        path = os.path.join(tmpdir, f"rank{rank}.err")
-        if os.path.exists(path):
-            with open(path) as f:
-                out.append(f"--- rank {rank} ---\n{f.read()}")
-    return "\n".join(out)
+        ESGD(shard(make_mlp(torch.float64), "per-layer").parameters())
+    except ValueError as exc:
+        results["exact-error"] = str(exc)
+    return results
 
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
-    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch.distributed.fsdp.fully_shard")
     from torch.distributed import fsdp
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip(f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (FSDP2)")
     tmpdir = str(tmp_path_factory.mktemp("fsdp"))
-    ctx = mp.spawn(_worker, args=(tmpdir,), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                for proc in ctx.processes:
-                    if proc.is_alive():
-                        proc.kill()
-                pytest.fail(f"FSDP workers did not finish in {TIMEOUT_S}s\n{_errors(tmpdir)}")
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-        pytest.fail(f"an FSDP worker failed: {exc}\n{_errors(tmpdir)}", pytrace=False)
-    runs = [torch.load(os.path.join(tmpdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
-    return dict(runs=runs, tmpdir=tmpdir)
+    return dict(runs=run_ranks(_train_all, WORLD, tmpdir, TIMEOUT_S), tmpdir=tmpdir)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

@@ -1,0 +1,50 @@
+"""scripts/check_cpu_vectorization.py: the parser on hand-written disassembly, and the built library."""
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+import esgd_cuda
+from esgd_cuda import _extension
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "check_cpu_vectorization.py"
+spec = importlib.util.spec_from_file_location("check_cpu_vectorization", SCRIPT)
+check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(check)
+
+DISASSEMBLY = """
+0000000000062530 <_ZN4esgd12_GLOBAL__N_19range_f32EPfPKfS1_S1_S3_S3_lRKNS_6CoeffsIfEE.avx2>:
+   62530:	vmovups (%rdi,%rax,1),%ymm0
+   62535:	vsqrtps %ymm1,%ymm1
+
+00000000000644c0 <_ZN4esgd12_GLOBAL__N_112range_f32_hzEPfPKfS1_S1_S3_S3_lRKNS_6CoeffsIfEE.avx2>:
+   644c0:	vmovss (%rdi,%rax,4),%xmm0
+   644c5:	vsqrtss %xmm1,%xmm1,%xmm1
+
+0000000000064700 <_ZN4esgd12_GLOBAL__N_19range_f16EPN3c104HalfEPKS2_PfS6_S5_S5_lRKNS_6CoeffsIfEE.avx2>:
+   64700:	vmovss (%rdi,%rax,4),%xmm0
+
+0000000000064900 <_ZN4esgd12_GLOBAL__N_114range_f16_f16cILNS_8HzSourceE0EEEvPN3c104HalfEPKS4_PfS8_S7_S7_lRKNS_6CoeffsIfEE>:
+   64900:	vcvtph2ps %xmm0,%ymm0
+
+0000000000064a00 <_ZN4esgd12_GLOBAL__N_19range_f32EPfPKfS1_S1_S3_S3_lRKNS_6CoeffsIfEE.default>:
+   64a00:	movss (%rdi,%rax,4),%xmm0
+"""
+
+
+def test_parser_finds_the_loops_an_avx2_machine_runs():
+    bodies = check.clone_bodies(DISASSEMBLY)
+    names = sorted(n.split("_GLOBAL__N_1")[1][:14] for n in bodies)
+    # The scalar .default clone and the float16 clone (replaced by the F16C loop) are not checked.
+    assert len(bodies) == 3, names
+    scalar = [n for n, lines in bodies.items() if not any("ymm" in line for line in lines)]
+    assert len(scalar) == 1 and "range_f32_hz" in scalar[0]
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
+@pytest.mark.skipif(not _extension.LOADED, reason="the native extension is not loaded")
+def test_the_built_cpu_loops_are_vectorized(capsys):
+    path = esgd_cuda.extension_info()["path"]
+    assert check.main(["check_cpu_vectorization.py", path]) == 0, capsys.readouterr()
