@@ -154,11 +154,14 @@ def measure_mlp(preset, device, esgd):
              "forward": rows["ESGD-M forward-difference estimation step"],
              "central": rows["ESGD-M central-difference estimation step"]}
     summary = {}
+    # What a plain step adds to its forward+backward: the update itself, which every step pays.
+    plain_update = rows["ESGD-M plain step"] - fbt
     for mode in ("exact", "forward", "central"):
         amortized = (steps[mode] + (EVERY - 1) * rows["ESGD-M plain step"]) / EVERY
+        extra = steps[mode] - passes[mode]
         summary[mode] = dict(passes_ms=1e3 * passes[mode], step_ms=1e3 * steps[mode],
-                             overhead_ms=1e3 * (steps[mode] - passes[mode]),
-                             overhead_fraction=(steps[mode] - passes[mode]) / passes[mode],
+                             overhead_ms=1e3 * extra, overhead_fraction=extra / passes[mode],
+                             estimation_overhead_fraction=(extra - plain_update) / passes[mode],
                              amortized_ms=1e3 * amortized, amortized_vs_adam=amortized / rows["Adam (fused) step"])
     return dict(params=n_params, spec=list(map(str, spec)), times_ms={k: 1e3 * v for k, v in rows.items()},
                 modes=summary, plain_vs_adam=rows["ESGD-M plain step"] / rows["Adam (fused) step"])
@@ -370,9 +373,11 @@ def to_markdown(result):
     rows = []
     for mode, s in mlp["modes"].items():
         rows.append([mode, fmt(s["passes_ms"]), fmt(s["step_ms"]), fmt(s["overhead_ms"]),
-                     f"{100 * s['overhead_fraction']:.0f}%", fmt(s["amortized_ms"]), f"{s['amortized_vs_adam']:.2f}x"])
+                     f"{100 * s['overhead_fraction']:.0f}%", f"{100 * s['estimation_overhead_fraction']:.0f}%",
+                     fmt(s["amortized_ms"]), f"{s['amortized_vs_adam']:.2f}x"])
     lines += [markdown_table(["estimator", "passes ms", "estimation step ms", "overhead ms", "overhead / passes",
-                              "amortized step ms (1 in 10)", "vs Adam (fused)"], rows), "",
+                              "overhead beyond a plain step's update / passes", "amortized step ms (1 in 10)",
+                              "vs Adam (fused)"], rows), "",
               f"Plain step vs Adam (fused): {mlp['plain_vs_adam']:.2f}x", ""]
     lm = result["lm"]
     cfg = lm["config"]

@@ -134,8 +134,25 @@ class CurvatureEstimator:
         self.backward_estimated = False  # exact_backward ran since the last step
         self.graph_backward = False  # a create_graph backward filled p.grad since the last step (hooks)
         self.last_h: Optional[Tensor] = None  # the latest finite-difference step size (device scalar)
+        # The parameters' copies during a finite-difference step, kept between steps for CPU
+        # parameters: a fresh large CPU buffer is fresh zeroed pages from the kernel, whose page
+        # faults cost more than the perturbation itself (CUDA's caching allocator needs no help).
+        self._backups: Dict[Tensor, Tensor] = {}
         # Tests may replace the probe (a callable: list of params -> list of z); None draws Rademacher.
         self.probe_fn: Optional[Callable[[List[Tensor]], List[Tensor]]] = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_backups"] = {}  # scratch space, not state
+        return state
+
+    def _backup_for(self, p: Tensor, view: Tensor) -> Tensor:
+        if view.device.type != "cpu":
+            return torch.empty_like(view, memory_format=torch.contiguous_format)
+        buf = self._backups.get(p)
+        if buf is None or buf.shape != view.shape or buf.dtype != view.dtype:
+            buf = self._backups[p] = torch.empty_like(view, memory_format=torch.contiguous_format)
+        return buf
 
     def clear(self) -> None:
         self.hz.clear()
@@ -282,7 +299,7 @@ class CurvatureEstimator:
         # whole parameter's that starts at the shard's offset.
         views = [local(p) for p in trainable]
         offsets = [shard_offset(p) for p in trainable]
-        backups = [torch.empty_like(v, memory_format=torch.contiguous_format) for v in views]
+        backups = [self._backup_for(p, v) for p, v in zip(trainable, views)]
 
         def perturb(sign: float, save: bool) -> None:
             for (device, dtype), idx in buckets.items():

@@ -144,8 +144,12 @@ def sum_of_squares(params: List[Tensor], device: torch.device) -> Tensor:
             key += (id(p.device_mesh), tuple(p.placements))
         by_place.setdefault(key, []).append(p)
     for key, ps in by_place.items():
-        norms = torch._foreach_norm([local(p).detach() for p in ps], 2, dtype=torch.float64)
-        s = torch.stack(norms).square().sum()
+        # Norms in the parameters' own precision (float32 for 16-bit ones, whose squares could
+        # overflow): asking for float64 copies every float32 parameter first, and h needs no more
+        # precision, since the perturbation and the difference's 1/h use the same h.
+        dtype = torch.float32 if ps[0].dtype in (torch.float16, torch.bfloat16) else None
+        norms = torch._foreach_norm([local(p).detach() for p in ps], 2, dtype=dtype)
+        s = torch.stack(norms).double().square().sum()
         if len(key) > 2:
             groups = tuple(_shard_groups(ps[0]))
             partial[groups] = partial[groups] + s.to(partial[groups].device) if groups in partial else s

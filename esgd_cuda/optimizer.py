@@ -490,6 +490,7 @@ class ESGD(torch.optim.Optimizer):
         once per updated parameter, in order. The first four lists hold what the kernels update: of a
         sharded parameter (DTensor) its rank's local shard; `owners` holds the parameters themselves."""
         buckets: Dict[tuple, Tuple[list, ...]] = {}
+        sharded = any(is_sharded(p) for p in params)
         for p, g in zip(params, grads):
             state = self.state[p]
             if not state:
@@ -500,10 +501,16 @@ class ESGD(torch.optim.Optimizer):
             lists = buckets.get(key)
             if lists is None:
                 lists = buckets[key] = ([], [], [], [], [], [])
-            lists[0].append(local(p))
-            lists[1].append(local(g))
-            lists[2].append(local(state["exp_avg"]))
-            lists[3].append(local(state["exp_hz_sq"]))
+            if sharded:
+                lists[0].append(local(p))
+                lists[1].append(local(g))
+                lists[2].append(local(state["exp_avg"]))
+                lists[3].append(local(state["exp_hz_sq"]))
+            else:
+                lists[0].append(p)
+                lists[1].append(g)
+                lists[2].append(state["exp_avg"])
+                lists[3].append(state["exp_hz_sq"])
             lists[4].append(state)
             lists[5].append(p)
         return buckets
