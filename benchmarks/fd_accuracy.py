@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from _common import (DEFAULT_OUT, environment, environment_markdown, fmt, import_esgd, load_average,
+from _common import (DEFAULT_OUT, command_line, environment, environment_markdown, fmt, import_esgd, load_average,
                      markdown_table, write_outputs)
 
 PRESETS = {
@@ -270,7 +270,7 @@ def main(argv=None):
     esgd = import_esgd()
     import esgd_cuda.curvature  # noqa: F401  (default_fd_step)
 
-    env = environment(torch.device("cpu"))
+    env = environment(torch.device("cpu"), command=command_line("fd_accuracy.py", argv))
     result = dict(environment=env, preset=args.preset)
     result["accuracy"] = measure_accuracy(args.preset, esgd)
     result["relu"] = measure_relu(args.preset, esgd)

@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -35,14 +34,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _common import (DEFAULT_OUT, environment, environment_markdown, fmt, import_esgd, load_average,
+from _common import (DEFAULT_OUT, command_line, environment, environment_markdown, fmt, import_esgd, load_average,
                      markdown_table, resolve_device, write_outputs)
 
 PRESETS = {
     "smoke": dict(mlp=(64, [96, 96], 10, 8), lm=dict(d=16, heads=2, layers=1, ctx=16, batch=4), mem_ctx=32,
                   rounds=1, block=10, compile=False),
     "default": dict(mlp=(784, [2304, 2304, 2304], 10, 100), lm=dict(d=128, heads=4, layers=2, ctx=128, batch=8),
-                    mem_ctx=512, rounds=5, block=10, compile=True),
+                    mem_ctx=512, rounds=7, block=10, compile=True),
 }
 EVERY = 10  # update_d_every: one estimation step per block of 10
 
@@ -52,17 +51,21 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def best_time(fn, device, rounds, reps=3):
-    """The fastest of `rounds` runs of `reps` calls, per call: other processes only ever add time."""
-    fn()
-    best = math.inf
+def best_times(fns, device, rounds, reps=3):
+    """{name: seconds per call}: the functions take turns, `rounds` times `reps` calls each, and each
+    keeps its fastest round. Taking turns spreads the machine's noise over all of them alike, and
+    other processes only ever add time."""
+    for fn in fns.values():
+        fn()
+    best = {name: math.inf for name in fns}
     for _ in range(rounds):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        _sync(device)
-        best = min(best, (time.perf_counter() - start) / reps)
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            _sync(device)
+            best[name] = min(best[name], (time.perf_counter() - start) / reps)
     return best
 
 
@@ -89,7 +92,6 @@ def measure_mlp(preset, device, esgd):
     model, loss_fn = make_mlp(spec, device)
     params = list(model.parameters())
     n_params = sum(p.numel() for p in params)
-    rows = {}
 
     def fb():
         for p in params:
@@ -101,9 +103,6 @@ def measure_mlp(preset, device, esgd):
         grads = torch.autograd.grad(loss, params, create_graph=True)
         torch.autograd.grad(grads, params, grad_outputs=[torch.ones_like(g) for g in grads])
 
-    rows["forward+backward"] = best_time(fb, device, rounds)
-    rows["forward+double backward (exact passes)"] = best_time(double_backward, device, rounds)
-
     def esgd_opt(hvp):
         return esgd.ESGD(params, lr=1e-4, hvp=hvp, d_warmup=10**9, update_d_every=1, seed=0)
 
@@ -114,29 +113,26 @@ def measure_mlp(preset, device, esgd):
         exact.backward(loss_fn())
         exact.step()
 
-    rows["ESGD-M exact estimation step"] = best_time(exact_step, device, rounds)
-    for hvp, label in (("finite_difference", "forward"), ("central_difference", "central")):
-        opt = esgd_opt(hvp)
-
-        def closure(opt=opt):
+    def fd_step(opt):
+        def closure():
             opt.zero_grad()
             loss = loss_fn()
             loss.backward()
             return loss
 
-        rows[f"ESGD-M {label}-difference estimation step"] = best_time(lambda: opt.step(closure), device, rounds)
+        return lambda: opt.step(closure)
+
+    # State starts on the first (estimation) step; every later step is plain.
     plain = esgd.ESGD(params, lr=1e-4, d_warmup=0, update_d_every=10**9, seed=0)
-    exact_step_once = plain  # first step estimates (state starts there), then plain forever
-    exact_step_once.zero_grad()
-    exact_step_once.backward(loss_fn())
-    exact_step_once.step()
+    plain.zero_grad()
+    plain.backward(loss_fn())
+    plain.step()
 
     def plain_step():
         plain.zero_grad()
         loss_fn().backward()
         plain.step()
 
-    rows["ESGD-M plain step"] = best_time(plain_step, device, rounds)
     try:
         adam = torch.optim.Adam(params, lr=1e-4, fused=True)
     except RuntimeError:
@@ -147,7 +143,15 @@ def measure_mlp(preset, device, esgd):
         loss_fn().backward()
         adam.step()
 
-    rows["Adam (fused) step"] = best_time(adam_step, device, rounds)
+    rows = best_times({
+        "forward+backward": fb,
+        "forward+double backward (exact passes)": double_backward,
+        "ESGD-M exact estimation step": exact_step,
+        "ESGD-M forward-difference estimation step": fd_step(esgd_opt("finite_difference")),
+        "ESGD-M central-difference estimation step": fd_step(esgd_opt("central_difference")),
+        "ESGD-M plain step": plain_step,
+        "Adam (fused) step": adam_step,
+    }, device, rounds)
     fbt = rows["forward+backward"]
     passes = {"exact": rows["forward+double backward (exact passes)"], "forward": 2 * fbt, "central": 3 * fbt}
     steps = {"exact": rows["ESGD-M exact estimation step"],
@@ -303,7 +307,8 @@ def memory_child(args):
     x, y = batch()
     opt = esgd.ESGD(model.parameters(), lr=1e-3, seed=0,
                     hvp="autograd" if args.memory in ("exact", "plain") else args.memory)
-    # One warm step allocates the optimizer state, so the measured step adds only activations.
+    # The first step, measured alone in a fresh process: what it allocates on top of the model, the
+    # batch and the optimizer (its state is a few MiB here, against hundreds for the activations).
     def run(kind):
         if kind == "plain":
             opt.zero_grad()
@@ -322,7 +327,6 @@ def memory_child(args):
 
             opt.step(closure)
 
-    run(args.memory if args.memory != "plain" else "plain")
     import gc
 
     gc.collect()
@@ -331,19 +335,34 @@ def memory_child(args):
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = _rss_bytes()
+        base = _reset_peak_rss()
     run(args.memory)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         grown = torch.cuda.max_memory_allocated(device) - base
     else:
-        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        grown = _peak_rss() - base
     print(json.dumps(dict(kind=args.memory, ctx=cfg["ctx"], grown_mib=grown / 2**20)))
 
 
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss():
+    """The current RSS in bytes, after making it the process's peak (VmHWM), so that the peak read
+    after the step is that step's own (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def _peak_rss():
+    return _status_kib("VmHWM") * 1024
 
 
 def measure_memory(preset, device, esgd):
@@ -416,7 +435,7 @@ def main(argv=None):
         return None
     device = resolve_device(args.device)
     esgd = import_esgd()
-    env = environment(device)
+    env = environment(device, command=command_line("fd_cost.py", argv))
     only = set(args.only or ["mlp", "lm", "memory"])
     result = dict(environment=env, preset=args.preset)
     result["mlp"] = measure_mlp(args.preset, device, esgd) if "mlp" in only else None

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from _common import DEFAULT_OUT, environment, environment_markdown, import_esgd, markdown_table, write_outputs
+from _common import DEFAULT_OUT, command_line, environment, environment_markdown, import_esgd, markdown_table, write_outputs
 
 WORLD = 2
 PRESETS = {"smoke": [32, 64, 4], "default": [512, 1024, 512, 10]}
@@ -130,7 +130,7 @@ def main(argv=None):
                                for name, (calls, b) in sorted(ops.items()))
             rows.append([hvp, kind, f"{totals[kind] / n_params:.2f}", detail])
         per_param[hvp] = (totals["estimation"] - totals["plain"]) / n_params
-    env = environment(torch.device("cpu"))
+    env = environment(torch.device("cpu"), command=command_line("fsdp_cost.py", argv))
     md = [f"# ESGD-M on FSDP2: communication and memory ({WORLD} gloo ranks, {n_params} fp32 parameters, "
           f"MLP {'-'.join(map(str, widths))})", "", environment_markdown(env), "",
           "Bytes each rank receives per step, per parameter (ring collectives; see the script's docstring):", "",
