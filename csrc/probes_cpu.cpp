@@ -2,6 +2,7 @@
 // along z). One at::parallel_for over the concatenation of all tensors, as in esgd_cpu.cpp; the
 // bits come from probe.h, one hash per 64 elements.
 
+#include "cpu_clones.h"
 #include "esgd_common.h"
 #include "probe.h"
 #include "probe_common.h"
@@ -14,6 +15,10 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP)
 #warning "probes_cpu.cpp compiled without OpenMP: the probe kernels will run on one thread"
@@ -144,32 +149,120 @@ void rademacher_cpu(at::TensorList out, at::IntArrayRef keys, at::IntArrayRef of
 
 // ---------------------------------------------------------------------------------------- perturb
 
-// params = P(S(x) + perturbation(step, z)), as probe.h's perturbed(), x = params (kSave: also
-// copied to backups) or backups.
-template <typename P, typename S, bool kSave>
-void perturb_range(P* __restrict__ p, P* __restrict__ b, uint64_t key, uint64_t j0, int64_t lo,
-                   int64_t hi, const ByteTable<S>& table) {
-  auto move = [&](int64_t i, const S* steps, int count) {
-    for (int k = 0; k < count; ++k) {
-      const P x = kSave ? p[i + k] : b[i + k];
-      if constexpr (kSave) {
-        b[i + k] = x;
-      }
-      p[i + k] = static_cast<P>(static_cast<S>(x) + steps[k]);
+// Copies `bytes` from src to dst, storing the 16-byte-aligned bulk with non-temporal (streaming)
+// stores. The parameters' copy is not read again until the restore, after a whole forward and
+// backward, so caching it only evicts the parameters, and an ordinary store first reads the line it
+// writes (write-allocate). On the 2-core machine of RESULTS.md (12.4M float32 parameters, 2
+// threads) the perturbation with its copy took 2.5 ms this way and 5-10 ms with ordinary stores.
+// The caller issues stream_fence() before the data is read elsewhere.
+inline void stream_copy(void* dst, const void* src, size_t bytes) {
+#if defined(__SSE2__)
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  size_t head = (16 - (reinterpret_cast<uintptr_t>(d) & 15)) & 15;
+  head = std::min(head, bytes);
+  std::memcpy(d, s, head);
+  d += head;
+  s += head;
+  bytes -= head;
+  for (; bytes >= 64; bytes -= 64, d += 64, s += 64) {
+    const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+    const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 16));
+    const __m128i v2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 32));
+    const __m128i v3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d), v0);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + 16), v1);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + 32), v2);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + 48), v3);
+  }
+  for (; bytes >= 16; bytes -= 16, d += 16, s += 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+  }
+  std::memcpy(d, s, bytes);
+#else
+  std::memcpy(dst, src, bytes);
+#endif
+}
+
+// Streaming stores are weakly ordered: each thread fences its own before the parallel region ends.
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// The perturbation's element loops, p = P(S(x) + steps[k]) with x = p (_inplace) or a backup
+// (_from): plain functions over restrict pointers, so that the compiler vectorizes them and
+// target_clones can clone them for AVX2 (cpu_clones.h). The names follow
+// scripts/check_cpu_vectorization.py: range_* AVX2 clones must be vectorized, except float16's
+// ("range_f16_"), which the avx2 clone (without F16C) cannot convert in vectors.
+#define ESGD_DEFINE_PERTURB(P, S, NAME)                                                          \
+  ESGD_CPU_CLONES void NAME##_inplace(P* __restrict__ p, const S* __restrict__ steps, int64_t n) { \
+    for (int64_t k = 0; k < n; ++k) {                                                          \
+      p[k] = static_cast<P>(static_cast<S>(p[k]) + steps[k]);                                  \
+    }                                                                                          \
+  }                                                                                            \
+  ESGD_CPU_CLONES void NAME##_from(                                                            \
+      P* __restrict__ p, const P* __restrict__ b, const S* __restrict__ steps, int64_t n) {    \
+    for (int64_t k = 0; k < n; ++k) {                                                          \
+      p[k] = static_cast<P>(static_cast<S>(b[k]) + steps[k]);                                  \
+    }                                                                                          \
+  }                                                                                            \
+  inline void add_steps(P* p, const P* b, const S* steps, int64_t n) {                         \
+    if (b == nullptr) {                                                                        \
+      NAME##_inplace(p, steps, n);                                                             \
+    } else {                                                                                   \
+      NAME##_from(p, b, steps, n);                                                             \
+    }                                                                                          \
+  }
+
+ESGD_DEFINE_PERTURB(float, float, range_perturb_f32)
+ESGD_DEFINE_PERTURB(double, double, range_perturb_f64)
+ESGD_DEFINE_PERTURB(at::BFloat16, float, range_perturb_bf16)
+ESGD_DEFINE_PERTURB(at::Half, float, range_f16_perturb)
+#undef ESGD_DEFINE_PERTURB
+
+// Elements per run: the run's part of the parameters is copied to the backup (so the in-place
+// pass then reads it from L1), and the probe's steps are expanded into a stack buffer (table
+// rows, branch-free) before one vectorized pass applies them.
+constexpr int64_t kPerturbRun = 512;
+
+// params = P(S(x) + perturbation(step, z)) over [lo, hi), as probe.h's perturbed(); x = params
+// (save: also copied to backups) or backups.
+template <typename P, typename S>
+void perturb_range(P* p, P* b, uint64_t key, uint64_t j0, int64_t lo, int64_t hi, bool save,
+                   const ByteTable<S>& table) {
+  alignas(64) S steps[kPerturbRun];
+  for (int64_t start = lo, stop = lo; start < hi; start = stop) {
+    // Runs end where the probe index is a multiple of kPerturbRun, so only a range's first and
+    // last runs can hold part of a probe word (a part takes the per-element path).
+    const int64_t to_boundary =
+        kPerturbRun - static_cast<int64_t>((j0 + static_cast<uint64_t>(start)) % kPerturbRun);
+    stop = std::min(hi, start + to_boundary);
+    for_each_word(
+        key, j0, start, stop,
+        [&](int64_t i, uint64_t bits) {
+          S* __restrict__ out = steps + (i - start);
+          for (int byte = 0; byte < 8; ++byte) {
+            const S* __restrict__ row = table.values(bits, byte);
+            for (int k = 0; k < 8; ++k) {
+              out[8 * byte + k] = row[k];
+            }
+          }
+        },
+        [&](int64_t i, int count, uint64_t bits) {
+          for (int k = 0; k < count; ++k) {
+            steps[i - start + k] = table.row[(bits >> k) & 1][0];
+          }
+        });
+    if (save) {
+      stream_copy(b + start, p + start, static_cast<size_t>(stop - start) * sizeof(P));
+      add_steps(p + start, nullptr, steps, stop - start);
+    } else {
+      add_steps(p + start, b + start, steps, stop - start);
     }
-  };
-  for_each_word(
-      key, j0, lo, hi,
-      [&](int64_t i, uint64_t bits) {
-        for (int byte = 0; byte < 8; ++byte) {
-          move(i + 8 * byte, table.values(bits, byte), 8);
-        }
-      },
-      [&](int64_t i, int count, uint64_t bits) {
-        for (int k = 0; k < count; ++k) {
-          move(i + k, table.row[(bits >> k) & 1], 1);
-        }
-      });
+  }
 }
 
 void perturb_cpu(
@@ -202,12 +295,9 @@ void perturb_cpu(
         for_each_piece(starts, begin, end, [&](size_t t, int64_t lo, int64_t hi) {
           scalar_t* p = job->lists[0][t].data_ptr<scalar_t>();
           scalar_t* b = job->lists[1][t].data_ptr<scalar_t>();
-          if (save) {
-            perturb_range<scalar_t, S, true>(p, b, job->keys[t], job->offsets[t], lo, hi, *table);
-          } else {
-            perturb_range<scalar_t, S, false>(p, b, job->keys[t], job->offsets[t], lo, hi, *table);
-          }
+          perturb_range<scalar_t, S>(p, b, job->keys[t], job->offsets[t], lo, hi, save, *table);
         });
+        stream_fence();
       });
     });
   }
