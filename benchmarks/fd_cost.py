@@ -15,6 +15,12 @@ all of them alike; the fastest of several blocks is kept):
   Peak memory of one estimation step at a longer context, exact vs finite difference: the growth of
   the process's peak RSS (CPU; each measurement in a fresh process) or torch.cuda.max_memory_allocated.
 
+The MLP table also counts minor page faults per call. A finite-difference step holds a second set of
+gradients while the first is alive; on CPU, glibc's malloc returns that memory to the system when it
+is freed and takes fresh, zero-filled pages again on the next estimation step. Running with
+MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_MMAP_THRESHOLD_=33554432 (or jemalloc/tcmalloc) keeps it
+(CUDA's caching allocator always does).
+
     python benchmarks/fd_cost.py                  # both, on CPU (or CUDA when present)
     python benchmarks/fd_cost.py --smoke          # seconds; what CI runs
 """
@@ -51,21 +57,36 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def best_times(fns, device, rounds, reps=3):
+def _minor_faults():
+    """The process's minor page faults so far (first touches of fresh memory; 0 where unknown)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def best_times(fns, device, rounds, reps=3, faults=None):
     """{name: seconds per call}: the functions take turns, `rounds` times `reps` calls each, and each
     keeps its fastest round. Taking turns spreads the machine's noise over all of them alike, and
-    other processes only ever add time."""
+    other processes only ever add time. `faults`, a dict, gets each function's minor page faults per
+    call, over all its timed calls."""
     for fn in fns.values():
         fn()
     best = {name: math.inf for name in fns}
+    counted = {name: 0 for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             _sync(device)
+            before = _minor_faults()
             start = time.perf_counter()
             for _ in range(reps):
                 fn()
             _sync(device)
             best[name] = min(best[name], (time.perf_counter() - start) / reps)
+            counted[name] += _minor_faults() - before
+    if faults is not None:
+        faults.update({name: n / (rounds * reps) for name, n in counted.items()})
     return best
 
 
@@ -143,6 +164,7 @@ def measure_mlp(preset, device, esgd):
         loss_fn().backward()
         adam.step()
 
+    faults = {}
     rows = best_times({
         "forward+backward": fb,
         "forward+double backward (exact passes)": double_backward,
@@ -151,7 +173,7 @@ def measure_mlp(preset, device, esgd):
         "ESGD-M central-difference estimation step": fd_step(esgd_opt("central_difference")),
         "ESGD-M plain step": plain_step,
         "Adam (fused) step": adam_step,
-    }, device, rounds)
+    }, device, rounds, faults=faults)
     fbt = rows["forward+backward"]
     passes = {"exact": rows["forward+double backward (exact passes)"], "forward": 2 * fbt, "central": 3 * fbt}
     steps = {"exact": rows["ESGD-M exact estimation step"],
@@ -168,7 +190,7 @@ def measure_mlp(preset, device, esgd):
                              estimation_overhead_fraction=(extra - plain_update) / passes[mode],
                              amortized_ms=1e3 * amortized, amortized_vs_adam=amortized / rows["Adam (fused) step"])
     return dict(params=n_params, spec=list(map(str, spec)), times_ms={k: 1e3 * v for k, v in rows.items()},
-                modes=summary, plain_vs_adam=rows["ESGD-M plain step"] / rows["Adam (fused) step"])
+                page_faults=faults, modes=summary, plain_vs_adam=rows["ESGD-M plain step"] / rows["Adam (fused) step"])
 
 
 # ------------------------------------------------------------------------------------------ char LM
@@ -388,7 +410,10 @@ def to_markdown(result):
     lines = ["# Estimation-step cost: exact vs finite differences", "", environment_markdown(env), ""]
     mlp = result["mlp"]
     lines += [f"## MLP ({mlp['params'] / 1e6:.1f}M parameters, {' / '.join(mlp['spec'])})", "",
-              markdown_table(["what", "ms"], [[k, fmt(v)] for k, v in mlp["times_ms"].items()]), ""]
+              markdown_table(["what", "ms", "page faults / call"],
+                             [[k, fmt(v), f"{mlp['page_faults'][k]:.0f}"] for k, v in mlp["times_ms"].items()]),
+              "", "Page faults: minor faults per call (first touches of memory the allocator got fresh from the "
+              "system), averaged over every timed call.", ""]
     rows = []
     for mode, s in mlp["modes"].items():
         rows.append([mode, fmt(s["passes_ms"]), fmt(s["step_ms"]), fmt(s["overhead_ms"]),
