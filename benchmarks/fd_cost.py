@@ -34,6 +34,11 @@ import os
 import subprocess
 import sys
 import time
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 from pathlib import Path
 
 import torch
@@ -59,9 +64,7 @@ def _sync(device):
 
 def _minor_faults():
     """The process's minor page faults so far (first touches of fresh memory; 0 where unknown)."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
+    if resource is None:
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 

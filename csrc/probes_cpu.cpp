@@ -88,20 +88,21 @@ C10_ALWAYS_INLINE void for_each_word(
 
 // ------------------------------------------------------------------------------------- rademacher
 
-// Writes the probe as storage words U of the output dtype (the bits of +1 and -1 in that dtype).
-template <typename U>
-void rademacher_range(U* __restrict__ out, uint64_t key, uint64_t j0, int64_t lo, int64_t hi,
-                      const ByteTable<U>& table) {
+// out[i - lo] = the table's value for probe element j0 + i, for i in [lo, hi): the probe itself as
+// storage words of the output dtype (rademacher_), or the steps +-h of a perturbation.
+template <typename T>
+void expand_probe(T* __restrict__ out, uint64_t key, uint64_t j0, int64_t lo, int64_t hi,
+                  const ByteTable<T>& table) {
   for_each_word(
       key, j0, lo, hi,
       [&](int64_t i, uint64_t bits) {
         for (int byte = 0; byte < 8; ++byte) {
-          std::memcpy(out + i + 8 * byte, table.values(bits, byte), 8 * sizeof(U));
+          std::memcpy(out + (i - lo) + 8 * byte, table.values(bits, byte), 8 * sizeof(T));
         }
       },
       [&](int64_t i, int count, uint64_t bits) {
         for (int k = 0; k < count; ++k) {
-          out[i + k] = table.row[(bits >> k) & 1][0];
+          out[i - lo + k] = table.row[(bits >> k) & 1][0];
         }
       });
 }
@@ -139,7 +140,7 @@ void rademacher_cpu(at::TensorList out, at::IntArrayRef keys, at::IntArrayRef of
       at::parallel_for(0, starts.back(), kGrain, [&](int64_t begin, int64_t end) {
         for_each_piece(starts, begin, end, [&](size_t t, int64_t lo, int64_t hi) {
           U* data = static_cast<U*>(job->lists[0][t].data_ptr());
-          rademacher_range<U>(data, job->keys[t], job->offsets[t], lo, hi, *table);
+          expand_probe<U>(data + lo, job->keys[t], job->offsets[t], lo, hi, *table);
         });
       });
     });
@@ -209,12 +210,11 @@ inline void stream_fence() {
       p[k] = static_cast<P>(static_cast<S>(b[k]) + steps[k]);                                  \
     }                                                                                          \
   }                                                                                            \
+  inline void add_steps(P* p, const S* steps, int64_t n) {                                    \
+    NAME##_inplace(p, steps, n);                                                               \
+  }                                                                                            \
   inline void add_steps(P* p, const P* b, const S* steps, int64_t n) {                         \
-    if (b == nullptr) {                                                                        \
-      NAME##_inplace(p, steps, n);                                                             \
-    } else {                                                                                   \
-      NAME##_from(p, b, steps, n);                                                             \
-    }                                                                                          \
+    NAME##_from(p, b, steps, n);                                                               \
   }
 
 ESGD_DEFINE_PERTURB(float, float, range_perturb_f32)
@@ -240,25 +240,10 @@ void perturb_range(P* p, P* b, uint64_t key, uint64_t j0, int64_t lo, int64_t hi
     const int64_t to_boundary =
         kPerturbRun - static_cast<int64_t>((j0 + static_cast<uint64_t>(start)) % kPerturbRun);
     stop = std::min(hi, start + to_boundary);
-    for_each_word(
-        key, j0, start, stop,
-        [&](int64_t i, uint64_t bits) {
-          S* __restrict__ out = steps + (i - start);
-          for (int byte = 0; byte < 8; ++byte) {
-            const S* __restrict__ row = table.values(bits, byte);
-            for (int k = 0; k < 8; ++k) {
-              out[8 * byte + k] = row[k];
-            }
-          }
-        },
-        [&](int64_t i, int count, uint64_t bits) {
-          for (int k = 0; k < count; ++k) {
-            steps[i - start + k] = table.row[(bits >> k) & 1][0];
-          }
-        });
+    expand_probe<S>(steps, key, j0, start, stop, table);
     if (save) {
       stream_copy(b + start, p + start, static_cast<size_t>(stop - start) * sizeof(P));
-      add_steps(p + start, nullptr, steps, stop - start);
+      add_steps(p + start, steps, stop - start);
     } else {
       add_steps(p + start, b + start, steps, stop - start);
     }

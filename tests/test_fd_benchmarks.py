@@ -38,6 +38,10 @@ def test_fd_cost_smoke(bench, tmp_path):
     assert set(data["memory"]) == {"plain", "exact", "finite_difference", "central_difference"}
     assert all(math.isfinite(m["grown_mib"]) for m in data["memory"].values())
     assert "overhead / passes" in markdown and "Peak memory" in markdown
+    # Page faults: one count per timed row, each a non-negative number (0 is common).
+    assert set(mlp["page_faults"]) == set(mlp["times_ms"])
+    assert all(isinstance(n, (int, float)) and n >= 0 for n in mlp["page_faults"].values())
+    assert "page faults / call" in markdown
 
 
 def test_fd_accuracy_smoke(bench, tmp_path):
