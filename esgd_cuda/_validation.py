@@ -157,3 +157,42 @@ def fused_unavailable_reason() -> str:
     if not _extension.LOADED:
         return f"the native extension is not loaded ({_extension.LOAD_ERROR})"
     return "the native extension was not built for this device or dtype (see esgd_cuda.extension_info())"
+
+
+def check_closures(closure, curvature_closure) -> None:
+    """step(closure, curvature_closure): both callables, and a curvature closure only with a closure
+    (the closure gives the update's gradient; the curvature closure only Hz)."""
+    if closure is not None and not callable(closure):
+        raise TypeError(f"ESGD.step: closure must be callable, got {type(closure).__name__}")
+    if curvature_closure is None:
+        return
+    if not callable(curvature_closure):
+        raise TypeError(f"ESGD.step: curvature_closure must be callable, got {type(curvature_closure).__name__}")
+    if closure is None:
+        raise ValueError(
+            "ESGD.step: curvature_closure needs a closure too: the closure gives the update's gradient "
+            "(on every step), the curvature closure only the curvature estimate (on estimation steps). "
+            "Call opt.step(closure, curvature_closure=...)."
+        )
+
+
+def check_curvature_loss(curvature_loss, hvp: str, phase) -> None:
+    """ESGD.backward(loss, curvature_loss=...): the exact estimator's form of a curvature closure."""
+    if not isinstance(curvature_loss, Tensor):
+        raise TypeError(f"ESGD.backward: curvature_loss must be a Tensor, got {type(curvature_loss).__name__}")
+    if hvp != "autograd":
+        raise ValueError(
+            f"ESGD.backward: curvature_loss is for hvp='autograd'; a finite difference (hvp={hvp!r}) "
+            "re-evaluates the curvature's function at perturbed parameters, so it takes a function: "
+            "opt.step(closure, curvature_closure=...)."
+        )
+    if phase is not None:
+        raise ValueError(
+            "ESGD.backward: curvature_loss inside opt.step(closure, curvature_closure): the curvature "
+            "closure already gives Hz; pass one or the other."
+        )
+    if not curvature_loss.requires_grad:
+        raise ValueError(
+            "ESGD.backward: curvature_loss does not depend on the parameters (it does not require grad); "
+            "pass the loss of a forward of the model, not a detached value."
+        )

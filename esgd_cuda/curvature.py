@@ -11,6 +11,12 @@ step's Rademacher probe z. Two estimators:
   same random numbers. Hz ~ (g(theta + h z) - g(theta)) / h, or (g(theta + h z) - g(theta - h z)) / 2h.
   The difference is never formed here: the fused update reads both gradients and 1/h.
 
+Either estimator can take Hz from another function than the update's gradient: a curvature closure
+(typically the loss of a slice of the step's batch). The closure then runs once, at theta, for the
+update's gradient, and the curvature closure supplies every Hz pass: one double backward (exact), or
+its gradients at theta and theta + h z (forward) or at theta +- h z (central). The exact estimator
+also takes such a loss directly, `ESGD.backward(loss, curvature_loss=...)` (`exact_backward`).
+
 Probes are counter-based (`esgd_cuda.probes`): parameter i of the trainable list gets the key
 probe_key(seed, step, i), so every micro-batch, replica, device, shard and replay of a step draws
 the same z, and both estimators draw the same z for the same step.
@@ -100,21 +106,67 @@ def _cuda_devices(params: List[Tensor]) -> List[int]:
 @dataclass
 class FiniteDifference:
     """One finite-difference estimation: the loss at theta, the perturbed gradients, and per device
-    the 0-dim float64 tensor by which the update scales the difference (1/h or 1/(2h))."""
+    the 0-dim float64 tensor by which the update scales the difference (1/h or 1/(2h)).
+
+    `plus` is the gradient at theta + h z; `minus` the one the difference subtracts: at theta - h z
+    (central), at theta on a curvature closure's function (forward, `sub_batch`), or None (forward:
+    the update's own gradient at theta)."""
 
     loss: Any
     plus: Dict[Tensor, Optional[Tensor]]
     minus: Optional[Dict[Tensor, Optional[Tensor]]]
     hz_scale: Dict[torch.device, Tensor]
+    sub_batch: bool = False
 
     def lists(self, params: List[Tensor], grads: List[Tensor]) -> Tuple[List[Tensor], Optional[List[Tensor]]]:
-        """grads_plus and grads_minus for the update of `params`: a parameter that had no gradient in
-        a perturbed pass gets its unperturbed gradient there, so its difference (its Hz) is zero."""
+        """grads_plus and grads_minus for the update of `params`. On the closure's own function a
+        parameter without a gradient in a perturbed pass gets its unperturbed gradient there, so its
+        difference (its Hz) is zero. On a curvature closure's function a missing gradient is a zero
+        gradient, and a parameter that has one in neither pass has Hz = 0."""
+        if self.sub_batch:
+            plus, minus = [], []
+            for p, g in zip(params, grads):
+                a, b = self.plus.get(p), self.minus.get(p)
+                if a is None and b is None:
+                    a = b = g
+                plus.append(torch.zeros_like(b) if a is None else a)
+                minus.append(torch.zeros_like(a) if b is None else b)
+            return plus, minus
         plus = [self.plus.get(p) if self.plus.get(p) is not None else g for p, g in zip(params, grads)]
         if self.minus is None:
             return plus, None
         minus = [self.minus.get(p) if self.minus.get(p) is not None else g for p, g in zip(params, grads)]
         return plus, minus
+
+
+def _check_returned(value: Any) -> None:
+    if value is None:
+        raise RuntimeError(
+            "ESGD.step: curvature_closure returned None. Like the closure, it runs the forward and the "
+            "backward and returns the loss, e.g. def curvature_closure(): opt.zero_grad(); loss = "
+            "loss_fn(model(x[:n]), y[:n]); opt.backward(loss); return loss"
+        )
+
+
+def _check_curvature_pass(value: Any, grads: Dict[Tensor, Optional[Tensor]], *, exact: bool) -> None:
+    """A curvature closure's pass must return its loss and reach the parameters: `grads` are the
+    gradients its backward left. The exact estimator also accepts a loss returned without a
+    backward."""
+    _check_returned(value)
+    if any(g is not None for g in grads.values()):
+        return
+    if isinstance(value, Tensor) and value.requires_grad:
+        if exact:
+            return  # the exact estimator takes the double backward of the returned loss itself
+        raise RuntimeError(
+            "ESGD.step: curvature_closure returned a loss but did no backward: no parameter received a "
+            "gradient. Call loss.backward() (or opt.backward(loss)) inside it, as in the closure."
+        )
+    raise RuntimeError(
+        "ESGD.step: curvature_closure's loss does not depend on the parameters: after its backward no "
+        "parameter has a gradient. It must evaluate the model (typically on a slice of the step's "
+        "batch), run the backward and return the loss."
+    )
 
 
 class CurvatureEstimator:
@@ -134,6 +186,10 @@ class CurvatureEstimator:
         self.backward_estimated = False  # exact_backward ran since the last step
         self.graph_backward = False  # a create_graph backward filled p.grad since the last step (hooks)
         self.last_h: Optional[Tensor] = None  # the latest finite-difference step size (device scalar)
+        # Inside step(closure, curvature_closure) with the exact estimator: "update" while the closure
+        # runs (its backward passes are first-order), "curvature" while the curvature closure runs
+        # (ESGD.backward takes Hz alone). None otherwise.
+        self.phase: Optional[str] = None
         # The parameters' copies during a finite-difference step, kept between steps for CPU
         # parameters: a fresh large CPU buffer is fresh zeroed pages from the kernel, whose page
         # faults cost more than the perturbation itself (CUDA's caching allocator needs no help).
@@ -186,52 +242,69 @@ class CurvatureEstimator:
         self.hz[p] = hz if prev is None else prev.add_(hz)
 
     def exact_backward(
-        self, loss: Tensor, params: List[Tensor], index: int, scaler: Optional[Any], retain_graph: Optional[bool],
-        use_fused: UseFused,
+        self, loss: Optional[Tensor], params: List[Tensor], index: int, scaler: Optional[Any],
+        retain_graph: Optional[bool], use_fused: UseFused, *, curvature_loss: Optional[Tensor] = None,
     ) -> None:
         """The estimation-step backward of `ESGD.backward`: gradients into p.grad, Hz into `hz`.
 
         The gradient is taken with its graph, Hz with the step's probe at once, and the graph is
-        released before returning. `loss` is already scaled when `scaler` is given.
+        released before returning. With `curvature_loss`, Hz comes from its double backward instead
+        and `loss` gets a first-order backward only; `loss=None` takes Hz alone (a curvature
+        closure's pass, whose gradients are dropped: not averaged, not written). Both losses are
+        already scaled when `scaler` is given.
         """
-        grads = _autograd(loss, params, create_graph=True, allow_unused=True, retain_graph=True)
+        source = loss if curvature_loss is None else curvature_loss
+        graph_grads = _autograd(source, params, create_graph=True, allow_unused=True, retain_graph=True)
         zs = self.probes(params, params, index, use_fused)
         outputs, grad_outputs = [], []
-        for g, z in zip(grads, zs):
+        for g, z in zip(graph_grads, zs):
             # A gradient without a graph does not depend on any parameter: its rows of H are zero.
             if g is not None and g.requires_grad:
                 outputs.append(g)
                 grad_outputs.append(z.to(g.dtype))
+        # The curvature loss may share part of its graph with the loss (a slice of the same
+        # forward's per-sample losses): keep it until the loss's own backward has run.
+        shared = curvature_loss is not None and loss is not None
         hzs: List[Optional[Tensor]] = [None] * len(params)
         if outputs:
             hzs = list(
                 _autograd(
-                    outputs, params, grad_outputs=grad_outputs, allow_unused=True, retain_graph=retain_graph
+                    outputs, params, grad_outputs=grad_outputs, allow_unused=True,
+                    retain_graph=True if shared else retain_graph,
                 )
             )
         del outputs, grad_outputs
+        if curvature_loss is None:
+            grads = graph_grads
+        del graph_grads
+        if shared:
+            grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
         with torch.no_grad():
-            gs = [None if g is None else g.detach() for g in grads]
+            gs = None if loss is None else [None if g is None else g.detach() for g in grads]
             hs = [None if h is None else h.detach() for h in hzs]
-            del grads, hzs
+            del hzs
+            if loss is not None:
+                del grads
             if self.process_group is not None:
                 average_over_group(params, gs, hs, self.process_group)
             if scaler is not None:
                 inv = 1.0 / float(scaler.get_scale())
                 hs = [None if h is None else h.mul_(inv) for h in hs]
-            pairs = [(g, h) for g, h in zip(gs, hs) if g is not None and h is not None]
-            if pairs:
-                # A non-finite Hz is reported through the gradient, where GradScaler (and users) look
-                # for overflow before step(): g + 0*h is g where h is finite and NaN where it is not,
-                # in one multi-tensor pass.
-                torch._foreach_add_([g for g, _ in pairs], [h for _, h in pairs], alpha=0.0)
-            for p, g, h in zip(params, gs, hs):
-                if g is not None:
-                    if p.grad is None:
-                        # The graph is gone, so g can become p.grad unless its layout differs.
-                        p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
-                    else:
-                        p.grad.add_(g)
+            if gs is not None:
+                pairs = [(g, h) for g, h in zip(gs, hs) if g is not None and h is not None]
+                if pairs:
+                    # A non-finite Hz is reported through the gradient, where GradScaler (and users)
+                    # look for overflow before step(): g + 0*h is g where h is finite and NaN where it
+                    # is not, in one multi-tensor pass.
+                    torch._foreach_add_([g for g, _ in pairs], [h for _, h in pairs], alpha=0.0)
+                for p, g in zip(params, gs):
+                    if g is not None:
+                        if p.grad is None:
+                            # The graph is gone, so g can become p.grad unless its layout differs.
+                            p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+                        else:
+                            p.grad.add_(g)
+            for p, h in zip(params, hs):
                 if h is not None:
                     self._accumulate(p, h)
         self.kinds.add("unscaled" if scaler is not None else "raw")
@@ -281,11 +354,16 @@ class CurvatureEstimator:
     def finite_difference(
         self, closure: Callable[[], Any], trainable: List[Tensor], index: int, *, central: bool,
         rel_step: float, buffers: List[Tensor], use_fused: UseFused,
+        curvature_closure: Optional[Callable[[], Any]] = None,
     ) -> FiniteDifference:
         """Runs the closure at theta, then at theta + h z (and theta - h z), and returns the pieces of
         the update. Leaves the parameters bit-identical (restored from a copy, not by subtracting
         h z), p.grad holding the gradient at theta, `buffers` as after the first pass, and the random
-        number generators as after one pass; every pass sees the random numbers of the first."""
+        number generators as after one pass; every pass sees the random numbers of the first.
+
+        With `curvature_closure`, the closure runs once (at theta, for the update's gradient) and the
+        differences come from the curvature closure: at theta and theta + h z (forward) or at
+        theta +- h z (central), with the same random numbers as the closure's pass."""
         rng = _RngState(_cuda_devices(trainable))
         with torch.enable_grad():
             loss = closure()
@@ -300,40 +378,120 @@ class CurvatureEstimator:
         views = [local(p) for p in trainable]
         offsets = [shard_offset(p) for p in trainable]
         backups = [self._backup_for(p, v) for p, v in zip(trainable, views)]
+        probe = closure if curvature_closure is None else curvature_closure
+
+        saved: List[List[int]] = []  # the buckets whose backups hold theta
 
         def perturb(sign: float, save: bool) -> None:
             for (device, dtype), idx in buckets.items():
                 fd_perturb_([views[i] for i in idx], [backups[i] for i in idx], h[device],
                             [keys[i] for i in idx], [offsets[i] for i in idx], sign=sign, save=save,
                             fused=use_fused(device, dtype))
+                if save:
+                    saved.append(idx)
 
         def gradients() -> Dict[Tensor, Optional[Tensor]]:
             for p in trainable:
                 p.grad = None  # the closure's zero_grad and backward must not touch the kept gradients
             rng.restore()
             with torch.enable_grad():
-                closure()
-            return {p: None if p.grad is None else local(p.grad) for p in trainable}
+                value = probe()
+            out = {p: None if p.grad is None else local(p.grad) for p in trainable}
+            if curvature_closure is not None:
+                _check_curvature_pass(value, out, exact=False)
+            return out
 
         minus = None
+        # An error leaves the generators where they were before the step, so that the step can be
+        # repeated exactly once its cause is fixed.
+        end = rng
         try:
+            if curvature_closure is not None and not central:
+                minus = gradients()  # the curvature closure's gradient at theta
             perturb(1.0, True)
             plus = gradients()
             if central:
                 perturb(-1.0, False)
                 minus = gradients()
+            end = after
         finally:
             with torch.no_grad():
-                for (device, dtype), idx in buckets.items():
+                for idx in saved:
                     torch._foreach_copy_([views[i] for i in idx], [backups[i] for i in idx])
-                for b, saved in zip(buffers, saved_buffers):
-                    b.copy_(saved)
-            after.restore()
+                for b, kept in zip(buffers, saved_buffers):
+                    b.copy_(kept)
+            end.restore()
             for p, g in zip(trainable, grads):
                 p.grad = g
         self.last_h = h[trainable[0].device]
         scale = 0.5 if central else 1.0
-        return FiniteDifference(loss, plus, minus, {d: v.reciprocal() * scale for d, v in h.items()})
+        return FiniteDifference(loss, plus, minus, {d: v.reciprocal() * scale for d, v in h.items()},
+                                sub_batch=curvature_closure is not None)
+
+    # ------------------------------------------------------------------ a curvature closure, exact
+
+    def exact_curvature_closure(
+        self, closure: Callable[[], Any], curvature_closure: Callable[[], Any], trainable: List[Tensor],
+        index: int, buffers: List[Tensor], use_fused: UseFused,
+    ) -> Any:
+        """An exact estimation step whose Hz comes from `curvature_closure`: the closure runs first,
+        with first-order backward passes (`phase` "update": `ESGD.backward` and
+        `should_create_graph()` act as on a plain step), then the curvature closure, with the
+        closure's random numbers and `phase` "curvature" (`ESGD.backward` takes Hz alone; a
+        `loss.backward(create_graph=opt.should_create_graph())` leaves the graph for
+        `graph_products`; a loss returned without a backward gets its double backward here). Leaves
+        p.grad holding the closure's gradients, `buffers` as the closure left them and the random
+        number generators as after one pass. Returns the closure's loss."""
+        rng = _RngState(_cuda_devices(trainable))
+        self.phase = "update"
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        finally:
+            self.phase = None
+        grads = [p.grad for p in trainable]
+        after = _RngState(rng.devices)
+        saved_buffers = [b.detach().clone() for b in buffers]
+        self.clear()
+        try:
+            for p in trainable:
+                p.grad = None
+            rng.restore()
+            self.phase = "curvature"
+            with torch.enable_grad():
+                value = curvature_closure()
+            self.phase = None
+            _check_returned(value)
+            if not self.backward_estimated:
+                left = {p: p.grad for p in trainable}
+                _check_curvature_pass(value, left, exact=True)
+                if any(g is not None and g.requires_grad for g in left.values()):
+                    self.graph_products(trainable, trainable, index, use_fused)
+                elif any(g is not None for g in left.values()):
+                    raise RuntimeError(
+                        "ESGD.step: with hvp='autograd', curvature_closure's backward must keep the graph "
+                        "for the Hessian-vector product: call opt.backward(loss) inside it, or "
+                        "loss.backward(create_graph=opt.should_create_graph()), or return the loss "
+                        "without a backward."
+                    )
+                else:
+                    with torch.enable_grad():
+                        self.exact_backward(None, trainable, index, None, None, use_fused, curvature_loss=value)
+            self.backward_estimated = True  # Hz is complete: step() takes no products of p.grad
+            end = after
+        except BaseException:
+            self.clear()
+            end = rng  # as in finite_difference: an error leaves the generators as before the step
+            raise
+        finally:
+            self.phase = None
+            with torch.no_grad():
+                for b, saved in zip(buffers, saved_buffers):
+                    b.copy_(saved)
+            end.restore()
+            for p, g in zip(trainable, grads):
+                p.grad = g
+        return loss
 
 
 def release_graphs(param_groups: List[dict]) -> None:

@@ -33,9 +33,10 @@ def broadcast_seed(seed: int, group: Any) -> int:
 
 
 def average_over_group(
-    params: List[Tensor], grads: List[Optional[Tensor]], hzs: List[Optional[Tensor]], group: Any
+    params: List[Tensor], grads: Optional[List[Optional[Tensor]]], hzs: List[Optional[Tensor]], group: Any
 ) -> None:
-    """Replaces `grads` and `hzs` (in place, per entry) by their means over the process group.
+    """Replaces `grads` and `hzs` (in place, per entry) by their means over the process group
+    (`grads=None`: Hz alone, for a curvature pass whose gradients are dropped).
 
     One all-reduce per (device, dtype) carries both lists plus a presence flag per parameter, so a
     parameter that has a gradient on some ranks only is averaged like DDP does, and one that has none
@@ -49,7 +50,7 @@ def average_over_group(
     for i, p in enumerate(params):
         buckets.setdefault((p.device, p.dtype), []).append(i)
     for (device, dtype), idx in buckets.items():
-        entries = [(lst, i) for lst in (grads, hzs) for i in idx]
+        entries = [(lst, i) for lst in ((hzs,) if grads is None else (grads, hzs)) for i in idx]
         # Every entry starts on a BUFFER_ALIGN-byte boundary of the flat buffer, so the views it
         # hands back keep the fused kernels' vector path (a packed buffer would misalign them).
         step = max(1, BUFFER_ALIGN // params[idx[0]].element_size())

@@ -17,8 +17,9 @@ from torch import Tensor
 
 from . import _checkpoint, _extension
 from ._param_watch import GraphBackwardWatch, warn_unestimated
-from ._validation import (check_buffers, check_capturable_lr, check_group, check_hparams, check_hvp, check_param,
-                          check_schedule, fused_unavailable_reason, param_tensor)
+from ._validation import (check_buffers, check_capturable_lr, check_closures, check_curvature_loss, check_group,
+                          check_hparams, check_hvp, check_param, check_schedule, fused_unavailable_reason,
+                          param_tensor)
 from .curvature import HVP_MODES, CurvatureEstimator, FiniteDifference, default_fd_step, release_graphs
 from .distributed import broadcast_seed, combine_shard_stats, is_sharded, local
 from .functional import esgd_update, esgd_update_capturable, esgd_update_fd, state_dtype, step_scalar_table
@@ -255,7 +256,12 @@ class ESGD(torch.optim.Optimizer):
         Use as ``loss.backward(create_graph=opt.should_create_graph())``.
         """
         self._graph_watch.watch(self.param_groups)  # parameters whose requires_grad was switched on later
-        return self.hvp == "autograd" and self._is_estimation_step(self._step_index)
+        if self.hvp != "autograd":
+            return False
+        phase = self._curvature.phase  # inside step(closure, curvature_closure)
+        if phase is not None:
+            return phase == "curvature"
+        return self._is_estimation_step(self._step_index)
 
     def _buffers(self) -> List[Tensor]:
         if isinstance(self.buffers, torch.nn.Module):
@@ -265,7 +271,10 @@ class ESGD(torch.optim.Optimizer):
     def _trainable_params(self) -> List[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
-    def backward(self, loss: Tensor, *, scaler: Optional[Any] = None, retain_graph: Optional[bool] = None) -> None:
+    def backward(
+        self, loss: Tensor, *, curvature_loss: Optional[Tensor] = None, scaler: Optional[Any] = None,
+        retain_graph: Optional[bool] = None,
+    ) -> None:
         """Backward pass for the next step: first-order on plain steps, plus Hz on estimation steps.
 
         On estimation steps the gradient is taken with its graph, the Hessian-vector product Hz with
@@ -277,6 +286,11 @@ class ESGD(torch.optim.Optimizer):
 
         Args:
             loss: the (micro-batch) loss.
+            curvature_loss: (``hvp="autograd"``) the loss whose double backward gives Hz on estimation
+                steps, typically the loss of a slice of the batch from a forward of its own: ``loss``
+                then gets a first-order backward only, and an estimation step costs a plain backward
+                plus the slice's double backward instead of the whole batch's. Ignored on plain
+                steps (compute it only when ``opt.is_estimation_step()``).
             scaler: a ``torch.amp.GradScaler``: the loss is scaled by it and Hz unscaled at once, so
                 ``scaler.unscale_(opt)`` (e.g. for clipping) may precede ``scaler.step(opt)``.
                 A non-finite Hz makes the matching gradient entries NaN, so the scaler (or any
@@ -290,6 +304,8 @@ class ESGD(torch.optim.Optimizer):
             raise TypeError(f"ESGD.backward: loss must be a Tensor, got {type(loss).__name__}")
         if scaler is not None and not callable(getattr(scaler, "scale", None)):
             raise TypeError(f"ESGD.backward: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if curvature_loss is not None:
+            check_curvature_loss(curvature_loss, self.hvp, self._curvature.phase)
         if scaler is not None:
             if self.hvp != "autograd":
                 raise RuntimeError(_GRADSCALER_FD)
@@ -300,7 +316,15 @@ class ESGD(torch.optim.Optimizer):
         params = self._trainable_params()
         if not params:
             return
-        self._curvature.exact_backward(loss, params, self._step_index, scaler, retain_graph, self._use_fused)
+        if self._curvature.phase == "curvature":
+            # A curvature closure's pass: Hz alone; its gradients are not the update's.
+            self._curvature.exact_backward(None, params, self._step_index, scaler, retain_graph, self._use_fused,
+                                           curvature_loss=loss)
+            return
+        if curvature_loss is not None and scaler is not None:
+            curvature_loss = scaler.scale(curvature_loss)
+        self._curvature.exact_backward(loss, params, self._step_index, scaler, retain_graph, self._use_fused,
+                                       curvature_loss=curvature_loss)
 
     def ddp_no_sync(self, model: torch.nn.Module):
         """``model.no_sync()`` when the next step estimates the curvature, else a null context.
@@ -363,8 +387,19 @@ class ESGD(torch.optim.Optimizer):
         return _extension.fused_supported(device, dtype)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
+    def step(self, closure: Optional[Callable[[], float]] = None,
+             curvature_closure: Optional[Callable[[], Any]] = None):
         """Perform one optimization step; ``closure`` re-evaluates the model and does the backward.
+
+        ``curvature_closure`` (optional; needs ``closure``): on estimation steps the closure runs once,
+        at the current parameters, for the update's gradient (first-order backward passes in every
+        mode), and Hz comes from the curvature closure instead, which evaluates whatever batch it
+        likes (typically a slice of the step's batch) under the same protocol as the closure: it
+        may call ``opt.zero_grad()``, does its own backward (``opt.backward(loss)`` works with every
+        estimator; the exact estimator also takes a loss returned without a backward) and returns
+        the loss. A finite difference runs it at theta and theta + h z (forward) or at theta +- h z
+        (central); the exact estimator once, with a double backward. Plain steps never call it.
+        ``p.grad`` ends holding the closure's gradient only.
 
         Under ``torch.amp.GradScaler`` (``scaler.step(opt)``) the gradient's scale is undone inside
         the update, and a step on which the scaler found inf/NaN changes nothing: parameters, state,
@@ -372,6 +407,7 @@ class ESGD(torch.optim.Optimizer):
         same probe) by the next call.
         """
         self._refuse_compiled_step()
+        check_closures(closure, curvature_closure)
         index = self._step_index
         estimate = self._is_estimation_step(index)
         if closure is None and _checkpoint.state_init_step(self):
@@ -388,8 +424,12 @@ class ESGD(torch.optim.Optimizer):
         if self.hvp != "autograd" and (grad_scale is not None or found_inf is not None):
             raise RuntimeError(_GRADSCALER_FD)
         if estimate and self.hvp != "autograd":
-            fd = self._finite_difference(closure, index)
+            fd = self._finite_difference(closure, index, curvature_closure)
             loss = fd.loss
+        elif estimate and curvature_closure is not None:
+            trainable = self._trainable_params()
+            loss = self._curvature.exact_curvature_closure(closure, curvature_closure, trainable, index,
+                                                           self._buffers(), self._use_fused)
         elif closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -465,7 +505,9 @@ class ESGD(torch.optim.Optimizer):
         self._advance(index, estimate)
         return loss
 
-    def _finite_difference(self, closure: Optional[Callable[[], Any]], index: int) -> FiniteDifference:
+    def _finite_difference(
+        self, closure: Optional[Callable[[], Any]], index: int, curvature_closure: Optional[Callable[[], Any]] = None,
+    ) -> FiniteDifference:
         if closure is None:
             raise RuntimeError(
                 f"ESGD(hvp={self.hvp!r}): step {index} estimates the curvature, which takes the gradient at "
@@ -479,7 +521,7 @@ class ESGD(torch.optim.Optimizer):
         rel_step = self.fd_step if self.fd_step is not None else default_fd_step(self.hvp, {p.dtype for p in trainable})
         return self._curvature.finite_difference(
             closure, trainable, index, central=self.hvp == "central_difference", rel_step=rel_step,
-            buffers=self._buffers(), use_fused=self._use_fused,
+            buffers=self._buffers(), use_fused=self._use_fused, curvature_closure=curvature_closure,
         )
 
     def _buckets(
