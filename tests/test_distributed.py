@@ -143,6 +143,65 @@ def train_replica_fd(rank, dtype, hvp, fused):
     return dict(params=params, state=state, seed=opt.seed, estimated=estimated)
 
 
+# Sub-batch curvature (opt.step(closure, curvature_closure), or opt.backward(loss, curvature_loss=...)):
+# every rank's curvature closure takes the first SUB rows of its half of the batch; one process takes
+# the same rows of both halves. name -> (hvp, form).
+SUB = 3
+CC_SCENARIOS = {
+    "cc-forward": ("finite_difference", "closure"),
+    "cc-central": ("central_difference", "closure"),
+    "cc-exact": ("autograd", "closure"),
+    "cc-exact-curvature-loss": ("autograd", "curvature_loss"),
+}
+CC_TOLERANCE = {"cc-forward": 2e-7, "cc-central": 4e-10, "cc-exact": 1e-10, "cc-exact-curvature-loss": 1e-10}
+
+
+def train_cc(hvp, form, fused, rank=None):
+    """fp64, 25 steps; rank=None: one process on the whole batch, else a DDP replica on its half (the
+    forward passes inside opt.ddp_no_sync, as the exact estimator needs)."""
+    import contextlib
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dtype = torch.float64
+    model = make_mlp(dtype)
+    net = model if rank is None else DDP(model)
+    group = None if rank is None else dist.group.WORLD
+    opt = ESGD(net.parameters(), **KWARGS, seed=1000, fused=fused, hvp=hvp, process_group=group)
+
+    def sync():
+        return contextlib.nullcontext() if rank is None else opt.ddp_no_sync(net)
+
+    def closure_on(xb, yb):
+        def closure():
+            opt.zero_grad()
+            with sync():
+                loss = F.mse_loss(net(xb), yb)
+                opt.backward(loss)
+            return loss
+        return closure
+
+    for s in range(NUM_STEPS):
+        x, y = batch(s, dtype)
+        if rank is None:
+            halves = list(zip(x.chunk(WORLD), y.chunk(WORLD)))
+            xs, ys = torch.cat([h[0][:SUB] for h in halves]), torch.cat([h[1][:SUB] for h in halves])
+        else:
+            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+            xs, ys = x[:SUB], y[:SUB]
+        if form == "closure":
+            opt.step(closure_on(x, y), curvature_closure=closure_on(xs, ys))
+        else:
+            opt.zero_grad()
+            with sync():
+                loss = F.mse_loss(net(x), y)
+                curvature_loss = F.mse_loss(net(xs), ys) if opt.is_estimation_step() else None
+                opt.backward(loss, curvature_loss=curvature_loss)
+            opt.step()
+    params, state = snapshot(model, opt)
+    return dict(params=params, state=state, seed=opt.seed, estimated=[])
+
+
 def _train_all(rank, tmpdir):
     results = {}
     for fused_name, fused in FUSED.items():
@@ -150,6 +209,8 @@ def _train_all(rank, tmpdir):
             results[(name, fused_name)] = train_replica(rank, dtype, seed_of(rank), k, fused)
         for name, (dtype, hvp) in FD_SCENARIOS.items():
             results[(name, fused_name)] = train_replica_fd(rank, dtype, hvp, fused)
+        for name, (hvp, form) in CC_SCENARIOS.items():
+            results[(name, fused_name)] = train_cc(hvp, form, fused, rank)
     # seed=None: each rank's global RNG differs, the broadcast must still agree.
     torch.manual_seed(rank)
     results["seed-none"] = ESGD(make_mlp(torch.float32).parameters(), process_group=dist.group.WORLD).seed
@@ -218,6 +279,30 @@ def test_finite_difference_replicas_match_single_process_on_the_whole_batch(ddp_
         assert err <= tol, f"{case}: param {j} is {err:.3e} away from the single-process run"
     for j, (s, t) in enumerate(zip(got["state"], state)):
         assert s["step"] == t["step"] == NUM_STEPS and s["estimates"] == t["estimates"]
+
+
+CC_CASES = [(name, fused_name) for fused_name in FUSED for name in CC_SCENARIOS]
+
+
+@pytest.mark.parametrize("case", CC_CASES, ids=[f"{n}-{f}" for n, f in CC_CASES])
+def test_sub_batch_curvature_replicas_match_single_process(ddp_runs, case):
+    """Each rank's curvature closure on its slice, averaged over the ranks (by DDP's reducer for the
+    finite differences, by ESGD for the exact products), equals one process on both slices."""
+    name, fused_name = case
+    hvp, form = CC_SCENARIOS[name]
+    reference = train_cc(hvp, form, FUSED[fused_name])
+    a, b = ddp_runs[0][case], ddp_runs[1][case]
+    start = make_mlp(torch.float64)
+    moved = max((p - s.detach()).abs().max() for p, s in zip(reference["params"], start.parameters()))
+    assert moved > 0.05, "the run barely moved: the comparison would prove nothing"
+    for j, (p, q, r) in enumerate(zip(a["params"], b["params"], reference["params"])):
+        assert torch.equal(p, q), f"{case}: param {j} differs between ranks"
+        err = (p - r).abs().max() / r.abs().max()
+        assert err <= CC_TOLERANCE[name], f"{case}: param {j} is {err:.3e} away from the single-process run"
+    for j, (s, t) in enumerate(zip(a["state"], reference["state"])):
+        assert s["step"] == t["step"] == NUM_STEPS and s["estimates"] == t["estimates"]
+        err = (s["exp_hz_sq"] - t["exp_hz_sq"]).abs().max() / t["exp_hz_sq"].abs().max()
+        assert err <= 10 * CC_TOLERANCE[name], f"{case}: state[{j}]['exp_hz_sq'] is {err:.3e} away"
 
 
 def test_seed_is_broadcast_from_the_first_rank(ddp_runs):
