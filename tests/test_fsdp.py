@@ -141,12 +141,39 @@ def checkpoint_round_trip(rank, tmpdir, dtype, hvp, how):
     return dict(continued=continued, resumed=resumed, path=path)
 
 
+# Sub-batch curvature through FSDP2's own passes: each rank's curvature closure takes the first SUB
+# rows of its half of the batch; one process takes the same rows of both halves.
+SUB = 3
+CC_SCENARIOS = {"cc-forward-fp64": "finite_difference", "cc-central-fp64": "central_difference"}
+CC_TOLERANCE = {"cc-forward-fp64": 2e-7, "cc-central-fp64": 4e-10}
+
+
+def train_sub_batch(hvp, rank=None):
+    """One process (rank=None) or one FSDP2 rank, with opt.step(closure, curvature_closure)."""
+    dtype = torch.float64
+    model = make_mlp(dtype) if rank is None else shard(make_mlp(dtype), "per-layer")
+    opt = ESGD(model.parameters(), hvp=hvp, **KWARGS)
+    trajectory = []
+    for s in range(NUM_STEPS):
+        x, y = batch(s, dtype)
+        halves = list(zip(x.chunk(WORLD), y.chunk(WORLD)))
+        if rank is None:
+            xs, ys = torch.cat([h[0][:SUB] for h in halves]), torch.cat([h[1][:SUB] for h in halves])
+        else:
+            (x, y), (xs, ys) = halves[rank], (halves[rank][0][:SUB], halves[rank][1][:SUB])
+        opt.step(closure_for(opt, model, x, y), curvature_closure=closure_for(opt, model, xs, ys))
+        trajectory.append([full(p.detach()).clone() for p in model.parameters()])
+    return trajectory
+
+
 def _train_all(rank, tmpdir):
     results = {}
     for name, (dtype, hvp, how) in SCENARIOS.items():
         trajectory, opt, model = train_sharded(rank, dtype, hvp, how, NUM_STEPS)
         results[name] = dict(trajectory=trajectory, state_bytes=state_bytes(opt),
                              estimates=[d["estimates"] for d in opt.diagnostics()])
+    for name, hvp in CC_SCENARIOS.items():
+        results[name] = train_sub_batch(hvp, rank)
     for hvp in ("finite_difference", "central_difference"):
         results[f"dcp-{hvp}"] = checkpoint_round_trip(rank, tmpdir, torch.float64, hvp, "per-layer")
     try:
@@ -181,6 +208,18 @@ def test_sharded_training_equals_one_process_on_the_whole_batch(fsdp_runs, name)
             for j, (p, q) in enumerate(zip(a, b)):
                 err = float((p - q).abs().max() / q.abs().max())
                 assert err <= tol, f"{name} rank {rank} step {s} param {j}: {err:.3e} from the single process"
+
+
+@pytest.mark.parametrize("name", list(CC_SCENARIOS))
+def test_sub_batch_curvature_on_shards_equals_one_process(fsdp_runs, name):
+    reference = train_sub_batch(CC_SCENARIOS[name])
+    start = list(make_mlp(torch.float64).parameters())
+    assert max((p - s.detach()).abs().max() for p, s in zip(reference[-1], start)) > 0.05
+    for rank, run in enumerate(fsdp_runs["runs"]):
+        for s, (a, b) in enumerate(zip(run[name], reference)):
+            for j, (p, q) in enumerate(zip(a, b)):
+                err = float((p - q).abs().max() / q.abs().max())
+                assert err <= CC_TOLERANCE[name], f"{name} rank {rank} step {s} param {j}: {err:.3e}"
 
 
 @pytest.mark.parametrize("hvp", ["finite_difference", "central_difference"])
