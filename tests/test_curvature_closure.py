@@ -396,3 +396,45 @@ def test_curvature_loss_errors():
     with pytest.raises(ValueError, match="pass one or the other"):
         opt.step(closure, curvature_closure=make_closure(opt, model, x[:4], y[:4]))
     assert opt._step_index == 0 and not opt.state
+
+
+# ---------------------------------------------------------------------- capturable mode, GradScaler
+
+
+@pytest.mark.parametrize("hvp", HVPS)
+def test_capturable_full_batch_curvature_closure_equals_todays_path(hvp, fused):
+    """Capturable mode (device-side counters, the step-scalar table) takes the sub-batch lists too."""
+    x, y = data()
+    runs = []
+    for with_curvature in (False, True):
+        model = mlp()
+        opt = ESGD(model.parameters(), lr=torch.tensor(0.3, dtype=torch.float64), hvp=hvp, d_warmup=2,
+                   update_d_every=2, seed=5, fused=fused, capturable=True)
+        for _ in range(5):
+            closure = make_closure(opt, model, x, y)
+            opt.step(closure, curvature_closure=make_closure(opt, model, x, y) if with_curvature else None)
+        runs.append(states(opt, model))
+    assert_same(*runs)
+
+
+def test_curvature_loss_under_grad_scaler_equals_unscaled():
+    """opt.backward(loss, curvature_loss=..., scaler=scaler): both losses scaled, Hz unscaled at once;
+    with a power-of-two scale the run equals the unscaled one bit for bit."""
+    x, y = data(n=32)
+    runs = []
+    for scaled in (False, True):
+        model = mlp()
+        opt = ESGD(model.parameters(), lr=0.2, d_warmup=2, update_d_every=2, seed=9)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10**6) if scaled else None
+        for _ in range(5):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            curvature_loss = F.cross_entropy(model(x[:8]), y[:8]) if opt.is_estimation_step() else None
+            opt.backward(loss, curvature_loss=curvature_loss, scaler=scaler)
+            if scaled:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+        runs.append(states(opt, model))
+    assert_same(*runs)
