@@ -19,8 +19,14 @@ Two ways to drive it (`--loop`):
   does nothing (ClosureOnlyESGD). Gradient clipping (`max_grad_norm`) would act after the step,
   so it is off, and gradient accumulation is refused (the step would run per micro-batch).
 
+`--curvature-fraction F` (for example 0.25) takes Hz from the first F of each batch:
+`opt.step(closure, curvature_closure=...)` runs the closure once (the update's gradient on the whole
+batch) and the curvature closure at theta and theta + h z on the slice, so an estimation step costs
+1 + 2F passes instead of 2.
+
     python examples/hf_transformers_esgd.py                  # 60 steps, plain PyTorch loop
     python examples/hf_transformers_esgd.py --loop trainer --steps 100
+    python examples/hf_transformers_esgd.py --loop trainer --curvature-fraction 0.25
 """
 
 from __future__ import annotations
@@ -72,17 +78,19 @@ class ClosureOnlyESGD(ESGD):
     """ESGD for ESGDTrainer: stepped inside training_step with a closure; the Trainer's own
     closure-less optimizer.step() that follows is a no-op."""
 
-    def step(self, closure=None):
-        return None if closure is None else super().step(closure)
+    def step(self, closure=None, curvature_closure=None):
+        return None if closure is None else super().step(closure, curvature_closure=curvature_closure)
 
 
 class ESGDTrainer(Trainer):
-    def __init__(self, *args, esgd_kwargs: dict, **kwargs):
+    def __init__(self, *args, esgd_kwargs: dict, curvature_fraction: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError("ESGDTrainer steps inside training_step: use gradient_accumulation_steps=1")
         self.esgd_kwargs = esgd_kwargs
+        self.curvature_fraction = curvature_fraction
         self.step_losses: list[float] = []
+        self.curvature_passes = 0
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -101,8 +109,22 @@ class ESGDTrainer(Trainer):
             self.accelerator.backward(loss)
             return loss.detach()
 
+        curvature_closure = None
+        if self.curvature_fraction < 1.0:
+            n = max(1, int(len(inputs["input_ids"]) * self.curvature_fraction))
+            head = {k: v[:n] if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+            def curvature_closure():
+                self.curvature_passes += 1
+                self.esgd.zero_grad()
+                with self.compute_loss_context_manager():
+                    loss = self.compute_loss(model, head)
+                self.accelerator.backward(loss)
+                return loss.detach()
+
         # ESGD itself, not accelerate's wrapper (self.optimizer), whose step() drops the return value.
-        loss = self.esgd.step(closure)  # the closure's first call: the loss at the parameters
+        # The closure's first call gives the loss at the parameters.
+        loss = self.esgd.step(closure, curvature_closure=curvature_closure)
         self.step_losses.append(loss.item())
         return loss
 
@@ -122,17 +144,23 @@ def train_torch_loop(model, train_ids, args) -> tuple[ESGD, list[float]]:
     batches = torch.Generator().manual_seed(args.seed)
     offsets = torch.arange(args.context)
     losses = []
+    opt.curvature_passes = 0
+    n = max(1, int(args.batch_size * args.curvature_fraction))
     for step in range(args.steps):
         starts = torch.randint(0, len(train_ids) - args.context, (args.batch_size,), generator=batches)
         x = train_ids[starts[:, None] + offsets]
 
-        def closure():
+        def closure(x=x):
             opt.zero_grad()
             loss = model(input_ids=x, labels=x).loss
             loss.backward()
             return loss
 
-        losses.append(opt.step(closure).item())
+        def curvature_closure():
+            opt.curvature_passes += 1
+            return closure(x[:n])
+
+        losses.append(opt.step(closure, curvature_closure if args.curvature_fraction < 1.0 else None).item())
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
             print(f"step {step:4d}  loss {losses[-1]:.4f}", flush=True)
     return opt, losses
@@ -148,9 +176,11 @@ def train_with_trainer(model, train_ids, args) -> tuple[ESGD, list[float]]:
             dataloader_num_workers=0)
         trainer = ESGDTrainer(model=model, args=training_args,
                               train_dataset=CharWindows(train_ids, args.context, stride=args.context // 2),
-                              esgd_kwargs=dict(hvp=args.hvp, seed=args.seed))
+                              esgd_kwargs=dict(hvp=args.hvp, seed=args.seed),
+                              curvature_fraction=args.curvature_fraction)
         trainer.add_callback(PrintLoss(trainer.step_losses, every=max(1, args.steps // 10)))
         trainer.train()
+    trainer.esgd.curvature_passes = trainer.curvature_passes
     return trainer.esgd, trainer.step_losses
 
 
@@ -159,11 +189,15 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     parser.add_argument("--loop", choices=["torch", "trainer"], default="torch")
     parser.add_argument("--hvp", choices=["finite_difference", "central_difference"], default="finite_difference")
+    parser.add_argument("--curvature-fraction", type=float, default=1.0,
+                        help="take Hz from this fraction of each batch (default 1: the whole batch)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not 0.0 < args.curvature_fraction <= 1.0:
+        parser.error(f"--curvature-fraction must be in (0, 1], got {args.curvature_fraction}")
 
     train_ids, test_ids, vocab = _stdlib_text("cpu")
     model = build_model(vocab, args.context, args.seed)
@@ -180,6 +214,8 @@ def main(argv=None) -> None:
         x = test_ids[: (len(test_ids) // args.context) * args.context].view(-1, args.context)[:32]
         test_loss = model(input_ids=x, labels=x).loss.item()
     print(f"test loss: {test_loss:.4f} nats/char")
+    if args.curvature_fraction < 1.0:
+        print(f"curvature closure passes: {opt.curvature_passes}")
     print("ESGD-M diagnostics:", json.dumps(opt.diagnostics()))
 
 

@@ -67,6 +67,17 @@ def test_lightning_finite_difference_through_lightning_closure():
     assert "BatchNorm num_batches_tracked after 40 steps: [40]" in out, out
 
 
+def test_lightning_sub_batch_curvature_through_optimizer_step():
+    """LightningModule.optimizer_step passes a curvature closure on a quarter of each batch: it runs
+    once per estimation step (exact) or twice (forward difference), never on plain steps, and its
+    forward passes leave the BatchNorm statistics alone (buffers=self)."""
+    for hvp, passes in (("autograd", 1), ("finite_difference", 2)):
+        out = run_example("lightning_esgd.py", "--steps", "40", "--hvp", hvp, "--curvature-fraction", "0.25")
+        diagnostics = check_trained(out, 40)
+        assert "BatchNorm num_batches_tracked after 40 steps: [40]" in out, out
+        assert f"curvature closure passes: {passes * diagnostics[0]['estimates']}" in out, out
+
+
 def test_timm_batchnorm_cnn():
     out = run_example("timm_esgd.py", "--steps", "50")
     check_trained(out, 50)
@@ -97,6 +108,15 @@ def test_hf_transformers_trainer_subclass():
     diagnostics = check_trained(out, 30)
     # The Trainer's own optimizer.step() after each training_step did not step again.
     assert diagnostics[0]["step"] == 30
+
+
+def test_hf_transformers_sub_batch_curvature_in_both_loops():
+    """A quarter of each batch feeds the forward difference (two passes per estimation step), in the
+    plain loop and through the Trainer subclass's training_step."""
+    for loop in ("torch", "trainer"):
+        out = run_example("hf_transformers_esgd.py", "--steps", "30", "--loop", loop, "--curvature-fraction", "0.25")
+        diagnostics = check_trained(out, 30)
+        assert f"curvature closure passes: {2 * diagnostics[0]['estimates']}" in out, out
 
 
 def test_examples_have_a_steps_flag_and_a_docstring():
