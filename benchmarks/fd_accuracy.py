@@ -8,6 +8,12 @@
    with both differences over several seeds: steps to a target test accuracy, final accuracy, and the
    estimators' disagreement along the way. Autograd's product drops the ReLU kinks' terms; a gradient
    difference sees every unit that changes sign within h, so on piecewise-linear models the two differ.
+3. `sub_batch_bias`: what a curvature estimate from part of the batch (`opt.step(closure,
+   curvature_closure=...)` on a slice) does to D. D averages (H_b z)^2, whose expectation is
+   diag(H_b^2) = diag(H^2) + the sampling variance of H_b, which grows as the slice shrinks. Measured
+   exactly (float64 double backward, the same probes for every slice): E[(H_b z)^2] over every slice of
+   a partition of the batch and several probes, against the whole batch's E[(H z)^2], summed over the
+   parameters (the ratio of the traces) and per element (the median ratio).
 
     python benchmarks/fd_accuracy.py            # both (a few minutes on 2 CPU cores)
     python benchmarks/fd_accuracy.py --smoke    # seconds; what CI runs
@@ -31,10 +37,12 @@ from _common import (DEFAULT_OUT, command_line, environment, environment_markdow
 
 PRESETS = {
     "smoke": dict(models=["mlp", "convnet-relu-maxpool"], steps=[1e-3, 1e-2], precisions=["fp32"], seeds=1,
-                  relu_steps=30, target=0.5),
+                  relu_steps=30, target=0.5, bias_models=["mlp"], bias_fractions=[1, 0.5], bias_probes=2),
     "default": dict(models=["mlp", "transformer", "convnet-gelu-avgpool", "convnet-relu-maxpool"],
                     steps=[1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
-                    precisions=["fp64", "fp32", "bf16-autocast"], seeds=3, relu_steps=400, target=0.95),
+                    precisions=["fp64", "fp32", "bf16-autocast"], seeds=3, relu_steps=400, target=0.95,
+                    bias_models=["mlp", "transformer", "convnet-gelu-avgpool"],
+                    bias_fractions=[1, 0.5, 0.25, 0.125], bias_probes=8),
 }
 
 
@@ -224,6 +232,42 @@ def measure_relu(preset, esgd):
     return dict(target=cfg["target"], steps=cfg["relu_steps"], runs=runs)
 
 
+def rows_of(name, x, y, rows):
+    """The slice of a problem's batch made of the samples `rows` (sequences, for the transformer)."""
+    if name == "transformer":
+        return x[rows], y.view(len(x), -1)[rows].reshape(-1)
+    return x[rows], y[rows]
+
+
+def measure_sub_batch_bias(preset, esgd):
+    """E[(H_b z)^2] over the slices b of a partition of the batch, against E[(H z)^2] of the batch."""
+    cfg = PRESETS[preset]
+    out = []
+    for name in cfg["bias_models"]:
+        model, x, y = problem(name)
+        model = model.double()
+        x = x.double() if x.is_floating_point() else x
+        params = list(model.parameters())
+        gen = torch.Generator().manual_seed(5)
+        squares = {f: [torch.zeros_like(p) for p in params] for f in cfg["bias_fractions"]}
+        for _ in range(cfg["bias_probes"]):
+            zs = [torch.randint(0, 2, p.shape, generator=gen, dtype=torch.float64) * 2 - 1 for p in params]
+            for f in cfg["bias_fractions"]:
+                parts = round(1 / f)
+                for rows in torch.arange(len(x)).chunk(parts):
+                    hz = exact_hz(model, *rows_of(name, x, y, rows), zs)
+                    for acc, h in zip(squares[f], hz):
+                        acc.add_(h * h, alpha=1.0 / (parts * cfg["bias_probes"]))
+        whole = torch.cat([t.reshape(-1) for t in squares[1]])
+        for f in cfg["bias_fractions"]:
+            part = torch.cat([t.reshape(-1) for t in squares[f]])
+            mask = whole > 0
+            out.append(dict(model=name, fraction=f, batch=len(x), slice=len(x) // round(1 / f),
+                            trace_ratio=float(part.sum() / whole.sum()),
+                            median_ratio=float((part[mask] / whole[mask]).median())))
+    return out
+
+
 def to_markdown(result):
     env = result["environment"]
     lines = ["# Finite-difference accuracy", "", environment_markdown(env), ""]
@@ -254,6 +298,14 @@ def to_markdown(result):
               f"({relu['steps']} steps, lr 0.3)",
               "", markdown_table(["estimator", "seeds reaching target", "mean steps to target", "mean final accuracy",
                                   "disagreement with autograd at the end"], rows), ""]
+    bias = result.get("sub_batch_bias") or []
+    if bias:
+        rows = [[r["model"], f"{r['slice']} of {r['batch']}", f"{r['trace_ratio']:.3f}", f"{r['median_ratio']:.3f}"]
+                for r in bias]
+        lines += ["## Sub-batch curvature: E[(H_b z)^2] on a slice b against E[(H z)^2] on the whole batch "
+                  "(float64, exact products, every slice of a partition, the same probes)", "",
+                  markdown_table(["model", "slice (samples)", "ratio of sums over the parameters",
+                                  "median ratio per element"], rows), ""]
     return "\n".join(lines)
 
 
@@ -274,6 +326,7 @@ def main(argv=None):
     result = dict(environment=env, preset=args.preset)
     result["accuracy"] = measure_accuracy(args.preset, esgd)
     result["relu"] = measure_relu(args.preset, esgd)
+    result["sub_batch_bias"] = measure_sub_batch_bias(args.preset, esgd)
     env["load_avg_end"] = load_average()
     markdown = to_markdown(result)
     json_path, md_path = write_outputs(args.out, f"fd_accuracy_{args.preset}", result, markdown)

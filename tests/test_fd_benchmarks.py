@@ -56,6 +56,11 @@ def test_fd_accuracy_smoke(bench, tmp_path):
     for r in data["relu"]["runs"]:
         assert r["final_acc"] is not None and 0.0 <= r["final_acc"] <= 1.0
     assert "default" in result["outputs"]["markdown"].read_text()
+    # A curvature estimate from half the batch: its D is the whole batch's plus the slices' variance.
+    bias = {r["fraction"]: r for r in data["sub_batch_bias"]}
+    assert bias[1]["trace_ratio"] == pytest.approx(1.0) and bias[1]["median_ratio"] == pytest.approx(1.0)
+    assert bias[0.5]["trace_ratio"] > 1.05 and bias[0.5]["slice"] == bias[1]["batch"] // 2
+    assert "Sub-batch curvature" in result["outputs"]["markdown"].read_text()
 
 
 def test_fsdp_cost_smoke(monkeypatch, tmp_path):
