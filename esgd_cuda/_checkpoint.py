@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._validation import check_schedule
+from . import _update
 from .functional import state_dtype
 
 STATE_KEYS = ("exp_avg", "exp_hz_sq")
@@ -197,7 +198,7 @@ def state_init_step(opt) -> bool:
         for p in params:
             state = opt.state[p]
             if not state:
-                opt._init_state(p, state)
+                _update.init_state(opt, p, state)
                 opt._placeholders.add(p)
     return True
 

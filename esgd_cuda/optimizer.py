@@ -1,9 +1,10 @@
 """ESGD-M: equilibrated SGD with quasi-hyperbolic momentum, as a torch.optim.Optimizer.
 
-This module holds the optimizer: param groups, the estimation schedule, the step, capturable mode
-and diagnostics. Where an estimation step's Hessian-vector products come from is
-`esgd_cuda.curvature`; argument checks are `_validation`, checkpoints `_checkpoint`, data-parallel
-glue `distributed`, and the per-element update `functional`.
+This module holds the optimizer: param groups, the estimation schedule, the step and capturable
+mode. Where an estimation step's Hessian-vector products come from is `esgd_cuda.curvature`; how
+the parameters become the kernels' lists and state is `_update`; argument checks are `_validation`,
+checkpoints `_checkpoint`, diagnostics `_diagnostics`, data-parallel glue `distributed`, and the
+per-element update `functional`.
 """
 
 import contextlib
@@ -15,14 +16,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _checkpoint, _extension
+from . import _checkpoint, _diagnostics, _extension, _update
 from ._param_watch import GraphBackwardWatch, warn_unestimated
 from ._validation import (check_buffers, check_capturable_lr, check_closures, check_curvature_loss, check_group,
                           check_hparams, check_hvp, check_param, check_schedule, fused_unavailable_reason,
                           param_tensor)
-from .curvature import HVP_MODES, CurvatureEstimator, FiniteDifference, default_fd_step, release_graphs
-from .distributed import broadcast_seed, combine_shard_stats, is_sharded, local
-from .functional import esgd_update, esgd_update_capturable, esgd_update_fd, state_dtype, step_scalar_table
+from .curvature import CurvatureEstimator, FiniteDifference, default_fd_step, release_graphs
+from .distributed import broadcast_seed
 
 __all__ = ["ESGD"]
 
@@ -46,24 +46,6 @@ _GRADSCALER_FD = (
     "loss scale would have to be undone in two gradients and h. Train with bfloat16 autocast "
     "(torch.autocast(device_type, dtype=torch.bfloat16)), which needs no loss scaling, or use hvp='autograd'."
 )
-
-
-def _exact_hzs(params: List[Tensor], hz_of: Dict[Tensor, Tensor]) -> List[Tensor]:
-    """The autograd products of `params`; a parameter whose gradient had no graph has Hz = 0."""
-    return [hz_of[p] if p in hz_of else torch.zeros_like(p) for p in params]
-
-
-def _signed(grad_scale_inv: float, group: dict) -> float:
-    """The gradient's multiplier in the update: maximize ascends by negating the gradient, which
-    the update already multiplies by the inverse loss scale. Hz needs no sign: only (Hz)^2 is used,
-    and the Hessian of -f is -H."""
-    return -grad_scale_inv if group.get("maximize", False) else grad_scale_inv
-
-
-def _scalar_lr(lr):
-    # functional.esgd_update_capturable takes a float or a 0-dim tensor; torch.optim accepts any
-    # 1-element tensor. A view keeps in-place schedule changes visible.
-    return lr.reshape(()) if isinstance(lr, Tensor) else lr
 
 
 class ESGD(torch.optim.Optimizer):
@@ -466,42 +448,7 @@ class ESGD(torch.optim.Optimizer):
             self._curvature.graph_products(all_params, self._trainable_params(), index, self._use_fused)
         hz_of = dict(self._curvature.hz)
         self._release_graphs()
-        if self.capturable:
-            self._update_capturable(work, estimate, hz_of, fd, grad_scale_inv, hz_scale_inv)
-            self._advance(index, estimate)
-            return loss
-
-        for group, (params, grads) in zip(self.param_groups, work):
-            beta1, beta2 = group["betas"]
-            v = beta1 if group["v"] is None else group["v"]
-            # Tensors that share device, dtype and counters share one kernel call. Counters are per
-            # parameter (a parameter may join late), but normally all of a group's are equal.
-            def advance_counters(p: Tensor, state: dict) -> tuple:
-                state["step"] += 1
-                if estimate:
-                    state["estimates"] += 1
-                return (p.device, p.dtype, state["step"], state["estimates"])
-
-            buckets = self._buckets(params, grads, estimate, advance_counters)
-            for (device, dtype, t, k), (ps, gs, exp_avgs, exp_hz_sqs, _, owners) in buckets.items():
-                # mb = beta1**t, db = beta2**k, warm = lr_warmup**t: the running products of the
-                # algorithm, in closed form (as torch.optim.Adam does) so state is two integers.
-                step_size = float(group["lr"]) * (1.0 - group["lr_warmup"] ** t)
-                kw = dict(
-                    beta1=beta1, beta2=beta2, v=v, eps=group["eps"], weight_decay=group["weight_decay"],
-                    step_size=step_size, momentum_scale=1.0 / (1.0 - beta1**t * v),
-                    denom_scale=1.0 / math.sqrt(1.0 - beta2**k), grad_scale_inv=_signed(grad_scale_inv, group),
-                    fused=self._use_fused(device, dtype),
-                )
-                if not estimate:
-                    esgd_update(ps, gs, exp_avgs, exp_hz_sqs, None, **kw)
-                elif fd is None:
-                    esgd_update(ps, gs, exp_avgs, exp_hz_sqs, _exact_hzs(owners, hz_of), hz_scale_inv=hz_scale_inv,
-                                **kw)
-                else:
-                    plus, minus = fd.lists(owners, gs)
-                    esgd_update_fd(ps, gs, exp_avgs, exp_hz_sqs, plus, minus, fd.hz_scale[device], **kw)
-
+        _update.apply(self, work, estimate, hz_of, fd, grad_scale_inv, hz_scale_inv)
         self._advance(index, estimate)
         return loss
 
@@ -524,51 +471,6 @@ class ESGD(torch.optim.Optimizer):
             buffers=self._buffers(), use_fused=self._use_fused, curvature_closure=curvature_closure,
         )
 
-    def _buckets(
-        self, params: List[Tensor], grads: List[Tensor], estimate: bool, key_of: Callable[[Tensor, dict], tuple],
-    ) -> Dict[tuple, Tuple[list, ...]]:
-        """The parameters to update, grouped by key_of(p, state) into lists (params, grads,
-        exp_avgs, exp_hz_sqs, states, owners). State starts on an estimation step; key_of is called
-        once per updated parameter, in order. The first four lists hold what the kernels update: of a
-        sharded parameter (DTensor) its rank's local shard; `owners` holds the parameters themselves."""
-        buckets: Dict[tuple, Tuple[list, ...]] = {}
-        sharded = any(is_sharded(p) for p in params)
-        for p, g in zip(params, grads):
-            state = self.state[p]
-            if not state:
-                if not estimate:
-                    continue  # no curvature estimate yet: wait for the next estimation step
-                self._init_state(p, state)
-            key = key_of(p, state)
-            lists = buckets.get(key)
-            if lists is None:
-                lists = buckets[key] = ([], [], [], [], [], [])
-            if sharded:
-                lists[0].append(local(p))
-                lists[1].append(local(g))
-                lists[2].append(local(state["exp_avg"]))
-                lists[3].append(local(state["exp_hz_sq"]))
-            else:
-                lists[0].append(p)
-                lists[1].append(g)
-                lists[2].append(state["exp_avg"])
-                lists[3].append(state["exp_hz_sq"])
-            lists[4].append(state)
-            lists[5].append(p)
-        return buckets
-
-    def _init_state(self, p: Tensor, state: dict) -> None:
-        # Counters are ints, or 0-dim float32 device tensors in capturable mode (exact to 2**24 steps).
-        if self.capturable:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["estimates"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        else:
-            state["step"] = 0
-            state["estimates"] = 0
-        sdtype = state_dtype(p.dtype)
-        state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
-        state["exp_hz_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
-
     def _advance(self, index: int, estimate: bool) -> None:
         self._step_index = index + 1
         self._last_step_estimated = estimate
@@ -576,39 +478,6 @@ class ESGD(torch.optim.Optimizer):
             self._last_estimate = index
 
     # ------------------------------------------------------------------ capturable mode
-
-    def _update_capturable(
-        self, work, estimate: bool, hz_of: Dict[Tensor, Tensor], fd: Optional[FiniteDifference] = None,
-        grad_scale_inv: float = 1.0, hz_scale_inv: float = 1.0,
-    ) -> None:
-        """The update of `step()` with device-side counters: no host sync, no value-dependent branch."""
-        for group, (params, grads) in zip(self.param_groups, work):
-            beta1, beta2 = group["betas"]
-            v = beta1 if group["v"] is None else group["v"]
-            buckets = self._buckets(params, grads, estimate, lambda p, state: (p.device, p.dtype))
-            for (device, dtype), (ps, gs, exp_avgs, exp_hz_sqs, states, owners) in buckets.items():
-                steps = [state["step"] for state in states]
-                estimates = [state["estimates"] for state in states]
-                torch._foreach_add_(steps, 1.0)
-                if estimate:
-                    torch._foreach_add_(estimates, 1.0)
-                hyper = dict(beta1=beta1, beta2=beta2, v=v, lr_warmup=group["lr_warmup"],
-                             weight_decay=group["weight_decay"])
-                kw = dict(beta1=beta1, beta2=beta2, v=v, eps=group["eps"], grad_scale_inv=_signed(grad_scale_inv, group),
-                          fused=self._use_fused(device, dtype))
-                if fd is None:
-                    esgd_update_capturable(
-                        ps, gs, exp_avgs, exp_hz_sqs, _exact_hzs(owners, hz_of) if estimate else None,
-                        lr=_scalar_lr(group["lr"]), steps=steps, estimates=estimates, eps=group["eps"],
-                        grad_scale_inv=kw["grad_scale_inv"], hz_scale_inv=hz_scale_inv, fused=kw["fused"],
-                        **hyper,
-                    )
-                else:
-                    table = step_scalar_table(steps, estimates, lr=_scalar_lr(group["lr"]), **hyper)
-                    plus, minus = fd.lists(owners, gs)
-                    esgd_update_fd(ps, gs, exp_avgs, exp_hz_sqs, plus, minus, fd.hz_scale[device],
-                                   weight_decay=group["weight_decay"], step_size=0.0, momentum_scale=1.0,
-                                   denom_scale=1.0, step_scalars=table, **kw)
 
     def _refuse_compiled_step(self) -> None:
         # Dynamo (torch 2.14) drops attribute stores made inside a traced Optimizer.step, so a
@@ -644,7 +513,7 @@ class ESGD(torch.optim.Optimizer):
         if not torch.compiler.is_compiling():
             _checkpoint.drop_placeholders(self)
             warn_unestimated(self.param_groups, self.state)
-        self._update_capturable(work, False, {})
+        _update.apply(self, work, False, {})
 
     def count_plain_step(self) -> None:
         """Advance the host-side schedule by one plain step applied by a compiled or replayed ``plain_step()``."""
@@ -658,7 +527,6 @@ class ESGD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ observability
 
-    @torch.no_grad()
     def diagnostics(self) -> List[dict]:
         """Per param group: where the schedule stands and summary statistics of the preconditioner.
 
@@ -672,60 +540,7 @@ class ESGD(torch.optim.Optimizer):
         so every rank of a sharded model must call it); ``hvp``, the estimator, and ``fd_h``, the step h
         of the latest finite-difference estimate (None before one).
         """
-        last_h = self._curvature.last_h
-        fd_h = None if last_h is None else float(last_h)
-        out = []
-        for group in self.param_groups:
-            beta2 = group["betas"][1]
-            t = k = 0
-            mins, maxs, sums, count = [], [], [], 0
-            sharded = None
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state:
-                    continue
-                # int(): capturable mode keeps the counters in device tensors.
-                pt, pk = int(state["step"]), int(state["estimates"])
-                t, k = max(t, pt), max(k, pk)
-                if is_sharded(p):
-                    sharded = p
-                d = local(state["exp_hz_sq"])  # this rank's shard; the ranks' stats are combined below
-                if pk == 0 or d.numel() == 0:
-                    continue
-                root = d.sqrt().mul_(1.0 / math.sqrt(1.0 - beta2**pk))
-                lo, hi = torch.aminmax(root)
-                mins.append(lo.double().cpu())
-                maxs.append(hi.double().cpu())
-                sums.append(root.sum(dtype=torch.float64).cpu())
-                count += root.numel()
-            stats = None
-            if count:
-                stats = [float(x) for x in torch.stack(
-                    [torch.stack(mins).min(), torch.stack(maxs).max(), torch.stack(sums).sum()]
-                ).tolist()] + [count]
-            if sharded is not None:
-                stats = combine_shard_stats(stats, sharded)
-            sqrt_d = None
-            if stats is not None:
-                lo, hi, total, count = stats
-                sqrt_d = {"min": lo, "mean": total / count, "max": hi}
-            lr = float(group["lr"])
-            warm = 1.0 - group["lr_warmup"] ** t
-            out.append(
-                {
-                    "step": t,
-                    "warmup_factor": warm,
-                    "lr": lr,
-                    "effective_lr": lr * warm,
-                    "estimated": self._last_step_estimated,
-                    "estimates": k,
-                    "skipped_steps": self._skipped_steps,
-                    "sqrt_d": sqrt_d,
-                    "hvp": self.hvp,
-                    "fd_h": fd_h,
-                }
-            )
-        return out
+        return _diagnostics.diagnostics(self)
 
     # ------------------------------------------------------------------ checkpoints
 

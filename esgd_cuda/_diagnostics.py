@@ -1,0 +1,80 @@
+"""`ESGD.diagnostics()`: where the schedule stands and summary statistics of the preconditioner,
+computed on demand from the optimizer's state."""
+
+import math
+from typing import List
+
+import torch
+
+from .distributed import combine_shard_stats, is_sharded, local
+
+
+@torch.no_grad()
+def diagnostics(opt) -> List[dict]:
+    """Per param group: where the schedule stands and summary statistics of the preconditioner.
+
+    Computed on demand from the state (one host sync per call), so it costs nothing in steps that
+    do not ask. Keys: ``step`` (optimizer steps taken), ``warmup_factor`` (1 - lr_warmup**t, the
+    fraction of lr in use), ``lr`` and ``effective_lr`` (lr * warmup_factor), ``estimated``
+    (whether the last step estimated the curvature), ``estimates`` (curvature estimates so far),
+    ``skipped_steps`` (steps GradScaler skipped for inf/NaN, all groups), ``sqrt_d``: min, mean and
+    max over the group's elements of the bias-corrected sqrt(D), the preconditioner the momentum is
+    divided by (None before the first estimate; over every rank's shards for sharded parameters,
+    so every rank of a sharded model must call it); ``hvp``, the estimator, and ``fd_h``, the step h
+    of the latest finite-difference estimate (None before one).
+    """
+    last_h = opt._curvature.last_h
+    fd_h = None if last_h is None else float(last_h)
+    out = []
+    for group in opt.param_groups:
+        beta2 = group["betas"][1]
+        t = k = 0
+        mins, maxs, sums, count = [], [], [], 0
+        sharded = None
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if not state:
+                continue
+            # int(): capturable mode keeps the counters in device tensors.
+            pt, pk = int(state["step"]), int(state["estimates"])
+            t, k = max(t, pt), max(k, pk)
+            if is_sharded(p):
+                sharded = p
+            d = local(state["exp_hz_sq"])  # this rank's shard; the ranks' stats are combined below
+            if pk == 0 or d.numel() == 0:
+                continue
+            root = d.sqrt().mul_(1.0 / math.sqrt(1.0 - beta2**pk))
+            lo, hi = torch.aminmax(root)
+            mins.append(lo.double().cpu())
+            maxs.append(hi.double().cpu())
+            sums.append(root.sum(dtype=torch.float64).cpu())
+            count += root.numel()
+        stats = None
+        if count:
+            stats = [float(x) for x in torch.stack(
+                [torch.stack(mins).min(), torch.stack(maxs).max(), torch.stack(sums).sum()]
+            ).tolist()] + [count]
+        if sharded is not None:
+            stats = combine_shard_stats(stats, sharded)
+        sqrt_d = None
+        if stats is not None:
+            lo, hi, total, count = stats
+            sqrt_d = {"min": lo, "mean": total / count, "max": hi}
+        lr = float(group["lr"])
+        warm = 1.0 - group["lr_warmup"] ** t
+        out.append(
+            {
+                "step": t,
+                "warmup_factor": warm,
+                "lr": lr,
+                "effective_lr": lr * warm,
+                "estimated": opt._last_step_estimated,
+                "estimates": k,
+                "skipped_steps": opt._skipped_steps,
+                "sqrt_d": sqrt_d,
+                "hvp": opt.hvp,
+                "fd_h": fd_h,
+            }
+        )
+    return out
+
