@@ -16,6 +16,12 @@ from .distributed import check_sharding, is_sharded
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def user_step(index: int) -> int:
+    """The step number an error message shows: users count the first step as step 1, the optimizer's
+    index counts the steps already taken (0 during the first)."""
+    return index + 1
+
+
 def check_hparams(
     lr, betas, v, lr_warmup, eps, weight_decay, where: str, sync: bool = True, maximize: bool = False
 ) -> None:

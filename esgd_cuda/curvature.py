@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._validation import HVP_MODES  # noqa: F401  (re-exported: the estimators this module offers)
+from ._validation import HVP_MODES, user_step  # noqa: F401  (HVP_MODES re-exported: the estimators this module offers)
 from .distributed import average_over_group, local, shard_offset, sum_of_squares
 from .probes import fd_perturb_, probe_key, rademacher_
 
@@ -245,8 +245,8 @@ class CurvatureEstimator:
             # parameters (a linear loss): Hz is zero, as opt.backward finds it.
             if not self.backward_estimated and not self.graph_backward:
                 raise RuntimeError(
-                    f"ESGD: step {index} estimates the curvature (opt.should_create_graph() is True), but no "
-                    "parameter gradient carries an autograd graph. Call opt.backward(loss), or "
+                    f"ESGD: step {user_step(index)} estimates the curvature (opt.should_create_graph() is True), but "
+                    "no parameter gradient carries an autograd graph. Call opt.backward(loss), or "
                     "loss.backward(create_graph=opt.should_create_graph()), before opt.step()."
                 )
             return

@@ -20,6 +20,7 @@ from ._param_watch import GraphBackwardWatch, warn_unestimated
 from ._validation import (check_buffers, check_capturable_lr, check_group, check_hparams, check_hvp, check_param,
                           check_schedule, fused_unavailable_reason, param_tensor)
 from .curvature import HVP_MODES, CurvatureEstimator, FiniteDifference, default_fd_step, release_graphs
+from ._validation import user_step
 from .distributed import broadcast_seed, combine_shard_stats, is_sharded, local
 from .functional import esgd_update, esgd_update_capturable, esgd_update_fd, state_dtype, step_scalar_table
 
@@ -468,7 +469,7 @@ class ESGD(torch.optim.Optimizer):
     def _finite_difference(self, closure: Optional[Callable[[], Any]], index: int) -> FiniteDifference:
         if closure is None:
             raise RuntimeError(
-                f"ESGD(hvp={self.hvp!r}): step {index} estimates the curvature, which takes the gradient at "
+                f"ESGD(hvp={self.hvp!r}): step {user_step(index)} estimates the curvature, which takes the gradient at "
                 "perturbed parameters: call opt.step(closure) with a closure that runs the forward and the "
                 "backward and returns the loss (e.g. def closure(): opt.zero_grad(); loss = loss_fn(model(x), y); "
                 "loss.backward(); return loss). opt.is_estimation_step() tells which steps need it."
@@ -596,7 +597,7 @@ class ESGD(torch.optim.Optimizer):
         # and recompile every step; count_plain_step() checks the schedule on the host instead.
         if not torch.compiler.is_compiling() and self.is_estimation_step():
             raise RuntimeError(
-                f"ESGD.plain_step(): step {self._step_index} is an estimation step; use opt.step()"
+                f"ESGD.plain_step(): step {user_step(self._step_index)} is an estimation step; use opt.step()"
             )
         work = self._collect()
         if not torch.compiler.is_compiling():
@@ -608,7 +609,7 @@ class ESGD(torch.optim.Optimizer):
         """Advance the host-side schedule by one plain step applied by a compiled or replayed ``plain_step()``."""
         if self.is_estimation_step():
             raise RuntimeError(
-                f"ESGD.count_plain_step(): step {self._step_index} is an estimation step, which a "
+                f"ESGD.count_plain_step(): step {user_step(self._step_index)} is an estimation step, which a "
                 "replayed plain step does not perform; run it with opt.backward(loss); opt.step() "
                 "(opt.step(closure) with a finite-difference hvp)"
             )
