@@ -98,7 +98,8 @@ def check_param(p, j: int, where: str, fused, hvp: str = "autograd") -> None:
                 f"ESGD: {what} is a DTensor (torch.distributed.fsdp.fully_shard); the exact estimator "
                 "(hvp='autograd') needs a double backward, which sharded training does not provide. Use "
                 "ESGD(..., hvp='finite_difference') (or 'central_difference') with opt.step(closure): "
-                "its passes are ordinary FSDP2 forward and backward passes (README: Sharded training (FSDP2))."
+                "its passes are ordinary FSDP2 forward and backward passes (docs/distributed.md: Sharded "
+                "training (FSDP2))."
             )
         check_sharding(p, what)
     if p.is_complex():

@@ -34,8 +34,8 @@ UseFused = Callable[[torch.device, torch.dtype], bool]
 def default_fd_step(hvp: str, dtypes: Iterable[torch.dtype]) -> float:
     """The relative step of a finite difference for parameters of `dtypes`: sqrt(eps) (forward) or
     eps^(1/3) (central) of the least precise dtype, the sizes that balance truncation against
-    rounding error when the gradients carry that dtype's precision (see README, "Models without
-    double backward")."""
+    rounding error when the gradients carry that dtype's precision (see docs/estimators.md, "Finite
+    differences")."""
     eps = max((torch.finfo(dt).eps for dt in dtypes), default=torch.finfo(torch.float32).eps)
     return math.sqrt(eps) if hvp == "finite_difference" else eps ** (1.0 / 3.0)
 
@@ -64,7 +64,7 @@ def _autograd(*args, **kwargs):
             f"model, and this one has none ({exc}). Models with flash or memory-efficient attention, "
             "torch.compile, reentrant checkpointing or fused kernels can use ESGD(..., "
             "hvp='finite_difference') (or 'central_difference') with opt.step(closure): two or three "
-            "first-order passes instead (README: 'Models without double backward')."
+            "first-order passes instead (docs/estimators.md: 'Which to use')."
         ) from exc
 
 

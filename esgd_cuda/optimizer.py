@@ -120,7 +120,7 @@ class ESGD(torch.optim.Optimizer):
             ``"central_difference"`` ((g(theta + h z) - g(theta - h z))/2h: three passes, more accurate).
         fd_step: the finite difference's step relative to the parameters' RMS, h = fd_step * RMS(theta)
             (one h for all parameters). Default: sqrt(eps) (forward) or eps**(1/3) (central) of the
-            least precise parameter dtype; under bf16/fp16 autocast pass about 0.1 (see README).
+            least precise parameter dtype; under bf16/fp16 autocast pass about 0.1 (docs/mixed-precision.md).
         buffers: module buffers that a finite-difference step must leave as after one forward
             (BatchNorm running statistics): an ``nn.Module`` (all its buffers) or a list of tensors.
 
