@@ -37,10 +37,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
+import esgd_cuda
 from esgd_cuda import ESGD
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from convergence import _stdlib_text  # noqa: E402  (the benchmarks' char corpus)
+
+
+def esgd_kernels() -> str:
+    """Which esgd_cuda runs and whether its fused kernels loaded: an unbuilt source checkout ahead of
+    the installed package on sys.path would run everything on the slower pure-PyTorch path."""
+    info = esgd_cuda.extension_info()
+    status = "native kernels loaded" if info["loaded"] else f"native kernels NOT loaded ({info['load_error']})"
+    return f"esgd_cuda {os.path.dirname(esgd_cuda.__file__)}: {status}"
 
 
 def build_model(vocab: int, context: int, seed: int) -> LlamaForCausalLM:
@@ -164,6 +173,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    print(esgd_kernels(), flush=True)
 
     train_ids, test_ids, vocab = _stdlib_text("cpu")
     model = build_model(vocab, args.context, args.seed)
