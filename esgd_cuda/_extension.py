@@ -2,7 +2,8 @@
 
 A missing or broken extension is not an error: the optimizer falls back to the pure-PyTorch path,
 and one warning at import says why, including the common case of Python importing an unbuilt source
-checkout (the current directory) instead of the installed package. ESGD_CUDA_DISABLE_EXTENSION=1
+checkout instead of the installed package (because the checkout's root is on sys.path ahead of
+site-packages; the warning says which entry and how it got there). ESGD_CUDA_DISABLE_EXTENSION=1
 skips loading altogether.
 """
 
@@ -57,17 +58,47 @@ def _source_checkout() -> Optional[str]:
     return None
 
 
+def _same_dir(entry: str, directory: str) -> bool:
+    return os.path.realpath(os.path.abspath(entry or os.curdir)) == os.path.realpath(directory)
+
+
 def _installed_elsewhere(checkout: str) -> Optional[str]:
     """Where an installed copy of the package lives, if sys.path holds one besides the checkout."""
     import importlib.machinery
 
-    def same(entry: str) -> bool:
-        return os.path.realpath(os.path.abspath(entry or os.curdir)) == os.path.realpath(checkout)
-
-    spec = importlib.machinery.PathFinder.find_spec(__package__, [e for e in sys.path if not same(e)])
+    spec = importlib.machinery.PathFinder.find_spec(__package__, [e for e in sys.path if not _same_dir(e, checkout)])
     if spec is None or not spec.submodule_search_locations:
         return None
     return list(spec.submodule_search_locations)[0]
+
+
+def _shadowing(checkout: str) -> str:
+    """Which sys.path entry is the checkout and how it got there, with what to do about it.
+
+    Python puts one entry first on sys.path, and which depends on how it was started, not on the
+    working directory alone: the directory of the script it runs (wherever it was started from), or
+    the current directory for `python -c`, `python -m` and the interactive prompt. Any other entry
+    came from PYTHONPATH, a .pth file or code that edits sys.path."""
+    index = next((i for i, e in enumerate(sys.path) if _same_dir(e, checkout)), None)
+    if index == 0:
+        main = sys.modules.get("__main__")
+        argv0 = sys.argv[0] if sys.argv else ""
+        # `python -m` runs its module with a __spec__; -c and the prompt leave argv[0] '-c' or ''.
+        if getattr(main, "__spec__", None) is not None or argv0 in ("-c", ""):
+            return (
+                f"sys.path[0] is the current directory {checkout}, which Python puts first on sys.path for "
+                f"`python -c`, `python -m` and the interactive prompt. Run from outside {checkout}"
+            )
+        if os.path.isfile(argv0) and _same_dir(os.path.dirname(os.path.abspath(argv0)), checkout):
+            return (
+                f"sys.path[0] is {checkout}, the directory of the script {argv0}, which Python puts first on "
+                "sys.path whatever the current directory. Run scripts that live outside the checkout"
+            )
+    where = f"sys.path[{index}]" if index is not None else "an entry of sys.path"
+    return (
+        f"{where} is {checkout}, put there by PYTHONPATH, a .pth file or code that edits sys.path, ahead of "
+        "site-packages. Take it off sys.path"
+    )
 
 
 def _missing_reason() -> str:
@@ -81,8 +112,7 @@ def _missing_reason() -> str:
     if installed is not None:
         return (
             f"{__package__} was imported from the source checkout {_PACKAGE_DIR}, which has no compiled "
-            f"kernels, instead of the installed package in {installed}: Python puts the current "
-            f"directory (or PYTHONPATH) ahead of site-packages. Run from outside {checkout}, or build "
+            f"kernels, instead of the installed package in {installed}: {_shadowing(checkout)}, or build "
             f"the kernels into the checkout with `{_INPLACE_BUILD}` there"
         )
     return (

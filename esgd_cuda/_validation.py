@@ -16,6 +16,12 @@ from .distributed import check_sharding, is_sharded
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def user_step(index: int) -> int:
+    """The step number an error message shows: users count the first step as step 1, the optimizer's
+    index counts the steps already taken (0 during the first)."""
+    return index + 1
+
+
 def check_hparams(
     lr, betas, v, lr_warmup, eps, weight_decay, where: str, sync: bool = True, maximize: bool = False
 ) -> None:
@@ -92,7 +98,8 @@ def check_param(p, j: int, where: str, fused, hvp: str = "autograd") -> None:
                 f"ESGD: {what} is a DTensor (torch.distributed.fsdp.fully_shard); the exact estimator "
                 "(hvp='autograd') needs a double backward, which sharded training does not provide. Use "
                 "ESGD(..., hvp='finite_difference') (or 'central_difference') with opt.step(closure): "
-                "its passes are ordinary FSDP2 forward and backward passes (README: Sharded training (FSDP2))."
+                "its passes are ordinary FSDP2 forward and backward passes (docs/distributed.md: Sharded "
+                "training (FSDP2))."
             )
         check_sharding(p, what)
     if p.is_complex():

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._validation import HVP_MODES  # noqa: F401  (re-exported: the estimators this module offers)
+from ._validation import HVP_MODES, user_step  # noqa: F401  (HVP_MODES re-exported: the estimators this module offers)
 from .distributed import average_over_group, local, shard_offset, sum_of_squares
 from .probes import fd_perturb_, probe_key, rademacher_
 
@@ -40,8 +40,8 @@ UseFused = Callable[[torch.device, torch.dtype], bool]
 def default_fd_step(hvp: str, dtypes: Iterable[torch.dtype]) -> float:
     """The relative step of a finite difference for parameters of `dtypes`: sqrt(eps) (forward) or
     eps^(1/3) (central) of the least precise dtype, the sizes that balance truncation against
-    rounding error when the gradients carry that dtype's precision (see README, "Models without
-    double backward")."""
+    rounding error when the gradients carry that dtype's precision (see docs/estimators.md, "Finite
+    differences")."""
     eps = max((torch.finfo(dt).eps for dt in dtypes), default=torch.finfo(torch.float32).eps)
     return math.sqrt(eps) if hvp == "finite_difference" else eps ** (1.0 / 3.0)
 
@@ -70,7 +70,7 @@ def _autograd(*args, **kwargs):
             f"model, and this one has none ({exc}). Models with flash or memory-efficient attention, "
             "torch.compile, reentrant checkpointing or fused kernels can use ESGD(..., "
             "hvp='finite_difference') (or 'central_difference') with opt.step(closure): two or three "
-            "first-order passes instead (README: 'Models without double backward')."
+            "first-order passes instead (docs/estimators.md: 'Which to use')."
         ) from exc
 
 
@@ -318,8 +318,8 @@ class CurvatureEstimator:
             # parameters (a linear loss): Hz is zero, as opt.backward finds it.
             if not self.backward_estimated and not self.graph_backward:
                 raise RuntimeError(
-                    f"ESGD: step {index} estimates the curvature (opt.should_create_graph() is True), but no "
-                    "parameter gradient carries an autograd graph. Call opt.backward(loss), or "
+                    f"ESGD: step {user_step(index)} estimates the curvature (opt.should_create_graph() is True), but "
+                    "no parameter gradient carries an autograd graph. Call opt.backward(loss), or "
                     "loss.backward(create_graph=opt.should_create_graph()), before opt.step()."
                 )
             return

@@ -20,7 +20,7 @@ from . import _checkpoint, _diagnostics, _extension, _update
 from ._param_watch import GraphBackwardWatch, warn_unestimated
 from ._validation import (check_buffers, check_capturable_lr, check_closures, check_curvature_loss, check_group,
                           check_hparams, check_hvp, check_param, check_schedule, fused_unavailable_reason,
-                          param_tensor)
+                          param_tensor, user_step)
 from .curvature import CurvatureEstimator, FiniteDifference, default_fd_step, release_graphs
 from .distributed import broadcast_seed
 
@@ -102,7 +102,7 @@ class ESGD(torch.optim.Optimizer):
             ``"central_difference"`` ((g(theta + h z) - g(theta - h z))/2h: three passes, more accurate).
         fd_step: the finite difference's step relative to the parameters' RMS, h = fd_step * RMS(theta)
             (one h for all parameters). Default: sqrt(eps) (forward) or eps**(1/3) (central) of the
-            least precise parameter dtype; under bf16/fp16 autocast pass about 0.1 (see README).
+            least precise parameter dtype; under bf16/fp16 autocast pass about 0.1 (docs/mixed-precision.md).
         buffers: module buffers that a finite-difference step must leave as after one forward
             (BatchNorm running statistics): an ``nn.Module`` (all its buffers) or a list of tensors.
 
@@ -457,7 +457,7 @@ class ESGD(torch.optim.Optimizer):
     ) -> FiniteDifference:
         if closure is None:
             raise RuntimeError(
-                f"ESGD(hvp={self.hvp!r}): step {index} estimates the curvature, which takes the gradient at "
+                f"ESGD(hvp={self.hvp!r}): step {user_step(index)} estimates the curvature, which takes the gradient at "
                 "perturbed parameters: call opt.step(closure) with a closure that runs the forward and the "
                 "backward and returns the loss (e.g. def closure(): opt.zero_grad(); loss = loss_fn(model(x), y); "
                 "loss.backward(); return loss). opt.is_estimation_step() tells which steps need it."
@@ -507,7 +507,7 @@ class ESGD(torch.optim.Optimizer):
         # and recompile every step; count_plain_step() checks the schedule on the host instead.
         if not torch.compiler.is_compiling() and self.is_estimation_step():
             raise RuntimeError(
-                f"ESGD.plain_step(): step {self._step_index} is an estimation step; use opt.step()"
+                f"ESGD.plain_step(): step {user_step(self._step_index)} is an estimation step; use opt.step()"
             )
         work = self._collect()
         if not torch.compiler.is_compiling():
@@ -519,7 +519,7 @@ class ESGD(torch.optim.Optimizer):
         """Advance the host-side schedule by one plain step applied by a compiled or replayed ``plain_step()``."""
         if self.is_estimation_step():
             raise RuntimeError(
-                f"ESGD.count_plain_step(): step {self._step_index} is an estimation step, which a "
+                f"ESGD.count_plain_step(): step {user_step(self._step_index)} is an estimation step, which a "
                 "replayed plain step does not perform; run it with opt.backward(loss); opt.step() "
                 "(opt.step(closure) with a finite-difference hvp)"
             )

@@ -27,8 +27,16 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from esgd_cuda import ESGD  # noqa: E402
+import esgd_cuda
+from esgd_cuda import ESGD
+
+
+def esgd_kernels() -> str:
+    """Which esgd_cuda runs and whether its fused kernels loaded: an unbuilt source checkout ahead of
+    the installed package on sys.path would run everything on the slower pure-PyTorch path."""
+    info = esgd_cuda.extension_info()
+    status = "native kernels loaded" if info["loaded"] else f"native kernels NOT loaded ({info['load_error']})"
+    return f"esgd_cuda {os.path.dirname(esgd_cuda.__file__)}: {status}"
 
 
 def make_model(device):
@@ -81,6 +89,10 @@ def main():
         else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    kernels = [None] * world
+    dist.all_gather_object(kernels, esgd_kernels())
+    if rank == 0:
+        print("\n".join(f"rank {r}: {line}" for r, line in enumerate(kernels)), flush=True)
 
     model = make_model(device)
     opt = ESGD(model.parameters(), lr=0.3, hvp=args.hvp, seed=0)
@@ -116,7 +128,27 @@ def main():
         print(f"optimizer state per rank: {held} elements of {sum(p.numel() for p in model.parameters())}")
         print("ESGD-M diagnostics: " + json.dumps(diagnostics), flush=True)
         shutil.rmtree(box[0], ignore_errors=True)
+    shut_down()
+
+
+def shut_down():
+    """Leave the process group and exit without finalizing the interpreter.
+
+    A gloo worker thread drops its reference to a finished collective only after the waiting rank has
+    moved on. When that reference is the last one to a tensor Python has already let go of, dropping
+    it needs the GIL; if the main thread has begun finalizing the interpreter by then, Python ends the
+    worker thread inside the collective's C++ destructor, which aborts the process ("terminate called
+    without an active exception": twice in about 120 runs on a busy 2-core machine).
+    destroy_process_group() does not stop gloo's worker threads: only the group's destructor joins
+    them, and FSDP2's device mesh, which torch.distributed.tensor's caches keep, holds the group until
+    exit. So: every rank past every collective
+    (barrier), the group destroyed, output flushed, and os._exit, which ends the process, threads and
+    all, without running the finalization the worker threads could race with."""
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

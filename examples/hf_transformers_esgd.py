@@ -43,10 +43,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
+import esgd_cuda
 from esgd_cuda import ESGD
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from convergence import _stdlib_text  # noqa: E402  (the benchmarks' char corpus)
+
+
+def esgd_kernels() -> str:
+    """Which esgd_cuda runs and whether its fused kernels loaded: an unbuilt source checkout ahead of
+    the installed package on sys.path would run everything on the slower pure-PyTorch path."""
+    info = esgd_cuda.extension_info()
+    status = "native kernels loaded" if info["loaded"] else f"native kernels NOT loaded ({info['load_error']})"
+    return f"esgd_cuda {os.path.dirname(esgd_cuda.__file__)}: {status}"
 
 
 def build_model(vocab: int, context: int, seed: int) -> LlamaForCausalLM:
@@ -109,24 +118,27 @@ class ESGDTrainer(Trainer):
             self.accelerator.backward(loss)
             return loss.detach()
 
-        curvature_closure = None
-        if self.curvature_fraction < 1.0:
-            n = max(1, int(len(inputs["input_ids"]) * self.curvature_fraction))
-            head = {k: v[:n] if torch.is_tensor(v) else v for k, v in inputs.items()}
-
-            def curvature_closure():
-                self.curvature_passes += 1
-                self.esgd.zero_grad()
-                with self.compute_loss_context_manager():
-                    loss = self.compute_loss(model, head)
-                self.accelerator.backward(loss)
-                return loss.detach()
-
         # ESGD itself, not accelerate's wrapper (self.optimizer), whose step() drops the return value.
         # The closure's first call gives the loss at the parameters.
+        curvature_closure = self.curvature_closure(model, inputs) if self.curvature_fraction < 1.0 else None
         loss = self.esgd.step(closure, curvature_closure=curvature_closure)
         self.step_losses.append(loss.item())
         return loss
+
+    def curvature_closure(self, model, inputs):
+        """The Trainer's loss and backward on the first curvature_fraction of the batch."""
+        n = max(1, int(len(inputs["input_ids"]) * self.curvature_fraction))
+        head = {k: v[:n] if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+        def closure():
+            self.curvature_passes += 1
+            self.esgd.zero_grad()
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, head)
+            self.accelerator.backward(loss)
+            return loss.detach()
+
+        return closure
 
 
 class PrintLoss(TrainerCallback):
@@ -196,6 +208,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    print(esgd_kernels(), flush=True)
     if not 0.0 < args.curvature_fraction <= 1.0:
         parser.error(f"--curvature-fraction must be in (0, 1], got {args.curvature_fraction}")
 

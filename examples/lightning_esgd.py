@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import lightning as L
 import torch
@@ -42,7 +43,16 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import esgd_cuda
 from esgd_cuda import ESGD
+
+
+def esgd_kernels() -> str:
+    """Which esgd_cuda runs and whether its fused kernels loaded: an unbuilt source checkout ahead of
+    the installed package on sys.path would run everything on the slower pure-PyTorch path."""
+    info = esgd_cuda.extension_info()
+    status = "native kernels loaded" if info["loaded"] else f"native kernels NOT loaded ({info['load_error']})"
+    return f"esgd_cuda {os.path.dirname(esgd_cuda.__file__)}: {status}"
 
 
 class DigitsClassifier(L.LightningModule):
@@ -130,6 +140,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    print(esgd_kernels(), flush=True)
 
     L.seed_everything(args.seed, verbose=False)
     train_loader, (x_test, y_test) = digits_loaders(args.batch_size, args.seed)

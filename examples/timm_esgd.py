@@ -22,13 +22,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import timm
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
+import esgd_cuda
 from esgd_cuda import ESGD
+
+
+def esgd_kernels() -> str:
+    """Which esgd_cuda runs and whether its fused kernels loaded: an unbuilt source checkout ahead of
+    the installed package on sys.path would run everything on the slower pure-PyTorch path."""
+    info = esgd_cuda.extension_info()
+    status = "native kernels loaded" if info["loaded"] else f"native kernels NOT loaded ({info['load_error']})"
+    return f"esgd_cuda {os.path.dirname(esgd_cuda.__file__)}: {status}"
 
 
 def digits(resolution: int):
@@ -59,6 +69,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    print(esgd_kernels(), flush=True)
 
     torch.manual_seed(args.seed)
     xtr, ytr, xte, yte = digits(args.resolution)

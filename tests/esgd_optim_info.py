@@ -78,7 +78,7 @@ def optim_error_inputs_func_esgd(device, dtype):
     error_inputs = []
     for error_input in get_error_inputs_for_all_optims(device, dtype):
         if error_input.optimizer_error_input.desc == "a param group cannot have duplicate parameters":
-            # ESGD deliberately raises where torch.optim only warns (README: Edge cases, defined).
+            # ESGD deliberately raises where torch.optim only warns (docs/edge-cases.md).
             error_input = ErrorOptimizerInput(
                 error_input.optimizer_error_input, error_type=ValueError,
                 error_regex=r"params\[1\] .*is the same tensor as params\[0\]",
@@ -107,7 +107,7 @@ def optim_error_inputs_func_esgd(device, dtype):
         construction(dict(fused="yes"), ValueError, "invalid fused: 'yes'"),
         construction(dict(seed=0.5), TypeError, "seed must be an int"),
         construction(dict(maximize=1), ValueError, "invalid maximize: 1"),
-        # ESGD deliberately refuses complex parameters (README: Edge cases, defined).
+        # ESGD deliberately refuses complex parameters (docs/edge-cases.md).
         construction({}, ValueError, r"params\[0\] .*is complex",
                      params=[torch.randn(2, dtype=torch.complex64, requires_grad=True)]),
         construction({}, ValueError, r"params\[0\] .*is complex",
@@ -129,7 +129,7 @@ def _documented_divergence(test):
     The first curvature estimate comes from one probe and can be far too small on low-rank
     curvature (these least-squares problems), so the first steps overshoot. On the problem whose two
     weights see the same input a Rademacher probe even cancels whole rows of Hz exactly (1/32 per
-    row), and ESGD-M fails about one draw in three (README: Numerical note, measured by
+    row), and ESGD-M fails about one draw in three (docs/hyperparameters.md: Numerical note, measured by
     tests/test_numerical_note.py). On CPU the test must fail with torch's assertion and nothing
     else; other devices draw other problems and may pass. Which seeded draws fail depends on the
     probe stream and on the list of configurations: when either changes, update this list.
@@ -146,7 +146,7 @@ def _documented_divergence(test):
         if _get_device_type(device) == "cpu":
             self.fail(
                 "ESGD now passes this check on torch's seeded CPU draws: remove _documented_divergence "
-                "from it and update README 'Numerical note' and tests/test_numerical_note.py"
+                "from it and update docs/hyperparameters.md 'Numerical note' and tests/test_numerical_note.py"
             )
 
     return wrapper
@@ -174,7 +174,8 @@ esgd_info = OptimizerInfo(
     has_capturable_arg=True,
     supports_complex=False,
     supports_fused_on=_fused_devices(),
-    # The seeded CPU draws on which default-ish ESGD-M fails torch's 20-step check (README: Numerical note).
+    # The seeded CPU draws on which default-ish ESGD-M fails torch's 20-step check
+    # (docs/hyperparameters.md: Numerical note).
     decorators=(
         DecorateInfo(
             _documented_divergence, "TestESGDOptimRenewed", "test_forloop_goes_right_direction",

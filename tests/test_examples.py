@@ -1,7 +1,10 @@
-"""The examples in examples/ run end to end, as users run them (a subprocess each, few steps, bounded
-time): the training loss goes down, ESGD-M estimated the curvature (`estimates > 0` in
-`opt.diagnostics()`), and what each example claims about its library holds. scripts/setup.sh installs
-their libraries (pinned); none of them may be imported by esgd_cuda itself.
+"""The examples in examples/ run end to end, as users run them (a subprocess each, from a working
+directory outside the repository, few steps, bounded time): they exit 0, run the esgd_cuda these tests
+import with its native kernels loaded (an example that imported the unbuilt source tree would train
+on the pure-PyTorch path and pass everything else), the training loss goes down, ESGD-M estimated the
+curvature (`estimates > 0` in `opt.diagnostics()`), and what each example claims about its library
+holds. scripts/setup.sh installs their libraries (pinned); none of them may be imported by esgd_cuda
+itself.
 """
 
 import ast
@@ -22,13 +25,31 @@ CLIENT_LIBRARIES = ("lightning", "pytorch_lightning", "transformers", "accelerat
                     "pytorch_optimizer", "torchzero", "sklearn", "matplotlib", "tqdm")
 
 
-def run_example(name: str, *args: str, timeout: int = 420) -> str:
-    # The examples must import the esgd_cuda these tests import (installed, or an in-place build).
-    env = dict(os.environ, PYTHONPATH=str(Path(esgd_cuda.__file__).resolve().parent.parent),
-               HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+PACKAGE = Path(esgd_cuda.__file__).resolve().parent
+
+
+def example_env() -> dict:
+    # PYTHONPATH: the examples import the esgd_cuda these tests import (installed, or an in-place
+    # build). The libraries' own warnings are noise here, but esgd_cuda's missing-kernels warning is
+    # an error: it is what an example importing an unbuilt source tree prints.
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE.parent), HF_HUB_OFFLINE="1",
+               PYTHONWARNINGS="ignore,error::RuntimeWarning:esgd_cuda")
+    env.pop("ESGD_CUDA_DISABLE_EXTENSION", None)
+    return env
+
+
+def check_kernels(out: str, ranks: int = 1) -> None:
+    """Every process of the example ran this package with its native kernels (examples print it)."""
+    assert esgd_cuda.extension_info()["loaded"], "the tests' own esgd_cuda has no native kernels"
+    found = re.findall(r"^(?:rank \d+: )?esgd_cuda (.*): (native kernels .*)$", out, re.M)
+    assert found == [(str(PACKAGE), "native kernels loaded")] * ranks, out
+
+
+def run_example(name: str, *args: str, cwd: Path, timeout: int = 420) -> str:
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+                          timeout=timeout, env=example_env(), cwd=cwd)
     assert proc.returncode == 0, f"{name} {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    check_kernels(proc.stdout)
     return proc.stdout
 
 
@@ -52,34 +73,35 @@ def check_trained(out: str, steps: int) -> list[dict]:
     return diagnostics
 
 
-def test_lightning_exact_hvp_through_the_backward_hook():
-    out = run_example("lightning_esgd.py", "--steps", "40")
+def test_lightning_exact_hvp_through_the_backward_hook(tmp_path):
+    out = run_example("lightning_esgd.py", "--steps", "40", cwd=tmp_path)
     check_trained(out, 40)
     # One forward per step: BatchNorm saw each training batch once.
     assert "BatchNorm num_batches_tracked after 40 steps: [40]" in out, out
 
 
-def test_lightning_finite_difference_through_lightning_closure():
-    out = run_example("lightning_esgd.py", "--steps", "40", "--hvp", "finite_difference")
+def test_lightning_finite_difference_through_lightning_closure(tmp_path):
+    out = run_example("lightning_esgd.py", "--steps", "40", "--hvp", "finite_difference", cwd=tmp_path)
     check_trained(out, 40)
     # The perturbed forward of each estimation step left the running statistics as one forward does
     # (ESGD's buffers=self).
     assert "BatchNorm num_batches_tracked after 40 steps: [40]" in out, out
 
 
-def test_lightning_sub_batch_curvature_through_optimizer_step():
+def test_lightning_sub_batch_curvature_through_optimizer_step(tmp_path):
     """LightningModule.optimizer_step passes a curvature closure on a quarter of each batch: it runs
     once per estimation step (exact) or twice (forward difference), never on plain steps, and its
     forward passes leave the BatchNorm statistics alone (buffers=self)."""
     for hvp, passes in (("autograd", 1), ("finite_difference", 2)):
-        out = run_example("lightning_esgd.py", "--steps", "40", "--hvp", hvp, "--curvature-fraction", "0.25")
+        out = run_example("lightning_esgd.py", "--steps", "40", "--hvp", hvp, "--curvature-fraction", "0.25",
+                          cwd=tmp_path)
         diagnostics = check_trained(out, 40)
         assert "BatchNorm num_batches_tracked after 40 steps: [40]" in out, out
         assert f"curvature closure passes: {passes * diagnostics[0]['estimates']}" in out, out
 
 
-def test_timm_batchnorm_cnn():
-    out = run_example("timm_esgd.py", "--steps", "50")
+def test_timm_batchnorm_cnn(tmp_path):
+    out = run_example("timm_esgd.py", "--steps", "50", cwd=tmp_path)
     check_trained(out, 50)
     assert ("num_batches_tracked after 50 steps: [50]; "
             "eval() forward left the running statistics unchanged: True") in out, out
@@ -88,33 +110,34 @@ def test_timm_batchnorm_cnn():
     assert acc > 0.5, out
 
 
-def test_timm_batchnorm_cnn_finite_difference_restores_running_statistics():
-    out = run_example("timm_esgd.py", "--steps", "24", "--hvp", "finite_difference")
+def test_timm_batchnorm_cnn_finite_difference_restores_running_statistics(tmp_path):
+    out = run_example("timm_esgd.py", "--steps", "24", "--hvp", "finite_difference", cwd=tmp_path)
     check_trained(out, 24)
     # Estimation steps ran the forward twice; buffers=model left the statistics as after one.
     assert ("num_batches_tracked after 24 steps: [24]; "
             "eval() forward left the running statistics unchanged: True") in out, out
 
 
-def test_hf_transformers_plain_loop_default_attention():
-    out = run_example("hf_transformers_esgd.py", "--steps", "30")
+def test_hf_transformers_plain_loop_default_attention(tmp_path):
+    out = run_example("hf_transformers_esgd.py", "--steps", "30", cwd=tmp_path)
     assert "attention: sdpa" in out, out
     check_trained(out, 30)
 
 
-def test_hf_transformers_trainer_subclass():
-    out = run_example("hf_transformers_esgd.py", "--steps", "30", "--loop", "trainer")
+def test_hf_transformers_trainer_subclass(tmp_path):
+    out = run_example("hf_transformers_esgd.py", "--steps", "30", "--loop", "trainer", cwd=tmp_path)
     assert "attention: sdpa" in out, out
     diagnostics = check_trained(out, 30)
     # The Trainer's own optimizer.step() after each training_step did not step again.
     assert diagnostics[0]["step"] == 30
 
 
-def test_hf_transformers_sub_batch_curvature_in_both_loops():
+def test_hf_transformers_sub_batch_curvature_in_both_loops(tmp_path):
     """A quarter of each batch feeds the forward difference (two passes per estimation step), in the
     plain loop and through the Trainer subclass's training_step."""
     for loop in ("torch", "trainer"):
-        out = run_example("hf_transformers_esgd.py", "--steps", "30", "--loop", loop, "--curvature-fraction", "0.25")
+        out = run_example("hf_transformers_esgd.py", "--steps", "30", "--loop", loop, "--curvature-fraction", "0.25",
+                          cwd=tmp_path)
         diagnostics = check_trained(out, 30)
         assert f"curvature closure passes: {2 * diagnostics[0]['estimates']}" in out, out
 
@@ -173,14 +196,16 @@ def test_setup_sh_pins_match_setup_py_extras():
     assert "torch" not in pins
 
 
-def test_fsdp2_with_a_dcp_checkpoint_on_two_gloo_ranks():
-    """torchrun --nproc_per_node=2 on CPU: FSDP2-sharded training through a DCP save and resume."""
-    env = dict(os.environ, PYTHONPATH=str(Path(esgd_cuda.__file__).resolve().parent.parent), PYTHONWARNINGS="ignore")
+def test_fsdp2_with_a_dcp_checkpoint_on_two_gloo_ranks(tmp_path):
+    """torchrun --nproc_per_node=2 on CPU, from outside the repository: FSDP2-sharded training through
+    a DCP save and resume, every rank on the installed kernels, a clean exit."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(EXAMPLES / "fsdp2_esgd.py"), "--steps", "30"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=example_env(), cwd=tmp_path)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert "terminate called" not in proc.stderr, proc.stderr[-4000:]
     out = proc.stdout
+    check_kernels(out, ranks=2)
     assert re.search(r"^resumed from .* at step 15$", out, re.M), out
     first, last, diagnostics = training_summary(out)
     assert last < 0.9 * first, (first, last)

@@ -1,4 +1,4 @@
-"""The numbers behind README's "Numerical note": how often default ESGD-M fails PyTorch's 20-step
+"""The numbers behind docs/hyperparameters.md's "Numerical note": how often default ESGD-M fails PyTorch's 20-step
 "the loss goes down" check, why, and what the warm-ups do about it.
 
 Both problems are the least-squares losses of PyTorch's generic optimizer tests (see
@@ -9,7 +9,7 @@ tests/test_torch_optim_conformance.py), whose Hessian has rank one per output ro
 Per row, H = 2 u u^T (u = [x, 1] or [x, x]), so the probe's Hz = 2 u (u . z) and
 |Hz_j| / sqrt(diag(H^2))_j = |u . z| / |u| for every element j of the row: one unlucky probe makes
 the whole row's first estimate small. Seeds are fixed, so the counts below are exact for this code;
-the bounds around them are what README states.
+the bounds around them are what docs/hyperparameters.md states.
 """
 
 import pytest
@@ -87,11 +87,12 @@ def test_twenty_step_check_failure_rates(problem, default_max):
             ("both off", NO_WARMUP),
         ]
     }
-    # README: default settings fail few of 40 draws (more with shared inputs); each warm-up helps,
+    # docs/hyperparameters.md: default settings fail few of 40 draws (more with shared inputs); each warm-up helps,
     # and without both most draws fail.
     assert fails["default"] <= default_max, fails
     assert fails["default"] <= min(fails["lr_warmup=0"], fails["d_warmup=0"]), fails
     assert max(fails["lr_warmup=0"], fails["d_warmup=0"]) < fails["both off"], fails
     assert fails["both off"] >= 25, fails
     if problem == "shared input":
-        assert fails["default"] >= 3, f"exact cancellations no longer break default ESGD-M, update README: {fails}"
+        assert fails["default"] >= 3, (
+            f"exact cancellations no longer break default ESGD-M, update docs/hyperparameters.md: {fails}")

@@ -128,6 +128,8 @@ def test_estimation_step_without_graph_is_refused(fused, at_step):
         opt.step()
     message = str(info.value)
     assert "create_graph=opt.should_create_graph()" in message or "opt.backward" in message, message
+    # Counted as users count: the first step is step 1.
+    assert f"ESGD: step {at_step + 1} estimates the curvature" in message, message
     assert_untouched(opt, problem.params, before)
     # The failed call consumed neither a step of the schedule nor a probe.
     assert opt.should_create_graph()

@@ -33,10 +33,11 @@ PROBE = textwrap.dedent(
 )
 
 
-def run_probe(cwd, pythonpath=""):
+def run_probe(cwd, pythonpath="", args=None):
     env = dict(os.environ, PYTHONPATH=pythonpath)
     env.pop(_extension._DISABLE_VAR, None)
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, *(args or ["-c", PROBE])], cwd=cwd, env=env, capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -74,6 +75,35 @@ def test_checkout_shadowing_the_installed_package_is_named(checkout, tmp_path):
     assert f"instead of the installed package in {installed}" in message
     assert f"Run from outside {checkout}" in message and "build_ext --inplace" in message
     assert "Reinstall" not in message, "reinstalling cannot help when the checkout shadows the install"
+    assert f"sys.path[0] is the current directory {checkout}" in message
+
+
+@needs_kernels
+@pytest.mark.parametrize("how", ["python -m", "script in the checkout", "sys.path.insert"])
+def test_shadowing_names_the_sys_path_entry_and_its_cause(how, checkout, tmp_path):
+    """What Python puts first on sys.path depends on how it was started: the directory of the script,
+    whatever the working directory, or the working directory for -c/-m/the prompt. Anything else on
+    sys.path came from PYTHONPATH or code (as in an example that inserted the repository root)."""
+    installed = make_package(tmp_path / "site", with_kernels=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if how == "python -m":
+        (checkout / "probe.py").write_text(PROBE)
+        cwd, args = checkout, ["-m", "probe"]
+        cause = f"sys.path[0] is the current directory {checkout}"
+    elif how == "script in the checkout":
+        (checkout / "probe.py").write_text(PROBE)
+        cwd, args = elsewhere, [str(checkout / "probe.py")]
+        cause = f"sys.path[0] is {checkout}, the directory of the script {checkout / 'probe.py'}"
+    else:
+        (elsewhere / "probe.py").write_text(f"import sys\nsys.path.insert(0, {str(checkout)!r})\n{PROBE}")
+        cwd, args = checkout, [str(elsewhere / "probe.py")]
+        cause = f"sys.path[0] is {checkout}, put there by PYTHONPATH, a .pth file or code that edits sys.path"
+    result = run_probe(cwd=cwd, pythonpath=str(installed.parent), args=args)
+    assert result["file"].startswith(str(checkout)) and not result["loaded"]
+    [message] = result["warnings"]
+    assert cause in message, message
+    assert f"instead of the installed package in {installed}" in message and "build_ext --inplace" in message
 
 
 def test_unbuilt_checkout_without_an_install_says_how_to_build(checkout, monkeypatch):

@@ -6,7 +6,7 @@ newest copy the project could read; torch 2.14 installs torch.testing._internal 
 file). PyTorch's assertions are kept; what changes is how gradients reach the optimizer:
 
 - An ESGD estimation step needs the gradient's autograd graph, so every ``loss.backward()`` of the
-  original is ``optimizer.backward(loss)`` here (README: Usage).
+  original is ``optimizer.backward(loss)`` here (docs/estimators.md: The exact estimator).
 - Where the original assigns ``p.grad`` by hand, estimation steps get the same gradient from
   ``optimizer.backward`` on a loss whose gradient at the current point is exactly that tensor and
   whose Hessian is the identity (`_give_grads`); plain steps keep the hand-made gradient.
@@ -15,7 +15,7 @@ file). PyTorch's assertions are kept; what changes is how gradients reach the op
 The OptimizerInfo and the helpers are in tests/esgd_optim_info.py; the state_dict, hook and deepcopy
 tests are in tests/test_torch_optim_conformance_state.py. Tests for torch.optim features ESGD does not have (sparse and complex parameters, foreach,
 differentiable, closure-only optimizers) are left out; where ESGD deliberately differs, the test
-says so in one line naming the README section.
+says so in one line naming the docs/ page.
 """
 
 import unittest
@@ -219,7 +219,7 @@ class TestESGDOptimRenewed(TestCase):
                 kwargs = dict(optim_input.kwargs)
                 if "lr" in kwargs:
                     del kwargs["lr"]
-                kwargs["seed"] = 7  # both optimizers draw the same probes (README: Usage)
+                kwargs["seed"] = 7  # both optimizers draw the same probes (docs/estimators.md: The exact estimator)
 
                 kwargs["lr"] = 1e-3
                 optimizer_r = optim_cls([weight, bias], **kwargs)
@@ -244,7 +244,7 @@ class TestESGDOptimRenewed(TestCase):
 
     @optims([esgd_info], dtypes=[torch.complex64])
     def test_complex(self, device, dtype, optim_info):
-        # ESGD deliberately refuses complex parameters instead of viewing them as real (README: Edge cases, defined).
+        # ESGD deliberately refuses complex parameters instead of viewing them as real (docs/edge-cases.md).
         for optim_input in _get_optim_inputs_including_global_cliquey_kwargs(device, dtype, optim_info):
             complex_params = [
                 torch.randn(10, 5, device=device, dtype=dtype, requires_grad=True),
@@ -301,7 +301,7 @@ class TestESGDOptimRenewed(TestCase):
                         tracker.add(og_p_state[k])
                         tracker.pop_check_set(new_p_state[k], self)
                     else:
-                        # ESGD keeps integer counters outside capturable mode (README: torch.compile and CUDA graphs).
+                        # ESGD keeps integer counters outside capturable mode (docs/compile.md).
                         self.assertEqual(og_p_state[k], new_p_state[k])
 
             self.assertTrue(tracker.all_popped())
@@ -412,7 +412,7 @@ class TestESGDOptimRenewed(TestCase):
                 torch.nn.Sigmoid(),
             ).to(dtype)
 
-        # ESGD(fused=True) refuses parameters the kernel cannot run at construction, not at step (README: Fused kernels and fallback).
+        # ESGD(fused=True) refuses parameters the kernel cannot run at construction, not at step (docs/kernels.md).
         with self.assertRaisesRegex(RuntimeError, r"fused=True\): the fused kernel cannot run params\[0\]"):
             optim_info.optim_cls(model.parameters(), fused=True)
 
@@ -452,7 +452,7 @@ class TestESGDOptimRenewed(TestCase):
             weight_kwargs = optim_input.kwargs
             weight2_kwargs = deepcopy(optim_input.kwargs)
             weight2_kwargs["weight_decay"] = 0.0
-            # fused and capturable are constructor arguments of ESGD, not param-group entries (README: torch.compile and CUDA graphs).
+            # fused and capturable are constructor arguments of ESGD, not param-group entries (docs/compile.md).
             outer = {k: weight_kwargs.pop(k) for k in ("fused", "capturable") if k in weight_kwargs}
             for k in outer:
                 weight2_kwargs.pop(k)
@@ -492,7 +492,7 @@ class TestESGDOptimRenewed(TestCase):
             if "lr" not in optim_input.kwargs or optim_input.kwargs["lr"] == 0:
                 optim_input.kwargs["lr"] = 1e-3
             outer_kwargs = {"lr": 1e-28}
-            # fused and capturable are constructor arguments of ESGD, not param-group entries (README: torch.compile and CUDA graphs).
+            # fused and capturable are constructor arguments of ESGD, not param-group entries (docs/compile.md).
             for k in ("fused", "capturable"):
                 if k in optim_input.kwargs:
                     outer_kwargs[k] = optim_input.kwargs.pop(k)

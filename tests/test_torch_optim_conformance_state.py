@@ -52,7 +52,7 @@ class TestESGDOptimRenewedState(TestCase):
             _give_grads(optimizer, [param], [torch.rand_like(param)])
             optimizer.step()
             optim_state_dict_cpu = deepcopy(optimizer.state_dict())
-            # fused and capturable are constructor arguments of ESGD, not param-group entries (README: torch.compile and CUDA graphs).
+            # fused and capturable are constructor arguments of ESGD, not param-group entries (docs/compile.md).
             optim_input.kwargs[impl] = True
             param_device = param.detach().clone().to(device=device).requires_grad_(True)
             optimizer_device = optim_cls([param_device], **optim_input.kwargs)
@@ -327,7 +327,7 @@ class TestESGDOptimRenewedState(TestCase):
             # Make sure state_dict_cuda isn't modified by merely calling load_state_dict
             self.assertEqual(state_dict_cpu, state_dict_cuda)
 
-            # Capturable ESGD keeps its counters on the parameter's device (README: torch.compile and CUDA graphs).
+            # Capturable ESGD keeps its counters on the parameter's device (docs/compile.md).
             capturable = optim_input.kwargs.get("capturable", False)
             new_state_dict = optimizer_cuda.state_dict()
             for state_cpu, state_cuda in zip(state_dict_cpu["state"].values(), new_state_dict["state"].values()):

@@ -393,7 +393,7 @@ def test_optimizer_with_a_process_group_deep_copies_but_does_not_pickle(gloo):
 
 
 def test_dtensor_parameters_need_a_finite_difference_estimator(gloo):
-    """The exact estimator would never see a gradient of an FSDP2 model (see README: Sharded training
+    """The exact estimator would never see a gradient of an FSDP2 model (see docs/distributed.md: Sharded training
     (FSDP2)); it refuses sharded parameters, naming the estimator that works. tests/test_fsdp.py trains them."""
     try:
         from torch.distributed.fsdp import fully_shard
