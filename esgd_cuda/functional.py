@@ -316,8 +316,8 @@ def _check_sources(op: str, params, exp_avgs, exp_hz_sqs, sources) -> None:
         if s.shape != p.shape:
             raise ValueError(f"{op}: sources[{i}] has shape {list(s.shape)}, expected {list(p.shape)} "
                              f"(the shape of params[{i}])")
-    if torch.compiler.is_compiling():
-        return  # traced tensors have no addresses
+    if torch.compiler.is_compiling() or params[0].device.type == "meta":
+        return  # traced and meta tensors have no memory to share
     written = sorted((_byte_span(t), name, j) for name, lst in (("params", params), ("exp_avgs", exp_avgs),
                                                                 ("exp_hz_sqs", exp_hz_sqs))
                      for j, t in enumerate(lst) if t.numel())

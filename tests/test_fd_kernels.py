@@ -680,23 +680,36 @@ def test_cuda_fd_sources_vector_path_choice(dtype, mode):
 def test_fd_sources_launch_boundaries(target):
     """The seven-list table (central difference from sources): more tensors than a launch holds,
     empty tensors, and one tensor spanning more blocks than a launch holds, whose later chunks read
-    their source from the next launch's table."""
+    their source from the next launch's table. Equal to copy-then-update bit for bit (whose plan
+    test_fd_central_launch_boundaries holds to the reference), and the small tensors to the
+    float64 reference here too (the big one's reference would take most of the test's time)."""
     from esgd_cuda import _C
 
     chunk = _C.CHUNK_SIZE
     sizes = [(i * 977) % 3000 for i in range(_C.MAX_TENSORS_CENTRAL_SOURCES + 30)]
     sizes[10:10] = [0, chunk - 1, chunk, chunk + 1, 0, 1, 3]
-    sizes.append(chunk * _C.MAX_BLOCKS + 5)
-    sizes += [0, 0]
+    big, big_numel = len(sizes), chunk * _C.MAX_BLOCKS + 5
+    sizes += [0, 0, 0]
     device = device_of(target)
-    params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs(sizes, torch.float32, device, 29)
-    sources = fresh_sources(sizes, torch.float32, device, 30)
+    lists = list(make_inputs(sizes, torch.float32, device, 29)) + [fresh_sources(sizes, torch.float32, device, 30)]
+    # The big tensor repeats a random pattern whose period is no multiple of the chunk, so that
+    # chunks differ (drawing 21M values of each list would take most of the test's time).
+    pattern = list(make_inputs([chunk + 7], torch.float32, device, 31)) + [fresh_sources([chunk + 7], torch.float32,
+                                                                                         device, 32)]
+    for lst, (piece,) in zip(lists, pattern):
+        lst[big] = piece.repeat(-(-big_numel // piece.numel()))[:big_numel].clone()
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm, sources = lists
     hz_scale = torch.tensor(500.0, dtype=torch.float64, device=device)
     h = hyper(31)
-    before = clone_lists(sources, exp_avgs, exp_hz_sqs)
+    *expected, _ = copy_then_update(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale, h, None, sources)
+    small = [i for i in range(len(sizes)) if i != big]
+    before = [[lst[i].clone() for i in small] for lst in (sources, exp_avgs, exp_hz_sqs)]
     run_fd(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale, h, sources=sources)
-    assert_step(before, (params, exp_avgs, exp_hz_sqs), grads, gp, gm, math_coeff(500.0, 1.0, torch.float32), h,
-                torch.float32)
+    for name, actual, want in zip(("params", "exp_avgs", "exp_hz_sqs"), (params, exp_avgs, exp_hz_sqs), expected):
+        assert_equal_lists(actual, want, name)
+    assert_step(before, [[lst[i] for i in small] for lst in (params, exp_avgs, exp_hz_sqs)],
+                [grads[i] for i in small], [gp[i] for i in small], [gm[i] for i in small],
+                math_coeff(500.0, 1.0, torch.float32), h, torch.float32)
 
 
 def _source_cases():
