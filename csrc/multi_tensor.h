@@ -321,7 +321,8 @@ void for_each_launch(const Workspace& w, LaunchFn&& launch) {
         table.addresses[4 + k][slot] = w.inputs[k][t].data_ptr();
       }
       if constexpr (kFromSource) {
-        table.addresses[4 + kHzLists][slot] = w.sources[t].data_ptr();
+        // Read-only: const_data_ptr, so that a source is never materialized as if written.
+        table.addresses[4 + kHzLists][slot] = const_cast<void*>(w.sources[t].const_data_ptr());
       }
       table.numel[slot] = numels[t];
       table.step_scalars[slot] = w.step_scalars.empty() ? nullptr : w.step_scalars[t];
