@@ -195,8 +195,7 @@ def esgd_update_fd_(
         denom_scale=denom_scale,
         grad_scale_inv=grad_scale_inv,
         hz_scale_inv=hz_scale_inv,
-        # Only when given: the calls without it also run on an extension built before it existed.
-        **({} if sources is None else {"sources": sources}),
+        sources=sources,
     )
 
 
