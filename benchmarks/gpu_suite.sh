@@ -4,7 +4,7 @@
 #
 #   stage      what                                              expected  limit (s; 16 cores + H200)
 #   build      setup.py build_ext --inplace, CPU + CUDA (sm_90)      100     160
-#   tests      the CUDA tests only: pytest -m cuda (249 today)         70     110
+#   tests      the CUDA tests only: pytest -m cuda (280 today)         70     110
 #   memcheck   compute-sanitizer memcheck over every kernel variant   40      70
 #   bandwidth  fused steps vs a copy, 128M parameters                 12      30
 #   step_time  benchmarks/step_time.py --device cuda --rounds 1       45      70

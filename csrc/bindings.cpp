@@ -40,7 +40,7 @@ TORCH_LIBRARY(esgd_cuda, m) {
       "Tensor(c!)[] exp_hz_sqs, Tensor[] grads_plus, Tensor[] grads_minus, Tensor hz_scale, "
       "Tensor? step_scalars, *, float beta1, float beta2, float v, float eps, float weight_decay, "
       "float step_size, float momentum_scale, float denom_scale, float grad_scale_inv=1.0, "
-      "float hz_scale_inv=1.0) -> ()");
+      "float hz_scale_inv=1.0, Tensor[]? sources=None) -> ()");
   m.def("esgd_rademacher_(Tensor(a!)[] out, int[] keys, int[] offsets) -> ()");
   m.def(
       "esgd_fd_perturb_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor scale, int[] keys, "
@@ -130,11 +130,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const std::vector<at::Tensor>& grads_plus, const std::vector<at::Tensor>& grads_minus,
          const at::Tensor& hz_scale, double beta1, double beta2, double v, double eps,
          double weight_decay, double step_size, double momentum_scale, double denom_scale,
-         double grad_scale_inv, double hz_scale_inv, py::object step_scalars) {
+         double grad_scale_inv, double hz_scale_inv, py::object step_scalars, py::object sources) {
         const at::Tensor rows = optional_tensor(step_scalars);
+        const std::vector<at::Tensor> source_list =
+            sources.is_none() ? std::vector<at::Tensor>{} : sources.cast<std::vector<at::Tensor>>();
         const esgd::HzInputs hz{
             grads_minus.empty() ? esgd::HzSource::kForward : esgd::HzSource::kCentral, grads_plus,
-            grads_minus, &hz_scale};
+            grads_minus, &hz_scale,
+            sources.is_none() ? c10::optional<at::TensorList>() : c10::optional<at::TensorList>(source_list)};
         return esgd::emulate_cuda_update(
             params, grads, exp_avgs, exp_hz_sqs, hz,
             esgd::Hyper{beta1, beta2, v, eps, weight_decay, step_size, momentum_scale,
@@ -146,9 +149,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("beta1"), py::arg("beta2"), py::arg("v"), py::arg("eps"), py::arg("weight_decay"),
       py::arg("step_size"), py::arg("momentum_scale"), py::arg("denom_scale"),
       py::arg("grad_scale_inv") = 1.0, py::arg("hz_scale_inv") = 1.0,
-      py::arg("step_scalars") = py::none(),
+      py::arg("step_scalars") = py::none(), py::arg("sources") = py::none(),
       "Test hook: esgd_update_fd_ through the CUDA kernel's code on CPU tensors (empty "
-      "grads_minus: forward difference). Returns the per-block rows of emulate_cuda_update.");
+      "grads_minus: forward difference; sources: theta's saved copies, as for the op). Returns the "
+      "per-block rows of emulate_cuda_update.");
   m.def(
       "emulate_cuda_rademacher", &esgd::emulate_cuda_rademacher, py::arg("out"), py::arg("keys"),
       py::arg("offsets"),
@@ -165,5 +169,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("MAX_TENSORS_PLAIN") = esgd::kMaxTensorsDepth4;
   m.attr("MAX_TENSORS_HZ") = esgd::kMaxTensorsDepth5;
   m.attr("MAX_TENSORS_CENTRAL") = esgd::kMaxTensorsDepth6;
+  m.attr("MAX_TENSORS_CENTRAL_SOURCES") = esgd::kMaxTensorsDepth7;
   m.attr("MAX_TENSORS_PROBE") = esgd::kMaxTensorsProbe;
 }

@@ -28,21 +28,21 @@ std::unordered_map<const void*, int64_t> index_by_address(const std::vector<at::
   return index_of;
 }
 
-template <typename P, typename S, HzSource Src>
+template <typename P, typename S, HzSource Src, bool kFromSource = false>
 void emulate_update(const UpdateJob& job, const Hyper& hyper, BlockRows& rows) {
-  constexpr int kDepth = depth_of<Src>();
+  constexpr int kDepth = depth_of<Src, kFromSource>();
   const Coeffs<S> c = make_coeffs<S>(hyper);
   const DeviceScale scale{job.hz_scale, hyper.hz_scale_inv};
   const auto index_of = index_by_address(job.workspace.params);
-  for_each_launch<Src>(job.workspace, [&](const TensorTable<kDepth>& table, int blocks) {
+  for_each_launch<Src, kFromSource>(job.workspace, [&](const TensorTable<kDepth>& table, int blocks) {
     for (int b = 0; b < blocks; ++b) {
-      const auto span = block_span<P, S, kDepth>(table, b);
+      const auto span = block_span<P, S, Src, kFromSource>(table, b);
       const int slot = table.block_slot[b];
       rows.push_back({index_of.at(table.addresses[0][slot]),
                       static_cast<int64_t>(table.block_chunk[b]),
                       static_cast<int64_t>(takes_vector_path(span))});
       for (int t = 0; t < kBlockSize; ++t) {
-        process_block<P, S, Src>(table, c, scale, b, t, kBlockSize);
+        process_block<P, S, Src, kFromSource>(table, c, scale, b, t, kBlockSize);
       }
     }
   });
@@ -76,10 +76,18 @@ BlockRows emulate_cuda_update(
             emulate_update<scalar_t, S, HzSource::kDirect>(*job, hyper, rows);
             break;
           case HzSource::kForward:
-            emulate_update<scalar_t, S, HzSource::kForward>(*job, hyper, rows);
+            if (hz.sources.has_value()) {
+              emulate_update<scalar_t, S, HzSource::kForward, true>(*job, hyper, rows);
+            } else {
+              emulate_update<scalar_t, S, HzSource::kForward>(*job, hyper, rows);
+            }
             break;
           case HzSource::kCentral:
-            emulate_update<scalar_t, S, HzSource::kCentral>(*job, hyper, rows);
+            if (hz.sources.has_value()) {
+              emulate_update<scalar_t, S, HzSource::kCentral, true>(*job, hyper, rows);
+            } else {
+              emulate_update<scalar_t, S, HzSource::kCentral>(*job, hyper, rows);
+            }
             break;
         }
       });

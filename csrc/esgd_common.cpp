@@ -1,6 +1,11 @@
 #include "esgd_common.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
 
 namespace esgd {
 
@@ -69,6 +74,83 @@ void check_tensor(
       " (the shape of params[", i, "])");
 }
 
+// The bytes [lo, hi) that a tensor's elements lie in (empty tensors have none).
+struct Span {
+  uintptr_t lo;
+  uintptr_t hi;
+};
+
+bool span_of(const at::Tensor& t, Span& span) {
+  if (t.numel() == 0) {
+    return false;
+  }
+  int64_t low = 0;
+  int64_t high = 0;
+  for (int64_t dim = 0; dim < t.dim(); ++dim) {
+    const int64_t extent = (t.size(dim) - 1) * t.stride(dim);
+    (extent < 0 ? low : high) += extent;
+  }
+  const auto base = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  const auto item = static_cast<int64_t>(t.element_size());
+  span.lo = base + low * item;
+  span.hi = base + (high + 1) * item;
+  return true;
+}
+
+// Refuses a source whose memory span meets that of a tensor the update writes. Spans, not
+// elements: interleaved views of one buffer are refused too, which costs nothing real and keeps
+// the check O(n log n) for any layout (at::get_overlap_status gives up on non-dense tensors).
+void check_sources_disjoint(
+    const char* op,
+    at::TensorList params,
+    at::TensorList exp_avgs,
+    at::TensorList exp_hz_sqs,
+    at::TensorList sources) {
+  struct Written {
+    Span span;
+    const char* name;
+    size_t index;
+  };
+  std::vector<Written> written;
+  written.reserve(3 * params.size());
+  const std::pair<const char*, at::TensorList> lists[] = {
+      {"params", params}, {"exp_avgs", exp_avgs}, {"exp_hz_sqs", exp_hz_sqs}};
+  for (const auto& [name, list] : lists) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      Span span;
+      if (span_of(list[i], span)) {
+        written.push_back({span, name, i});
+      }
+    }
+  }
+  std::sort(written.begin(), written.end(),
+            [](const Written& a, const Written& b) { return a.span.lo < b.span.lo; });
+  // reach[k]: the written span among the first k + 1 (by start) that ends last.
+  std::vector<size_t> reach(written.size());
+  for (size_t k = 0; k < written.size(); ++k) {
+    reach[k] = (k == 0 || written[k].span.hi > written[reach[k - 1]].span.hi) ? k : reach[k - 1];
+  }
+  for (size_t i = 0; i < sources.size(); ++i) {
+    Span span;
+    if (!span_of(sources[i], span)) {
+      continue;
+    }
+    // The written spans that start before this source ends; one of them meets it iff the one
+    // that ends last ends after the source starts.
+    const size_t before = std::lower_bound(
+        written.begin(), written.end(), span.hi,
+        [](const Written& w, uintptr_t end) { return w.span.lo < end; }) - written.begin();
+    if (before == 0) {
+      continue;
+    }
+    const Written& w = written[reach[before - 1]];
+    TORCH_CHECK(
+        w.span.hi <= span.lo,
+        op, ": sources[", i, "] shares memory with ", w.name, "[", w.index,
+        "]; a source must not overlap a tensor the update writes (params, exp_avgs, exp_hz_sqs)");
+  }
+}
+
 }  // namespace
 
 std::vector<std::pair<const char*, at::TensorList>> HzInputs::lists() const {
@@ -112,6 +194,10 @@ void check_inputs(
   for (const auto& [name, list] : inputs) {
     check_list_length(op, name, list, n);
   }
+  if (hz.sources.has_value()) {
+    TORCH_INTERNAL_ASSERT(is_finite_difference(hz.source), "sources only enter finite-difference steps");
+    check_list_length(op, "sources", *hz.sources, n);
+  }
   if (n == 0) {
     return;
   }
@@ -145,10 +231,16 @@ void check_inputs(
     for (const auto& [name, list] : inputs) {
       check_tensor(op, name, i, list[i], p, pdtype);
     }
+    if (hz.sources.has_value()) {
+      check_tensor(op, "sources", i, (*hz.sources)[i], p, pdtype);
+    }
   }
   if (is_finite_difference(hz.source)) {
     TORCH_INTERNAL_ASSERT(hz.scale != nullptr);
     check_device_scalar(op, "hz_scale", *hz.scale, first.device());
+  }
+  if (hz.sources.has_value()) {
+    check_sources_disjoint(op, params, exp_avgs, exp_hz_sqs, *hz.sources);
   }
 }
 
@@ -192,7 +284,8 @@ Workspace::Workspace(
     at::TensorList grads_in,
     at::TensorList exp_avgs_in,
     at::TensorList exp_hz_sqs_in,
-    const std::vector<at::TensorList>& inputs_in) {
+    const std::vector<at::TensorList>& inputs_in,
+    const at::TensorList* sources_in) {
   const size_t n = params_in.size();
   params.reserve(n);
   grads.reserve(n);
@@ -201,6 +294,9 @@ Workspace::Workspace(
   inputs.resize(inputs_in.size());
   for (auto& list : inputs) {
     list.reserve(n);
+  }
+  if (sources_in != nullptr) {
+    sources.reserve(n);
   }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params_in[i];
@@ -217,6 +313,14 @@ Workspace::Workspace(
       for (size_t k = 0; k < inputs_in.size(); ++k) {
         inputs[k].push_back(inputs_in[k][i]);
       }
+      if (sources_in != nullptr) {
+        const at::Tensor& s = (*sources_in)[i];
+        // A source in another layout (a contiguous copy of a channels-last parameter, say) is
+        // copied into the parameter's: one pass over the source, as the separate restore was,
+        // instead of sending the tensor's every list through contiguous copies.
+        sources.push_back(
+            dense_like(s, p) ? s : at::empty_strided(p.sizes(), p.strides(), s.options()).copy_(s));
+      }
       continue;
     }
     auto mutable_view = [this](const at::Tensor& t) {
@@ -227,12 +331,24 @@ Workspace::Workspace(
       writebacks_.emplace_back(t, copy);
       return copy;
     };
-    params.push_back(mutable_view(p));
+    if (sources_in == nullptr) {
+      params.push_back(mutable_view(p));
+    } else if (p.is_contiguous()) {
+      params.push_back(p);
+    } else {
+      // Written, never read, by the kernels: uninitialized scratch, not a copy of p.
+      at::Tensor scratch = at::empty(p.sizes(), p.options());
+      writebacks_.emplace_back(p, scratch);
+      params.push_back(scratch);
+    }
     grads.push_back(grads_in[i].contiguous());
     exp_avgs.push_back(mutable_view(exp_avgs_in[i]));
     exp_hz_sqs.push_back(mutable_view(exp_hz_sqs_in[i]));
     for (size_t k = 0; k < inputs_in.size(); ++k) {
       inputs[k].push_back(inputs_in[k][i].contiguous());
+    }
+    if (sources_in != nullptr) {
+      sources.push_back((*sources_in)[i].contiguous());
     }
   }
 }
@@ -265,8 +381,9 @@ std::unique_ptr<UpdateJob> prepare_update(
   for (const auto& named : hz.lists()) {
     inputs.push_back(named.second);
   }
+  const at::TensorList* sources = hz.sources.has_value() ? &*hz.sources : nullptr;
   auto job = std::unique_ptr<UpdateJob>(
-      new UpdateJob{Workspace(params, grads, exp_avgs, exp_hz_sqs, inputs), nullptr});
+      new UpdateJob{Workspace(params, grads, exp_avgs, exp_hz_sqs, inputs, sources), nullptr});
   job->workspace.step_scalars = std::move(rows);
   if (is_finite_difference(hz.source)) {
     job->hz_scale = hz.scale->const_data_ptr<double>();

@@ -38,12 +38,19 @@ struct HzInputs {
   at::TensorList a;
   at::TensorList b;
   const at::Tensor* scale = nullptr;
-  // The read-only parameter-typed lists after grads, with their argument names.
+  // Finite-difference steps only: where theta comes from. Set, tensor i's theta is sources[i] (the
+  // copy the perturbation saved) and params[i] is only written, which fuses the restore of the
+  // parameters into the update; unset, theta is params[i], read and written.
+  c10::optional<at::TensorList> sources;
+  // The read-only parameter-typed lists after grads, with their argument names (not sources,
+  // which the workspace lays out after params: see Workspace).
   std::vector<std::pair<const char*, at::TensorList>> lists() const;
 };
 
 // Validates every list against params before anything is written, so a bad call leaves the
-// parameters and state untouched. Errors name the list and index.
+// parameters and state untouched. Errors name the list and index. Sources must not share memory
+// with any tensor the update writes (params, exp_avgs, exp_hz_sqs): the kernels read a source
+// while writing the others, in no particular order.
 void check_inputs(
     const char* op,
     at::TensorList params,
@@ -55,16 +62,20 @@ void check_inputs(
 
 // Tensors the kernels can walk as flat arrays. A tensor whose layout is dense and shared by all
 // tensors of its group is used in place (elementwise math does not care about the order);
-// anything else goes through a contiguous copy, written back by finish().
+// anything else goes through a contiguous copy, written back by finish(). A source (theta's saved
+// copy) only has to follow: when its own layout is the one that differs, it alone is copied into
+// its parameter's layout, and the rest stays in place.
 class Workspace {
  public:
-  // `inputs`: the read-only parameter-typed lists after grads (HzInputs::lists()).
+  // `inputs`: the read-only parameter-typed lists after grads (HzInputs::lists()); `sources`:
+  // HzInputs::sources (null: theta is params).
   Workspace(
       at::TensorList params,
       at::TensorList grads,
       at::TensorList exp_avgs,
       at::TensorList exp_hz_sqs,
-      const std::vector<at::TensorList>& inputs);
+      const std::vector<at::TensorList>& inputs,
+      const at::TensorList* sources = nullptr);
 
   void finish();
 
@@ -74,6 +85,9 @@ class Workspace {
   std::vector<at::Tensor> exp_hz_sqs;
   // hzs, or grads_plus [and grads_minus], in HzInputs order.
   std::vector<std::vector<at::Tensor>> inputs;
+  // theta of each tensor when the step reads it from sources (then params are only written);
+  // empty otherwise.
+  std::vector<at::Tensor> sources;
   // Capturable steps: row i (kStepScalars doubles, on the device) holds tensor i's step scalars.
   std::vector<const double*> step_scalars;
 
@@ -194,7 +208,9 @@ void capturable_op(
 
 // Estimation step with a finite-difference Hz: grads_plus - grads (empty grads_minus, forward) or
 // grads_plus - grads_minus (central), times hz_scale_inv * hz_scale, hz_scale read on the device.
-// With step_scalars, the host step scalars are ignored, as in a capturable step.
+// With step_scalars, the host step scalars are ignored, as in a capturable step. With sources,
+// theta is read from sources[i] and params[i] only written: params[i].copy_(sources[i]) and the
+// step in one pass.
 template <LaunchFn Launch>
 void fd_op(
     at::TensorList params,
@@ -214,11 +230,12 @@ void fd_op(
     double momentum_scale,
     double denom_scale,
     double grad_scale_inv,
-    double hz_scale_inv) {
+    double hz_scale_inv,
+    c10::optional<at::TensorList> sources) {
   const Hyper hyper{beta1, beta2, v, eps, weight_decay, step_size, momentum_scale, denom_scale,
                     grad_scale_inv, hz_scale_inv};
   const HzInputs hz{grads_minus.empty() ? HzSource::kForward : HzSource::kCentral, grads_plus,
-                    grads_minus, &hz_scale};
+                    grads_minus, &hz_scale, sources};
   Launch("esgd_update_fd_", params, grads, exp_avgs, exp_hz_sqs, hz, hyper,
          step_scalars.has_value() ? &*step_scalars : nullptr);
 }

@@ -33,10 +33,12 @@ namespace {
 // 19M-element model still spreads over every core.
 constexpr int64_t kGrain = 32768;
 
-// a: hzs or grads_plus; b: grads_minus (HzSource).
-template <typename P, typename S, HzSource Src>
+// a: hzs or grads_plus; b: grads_minus (HzSource); x: theta's source when kFromSource (p is then
+// only written: the restore of a finite-difference step fused into its update), unused otherwise.
+template <typename P, typename S, HzSource Src, bool kFromSource>
 C10_ALWAYS_INLINE void update_range(
     P* __restrict__ p,
+    const P* __restrict__ x,
     const P* __restrict__ g,
     S* __restrict__ m,
     S* __restrict__ d,
@@ -47,7 +49,12 @@ C10_ALWAYS_INLINE void update_range(
   constexpr bool kHasHz = Src != HzSource::kNone;
   const Coeffs<S> c = coeffs;  // a local copy, so the compiler knows stores cannot alias it
   for (int64_t i = 0; i < n; ++i) {
-    S pi = static_cast<S>(p[i]);
+    S pi;
+    if constexpr (kFromSource) {
+      pi = static_cast<S>(x[i]);
+    } else {
+      pi = static_cast<S>(p[i]);
+    }
     const S gi = static_cast<S>(g[i]);
     S mi = m[i];
     S di = d[i];
@@ -69,27 +76,31 @@ C10_ALWAYS_INLINE void update_range(
 }
 
 template <typename P, typename S>
-using RangeFn = void (*)(P*, const P*, S*, S*, const P*, const P*, int64_t, const Coeffs<S>&);
+using RangeFn =
+    void (*)(P*, const P*, const P*, S*, S*, const P*, const P*, int64_t, const Coeffs<S>&);
 
-template <typename P, typename S, HzSource Src>
+template <typename P, typename S, HzSource Src, bool kFromSource>
 struct Range;
 
-// target_clones needs plain functions, hence one per (param type, state type, hz source).
-#define ESGD_DEFINE_RANGE(P, S, SRC, NAME)                                                      \
-  ESGD_CPU_CLONES void NAME(                                                                    \
-      P* p, const P* g, S* m, S* d, const P* a, const P* b, int64_t n, const Coeffs<S>& c) {    \
-    update_range<P, S, HzSource::SRC>(p, g, m, d, a, b, n, c);                                  \
-  }                                                                                             \
-  template <>                                                                                   \
-  struct Range<P, S, HzSource::SRC> {                                                           \
-    static constexpr RangeFn<P, S> fn = &NAME;                                                  \
+// target_clones needs plain functions, hence one per (param type, state type, hz source, whether
+// theta comes from sources). scripts/check_cpu_vectorization.py names them.
+#define ESGD_DEFINE_RANGE(P, S, SRC, FROM, NAME)                                                 \
+  ESGD_CPU_CLONES void NAME(P* p, const P* x, const P* g, S* m, S* d, const P* a, const P* b,    \
+                            int64_t n, const Coeffs<S>& c) {                                     \
+    update_range<P, S, HzSource::SRC, FROM>(p, x, g, m, d, a, b, n, c);                          \
+  }                                                                                              \
+  template <>                                                                                    \
+  struct Range<P, S, HzSource::SRC, FROM> {                                                      \
+    static constexpr RangeFn<P, S> fn = &NAME;                                                   \
   };
 
-#define ESGD_DEFINE_RANGES(P, S, NAME)                   \
-  ESGD_DEFINE_RANGE(P, S, kNone, NAME)                   \
-  ESGD_DEFINE_RANGE(P, S, kDirect, NAME##_hz)            \
-  ESGD_DEFINE_RANGE(P, S, kForward, NAME##_fd_forward)   \
-  ESGD_DEFINE_RANGE(P, S, kCentral, NAME##_fd_central)
+#define ESGD_DEFINE_RANGES(P, S, NAME)                                 \
+  ESGD_DEFINE_RANGE(P, S, kNone, false, NAME)                          \
+  ESGD_DEFINE_RANGE(P, S, kDirect, false, NAME##_hz)                   \
+  ESGD_DEFINE_RANGE(P, S, kForward, false, NAME##_fd_forward)          \
+  ESGD_DEFINE_RANGE(P, S, kCentral, false, NAME##_fd_central)          \
+  ESGD_DEFINE_RANGE(P, S, kForward, true, NAME##_fd_forward_source)    \
+  ESGD_DEFINE_RANGE(P, S, kCentral, true, NAME##_fd_central_source)
 
 ESGD_DEFINE_RANGES(float, float, range_f32)
 ESGD_DEFINE_RANGES(double, double, range_f64)
@@ -129,17 +140,17 @@ __attribute__((target("avx2,f16c"))) inline void narrow(
   }
 }
 
-template <HzSource Src>
+template <HzSource Src, bool kFromSource>
 __attribute__((target("avx2,f16c"))) void range_f16_f16c(
-    at::Half* p, const at::Half* g, float* m, float* d, const at::Half* a, const at::Half* b,
-    int64_t n, const Coeffs<float>& c) {
+    at::Half* p, const at::Half* x, const at::Half* g, float* m, float* d, const at::Half* a,
+    const at::Half* b, int64_t n, const Coeffs<float>& c) {
   alignas(32) float pb[kHalfBlock];
   alignas(32) float gb[kHalfBlock];
   alignas(32) float ab[kHalfBlock];
   alignas(32) float bb[kHalfBlock];
   for (int64_t i = 0; i < n; i += kHalfBlock) {
     const int64_t len = std::min(kHalfBlock, n - i);
-    widen(p + i, pb, len);
+    widen((kFromSource ? x : p) + i, pb, len);
     widen(g + i, gb, len);
     if constexpr (Src != HzSource::kNone) {
       widen(a + i, ab, len);
@@ -147,7 +158,7 @@ __attribute__((target("avx2,f16c"))) void range_f16_f16c(
     if constexpr (Src == HzSource::kCentral) {
       widen(b + i, bb, len);
     }
-    update_range<float, float, Src>(pb, gb, m + i, d + i, ab, bb, len, c);
+    update_range<float, float, Src, false>(pb, nullptr, gb, m + i, d + i, ab, bb, len, c);
     narrow(pb, p + i, len);
   }
 }
@@ -158,24 +169,25 @@ bool has_f16c() {
 }
 #endif
 
-template <typename P, typename S, HzSource Src>
+template <typename P, typename S, HzSource Src, bool kFromSource>
 RangeFn<P, S> pick_range() {
 #ifdef ESGD_CPU_F16C
   if constexpr (std::is_same_v<P, at::Half>) {
     if (has_f16c()) {
-      return &range_f16_f16c<Src>;
+      return &range_f16_f16c<Src, kFromSource>;
     }
   }
 #endif
-  return Range<P, S, Src>::fn;
+  return Range<P, S, Src, kFromSource>::fn;
 }
 
-template <typename P, typename S, HzSource Src>
+template <typename P, typename S, HzSource Src, bool kFromSource = false>
 void run(const UpdateJob& job, const Hyper& hyper) {
   const Workspace& w = job.workspace;
   const size_t n = w.params.size();
   std::vector<int64_t> offsets(n + 1, 0);
   std::vector<P*> p(n);
+  std::vector<const P*> x(n, nullptr);
   std::vector<const P*> g(n);
   std::vector<S*> m(n);
   std::vector<S*> d(n);
@@ -184,6 +196,9 @@ void run(const UpdateJob& job, const Hyper& hyper) {
   for (size_t t = 0; t < n; ++t) {
     offsets[t + 1] = offsets[t] + w.params[t].numel();
     p[t] = w.params[t].data_ptr<P>();
+    if constexpr (kFromSource) {
+      x[t] = w.sources[t].const_data_ptr<P>();
+    }
     g[t] = w.grads[t].data_ptr<P>();
     m[t] = w.exp_avgs[t].data_ptr<S>();
     d[t] = w.exp_hz_sqs[t].data_ptr<S>();
@@ -202,7 +217,7 @@ void run(const UpdateJob& job, const Hyper& hyper) {
   for (size_t t = 0; t < w.step_scalars.size(); ++t) {
     apply_step_scalars(coeffs[t], w.step_scalars[t]);
   }
-  const RangeFn<P, S> range = pick_range<P, S, Src>();
+  const RangeFn<P, S> range = pick_range<P, S, Src, kFromSource>();
   at::parallel_for(0, offsets[n], kGrain, [&](int64_t begin, int64_t end) {
     // Largest t with offsets[t] <= begin, which skips empty tensors.
     size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
@@ -210,7 +225,7 @@ void run(const UpdateJob& job, const Hyper& hyper) {
       const int64_t stop = std::min(end, offsets[t + 1]);
       const int64_t lo = begin - offsets[t];
       if (stop > begin) {
-        range(p[t] + lo, g[t] + lo, m[t] + lo, d[t] + lo, a[t] ? a[t] + lo : nullptr,
+        range(p[t] + lo, x[t] ? x[t] + lo : nullptr, g[t] + lo, m[t] + lo, d[t] + lo, a[t] ? a[t] + lo : nullptr,
               b[t] ? b[t] + lo : nullptr, stop - begin, coeffs[t]);
       }
       begin = stop;
@@ -244,10 +259,18 @@ void launch(
             run<scalar_t, S, HzSource::kDirect>(*job, hyper);
             break;
           case HzSource::kForward:
-            run<scalar_t, S, HzSource::kForward>(*job, hyper);
+            if (hz.sources.has_value()) {
+              run<scalar_t, S, HzSource::kForward, true>(*job, hyper);
+            } else {
+              run<scalar_t, S, HzSource::kForward>(*job, hyper);
+            }
             break;
           case HzSource::kCentral:
-            run<scalar_t, S, HzSource::kCentral>(*job, hyper);
+            if (hz.sources.has_value()) {
+              run<scalar_t, S, HzSource::kCentral, true>(*job, hyper);
+            } else {
+              run<scalar_t, S, HzSource::kCentral>(*job, hyper);
+            }
             break;
         }
       });

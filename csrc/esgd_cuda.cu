@@ -45,13 +45,26 @@ __global__ void __launch_bounds__(kBlockSize, 2) esgd_fd_update_kernel(
   process_block<P, S, kSrc>(table, c, scale, blockIdx.x, threadIdx.x, blockDim.x);
 }
 
-template <typename P, typename S, HzSource Src>
+// Finite-difference steps that read theta from the copy the perturbation saved (the sources, the
+// table's last list) and only write the parameters: the restore fused into the update, one pass
+// over the parameters less. Depth 6 is the forward difference, 7 the central one.
+template <typename P, typename S, int Depth>
+__global__ void __launch_bounds__(kBlockSize, 2) esgd_fd_update_from_source_kernel(
+    const TensorTable<Depth> table, const Coeffs<S> c, const DeviceScale scale) {
+  constexpr HzSource kSrc = Depth == 7 ? HzSource::kCentral : HzSource::kForward;
+  process_block<P, S, kSrc, true>(table, c, scale, blockIdx.x, threadIdx.x, blockDim.x);
+}
+
+template <typename P, typename S, HzSource Src, bool kFromSource = false>
 void launch_all(const UpdateJob& job, const Hyper& hyper, cudaStream_t stream) {
-  constexpr int kDepth = depth_of<Src>();
+  constexpr int kDepth = depth_of<Src, kFromSource>();
   const Coeffs<S> coeffs = make_coeffs<S>(hyper);
   const DeviceScale scale{job.hz_scale, hyper.hz_scale_inv};
-  for_each_launch<Src>(job.workspace, [&](const TensorTable<kDepth>& table, int blocks) {
-    if constexpr (is_finite_difference(Src)) {
+  for_each_launch<Src, kFromSource>(job.workspace, [&](const TensorTable<kDepth>& table, int blocks) {
+    if constexpr (kFromSource) {
+      esgd_fd_update_from_source_kernel<P, S, kDepth><<<blocks, kBlockSize, 0, stream>>>(
+          table, coeffs, scale);
+    } else if constexpr (is_finite_difference(Src)) {
       esgd_fd_update_kernel<P, S, kDepth><<<blocks, kBlockSize, 0, stream>>>(table, coeffs, scale);
     } else {
       esgd_multi_tensor_kernel<P, S, kDepth><<<blocks, kBlockSize, 0, stream>>>(table, coeffs);
@@ -89,10 +102,18 @@ void launch(
             launch_all<scalar_t, S, HzSource::kDirect>(*job, hyper, stream);
             break;
           case HzSource::kForward:
-            launch_all<scalar_t, S, HzSource::kForward>(*job, hyper, stream);
+            if (hz.sources.has_value()) {
+              launch_all<scalar_t, S, HzSource::kForward, true>(*job, hyper, stream);
+            } else {
+              launch_all<scalar_t, S, HzSource::kForward>(*job, hyper, stream);
+            }
             break;
           case HzSource::kCentral:
-            launch_all<scalar_t, S, HzSource::kCentral>(*job, hyper, stream);
+            if (hz.sources.has_value()) {
+              launch_all<scalar_t, S, HzSource::kCentral, true>(*job, hyper, stream);
+            } else {
+              launch_all<scalar_t, S, HzSource::kCentral>(*job, hyper, stream);
+            }
             break;
         }
       });

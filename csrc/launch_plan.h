@@ -12,13 +12,15 @@ namespace esgd {
 // Elements per block. Large chunks amortize the per-block metadata lookup; 65536 keeps the grid
 // of a 100M-parameter model above a thousand blocks per launch sequence.
 constexpr int64_t kChunkSize = 65536;
-// Blocks per launch and tensors per launch for 4, 5 and 6 lists (plain, Hz or forward difference,
-// central difference) and for the probe kernels, sized so the by-value metadata struct stays
-// inside the 4 KB kernel parameter limit of every supported CUDA version.
+// Blocks per launch and tensors per launch for 4, 5, 6 and 7 lists (plain, Hz or forward
+// difference, central difference or forward difference from sources, central difference from
+// sources) and for the probe kernels, sized so the by-value metadata struct stays inside the 4 KB
+// kernel parameter limit of every supported CUDA version.
 constexpr int kMaxBlocks = 320;
 constexpr int kMaxTensorsDepth4 = 36;
 constexpr int kMaxTensorsDepth5 = 30;
 constexpr int kMaxTensorsDepth6 = 26;
+constexpr int kMaxTensorsDepth7 = 24;
 constexpr int kMaxTensorsProbe = 48;
 
 struct Launch {

@@ -48,12 +48,19 @@ template <>
 struct MaxTensors<6> {
   static constexpr int value = kMaxTensorsDepth6;
 };
+template <>
+struct MaxTensors<7> {
+  static constexpr int value = kMaxTensorsDepth7;
+};
 
 // Lists a step reads: params, grads, exp_avgs, exp_hz_sqs, then hzs (kDirect), grads_plus
-// (kForward, whose base is grads) or grads_plus and grads_minus (kCentral).
-template <HzSource Src>
+// (kForward, whose base is grads) or grads_plus and grads_minus (kCentral), then, for a
+// finite-difference step that reads theta from a saved copy (kFromSource), the sources; params
+// are then only written.
+template <HzSource Src, bool kFromSource = false>
 constexpr int depth_of() {
-  return Src == HzSource::kNone ? 4 : (Src == HzSource::kCentral ? 6 : 5);
+  static_assert(!kFromSource || is_finite_difference(Src), "sources only enter finite differences");
+  return (Src == HzSource::kNone ? 4 : (Src == HzSource::kCentral ? 6 : 5)) + (kFromSource ? 1 : 0);
 }
 
 // Passed by value as the kernel argument, one address list per list above.
@@ -78,7 +85,10 @@ static_assert(sizeof(TensorTable<5>) + sizeof(Coeffs<double>) + sizeof(DeviceSca
               "kernel params > 4 KB");
 static_assert(sizeof(TensorTable<6>) + sizeof(Coeffs<double>) + sizeof(DeviceScale) <= 4096,
               "kernel params > 4 KB");
-static_assert(kMaxTensorsDepth4 <= 256 && kMaxTensorsDepth5 <= 256 && kMaxTensorsDepth6 <= 256,
+static_assert(sizeof(TensorTable<7>) + sizeof(Coeffs<double>) + sizeof(DeviceScale) <= 4096,
+              "kernel params > 4 KB");
+static_assert(kMaxTensorsDepth4 <= 256 && kMaxTensorsDepth5 <= 256 && kMaxTensorsDepth6 <= 256 &&
+                  kMaxTensorsDepth7 <= 256,
               "slots are stored as bytes");
 
 template <typename T, int Ilp>
@@ -110,11 +120,14 @@ struct BlockSpan {
   S* d;
   const P* a;  // hzs or grads_plus; null on plain steps
   const P* b;  // grads_minus of a central difference; null otherwise
+  const P* x;  // theta's source (kFromSource); null when theta is p
   int n;  // elements in this chunk: kChunkSize, or fewer in a tensor's last chunk
 };
 
-template <typename P, typename S, int Depth>
-C10_HOST_DEVICE inline BlockSpan<P, S> block_span(const TensorTable<Depth>& table, int block) {
+template <typename P, typename S, HzSource Src, bool kFromSource>
+C10_HOST_DEVICE inline BlockSpan<P, S> block_span(
+    const TensorTable<depth_of<Src, kFromSource>()>& table, int block) {
+  constexpr int kHzLists = depth_of<Src>() - 4;
   const int slot = table.block_slot[block];
   // 64-bit before the multiply: chunk * kChunkSize exceeds int32 in tensors of >= 2^31 elements.
   const int64_t start = static_cast<int64_t>(table.block_chunk[block]) * kChunkSize;
@@ -127,11 +140,15 @@ C10_HOST_DEVICE inline BlockSpan<P, S> block_span(const TensorTable<Depth>& tabl
   s.d = static_cast<S*>(table.addresses[3][slot]) + start;
   s.a = nullptr;
   s.b = nullptr;
-  if constexpr (Depth >= 5) {
+  s.x = nullptr;
+  if constexpr (kHzLists >= 1) {
     s.a = static_cast<const P*>(table.addresses[4][slot]) + start;
   }
-  if constexpr (Depth >= 6) {
+  if constexpr (kHzLists >= 2) {
     s.b = static_cast<const P*>(table.addresses[5][slot]) + start;
+  }
+  if constexpr (kFromSource) {
+    s.x = static_cast<const P*>(table.addresses[4 + kHzLists][slot]) + start;
   }
   return s;
 }
@@ -143,7 +160,8 @@ C10_HOST_DEVICE inline bool takes_vector_path(const BlockSpan<P, S>& s) {
   constexpr int kIlp = ilp_for<P>();
   return s.n % kIlp == 0 && is_aligned<P, kIlp>(s.p) && is_aligned<P, kIlp>(s.g) &&
       is_aligned<S, kIlp>(s.m) && is_aligned<S, kIlp>(s.d) &&
-      (s.a == nullptr || is_aligned<P, kIlp>(s.a)) && (s.b == nullptr || is_aligned<P, kIlp>(s.b));
+      (s.a == nullptr || is_aligned<P, kIlp>(s.a)) && (s.b == nullptr || is_aligned<P, kIlp>(s.b)) &&
+      (s.x == nullptr || is_aligned<P, kIlp>(s.x));
 }
 
 // The unscaled curvature estimate of one element, from the values the step loaded: a is hzs or
@@ -161,16 +179,16 @@ C10_HOST_DEVICE inline S form_hz(S a, S b, S g) {
   }
 }
 
-// The work of thread `thread` (of `threads`) in block `block` of one launch.
-template <typename P, typename S, HzSource Src>
+// The work of thread `thread` (of `threads`) in block `block` of one launch. kFromSource: theta is
+// read from the sources and p only written (the restore of a finite-difference step fused in).
+template <typename P, typename S, HzSource Src, bool kFromSource = false>
 C10_HOST_DEVICE inline void process_block(
-    const TensorTable<depth_of<Src>()>& table,
+    const TensorTable<depth_of<Src, kFromSource>()>& table,
     const Coeffs<S>& coeffs,
     const DeviceScale& scale,
     int block,
     int thread,
     int threads) {
-  constexpr int kDepth = depth_of<Src>();
   constexpr bool kHasHz = Src != HzSource::kNone;
   constexpr bool kHasB = Src == HzSource::kCentral;
   constexpr int kIlp = ilp_for<P>();
@@ -183,7 +201,7 @@ C10_HOST_DEVICE inline void process_block(
   if constexpr (is_finite_difference(Src)) {
     apply_hz_scale(c, scale.multiplier, *scale.value);
   }
-  const BlockSpan<P, S> span = block_span<P, S, kDepth>(table, block);
+  const BlockSpan<P, S> span = block_span<P, S, Src, kFromSource>(table, block);
   const int n = span.n;
   P* __restrict__ p = span.p;
   const P* __restrict__ g = span.g;
@@ -191,6 +209,7 @@ C10_HOST_DEVICE inline void process_block(
   S* __restrict__ d = span.d;
   const P* __restrict__ a = span.a;
   const P* __restrict__ b = span.b;
+  const P* __restrict__ x = span.x;
 
   if (takes_vector_path(span)) {
     // Register budget (64, see esgd_cuda.cu): the estimate is formed first, so the lists it
@@ -214,7 +233,12 @@ C10_HOST_DEVICE inline void process_block(
           hz[k] = form_hz<Src>(static_cast<S>(ap.v[k]), static_cast<S>(bp.v[k]), static_cast<S>(gp.v[k]));
         }
       }
-      Pack<P, kIlp> pp = load_pack<kIlp>(p, i);
+      Pack<P, kIlp> pp;
+      if constexpr (kFromSource) {
+        pp = load_pack<kIlp>(x, i);
+      } else {
+        pp = load_pack<kIlp>(p, i);
+      }
       ESGD_UNROLL
       for (int half = 0; half < kStateVectors; ++half) {
         const int j = i * kStateVectors + half;
@@ -245,7 +269,11 @@ C10_HOST_DEVICE inline void process_block(
     for (int k = 0; k < kIlp; ++k) {
       const int i = base + thread + k * threads;
       if (i < n) {
-        pr[k] = static_cast<S>(p[i]);
+        if constexpr (kFromSource) {
+          pr[k] = static_cast<S>(x[i]);
+        } else {
+          pr[k] = static_cast<S>(p[i]);
+        }
         gr[k] = static_cast<S>(g[i]);
         mr[k] = m[i];
         dr[k] = d[i];
@@ -270,10 +298,12 @@ C10_HOST_DEVICE inline void process_block(
 }
 
 // Plans the launches for a workspace and calls launch(table, blocks) for each, in order.
-template <HzSource Src, typename LaunchFn>
+template <HzSource Src, bool kFromSource, typename LaunchFn>
 void for_each_launch(const Workspace& w, LaunchFn&& launch) {
-  constexpr int kDepth = depth_of<Src>();
-  TORCH_INTERNAL_ASSERT(w.inputs.size() == static_cast<size_t>(kDepth - 4));
+  constexpr int kDepth = depth_of<Src, kFromSource>();
+  constexpr int kHzLists = depth_of<Src>() - 4;
+  TORCH_INTERNAL_ASSERT(w.inputs.size() == static_cast<size_t>(kHzLists));
+  TORCH_INTERNAL_ASSERT(w.sources.empty() != kFromSource);
   std::vector<int64_t> numels(w.params.size());
   for (size_t t = 0; t < numels.size(); ++t) {
     numels[t] = w.params[t].numel();
@@ -287,8 +317,12 @@ void for_each_launch(const Workspace& w, LaunchFn&& launch) {
       table.addresses[1][slot] = w.grads[t].data_ptr();
       table.addresses[2][slot] = w.exp_avgs[t].data_ptr();
       table.addresses[3][slot] = w.exp_hz_sqs[t].data_ptr();
-      for (int k = 4; k < kDepth; ++k) {
-        table.addresses[k][slot] = w.inputs[k - 4][t].data_ptr();
+      for (int k = 0; k < kHzLists; ++k) {
+        table.addresses[4 + k][slot] = w.inputs[k][t].data_ptr();
+      }
+      if constexpr (kFromSource) {
+        // Read-only: const_data_ptr, so that a source is never materialized as if written.
+        table.addresses[4 + kHzLists][slot] = const_cast<void*>(w.sources[t].const_data_ptr());
       }
       table.numel[slot] = numels[t];
       table.step_scalars[slot] = w.step_scalars.empty() ? nullptr : w.step_scalars[t];

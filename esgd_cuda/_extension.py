@@ -43,11 +43,35 @@ def _load() -> Tuple[Optional[Any], Optional[str]]:
         return None, _missing_reason()
     except Exception as exc:  # an ABI mismatch surfaces as ImportError or OSError, or worse
         return None, f"{type(exc).__name__}: {exc}"
-    for op in ("esgd_update_", "esgd_update_hz_", "esgd_update_capturable_", "esgd_update_fd_", "esgd_rademacher_",
-               "esgd_fd_perturb_"):
-        if not hasattr(torch.ops.esgd_cuda, op):
-            return None, f"{_C.__file__} loaded but did not register torch.ops.esgd_cuda.{op}"
+    stale = _stale_ops(torch.ops.esgd_cuda)
+    if stale is not None:
+        return None, f"{_C.__file__} loaded but {stale}"
     return _C, None
+
+
+# The ops the package calls, each with the arguments added to it after it first appeared: an
+# extension built from older sources loads, but would fail at the first call that passes them.
+_REQUIRED_OPS = {
+    "esgd_update_": (),
+    "esgd_update_hz_": (),
+    "esgd_update_capturable_": (),
+    "esgd_update_fd_": ("sources",),
+    "esgd_rademacher_": (),
+    "esgd_fd_perturb_": (),
+}
+
+
+def _stale_ops(namespace) -> Optional[str]:
+    """What an extension's op namespace lacks of _REQUIRED_OPS, or None."""
+    for op, arguments in _REQUIRED_OPS.items():
+        if not hasattr(namespace, op):
+            return f"did not register torch.ops.esgd_cuda.{op}"
+        have = {a.name for a in getattr(namespace, op).default._schema.arguments}
+        missing = [a for a in arguments if a not in have]
+        if missing:
+            return (f"registered torch.ops.esgd_cuda.{op} without its argument {', '.join(missing)} (built from "
+                    "older sources: rebuild it)")
+    return None
 
 
 def _source_checkout() -> Optional[str]:

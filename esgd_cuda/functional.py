@@ -18,11 +18,13 @@ and p turn NaN there: a non-finite curvature estimate never passes silently.
 
 `esgd_update_fd` is an estimation step whose hz is a finite difference of gradients,
 hz = (g(theta + h z) - g(theta)) / h or (g(theta + h z) - g(theta - h z)) / (2h), with 1/h or 1/(2h)
-in a device tensor; the fused kernels form it in registers.
+in a device tensor; the fused kernels form it in registers. Its `sources` read theta from the copy
+the perturbation saved, so the parameters need no separate restore.
 
 Math runs in the state dtype: float32 for float16/bfloat16/float32 parameters, float64 for float64.
 """
 
+import bisect
 from typing import List, Optional, Union
 
 import torch
@@ -289,6 +291,51 @@ def _check_device_scalar(op: str, name: str, t: Tensor, device: torch.device) ->
         raise ValueError(f"{op}: {name} is on {t.device}, expected {device} (the device of params[0])")
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _byte_span(t: Tensor):
+    """The bytes [lo, hi) that a non-empty tensor's elements lie in."""
+    low = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s < 0)
+    high = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s > 0)
+    return t.data_ptr() + low * t.element_size(), t.data_ptr() + (high + 1) * t.element_size()
+
+
+def _check_sources(op: str, params, exp_avgs, exp_hz_sqs, sources) -> None:
+    """The checks of the native op's sources, for the pure-PyTorch path: each source has its
+    parameter's dtype, shape and device, and shares no memory with a tensor the update writes
+    (by memory span, as the native check)."""
+    for i, (s, p) in enumerate(zip(sources, params)):
+        if not isinstance(s, Tensor):
+            raise TypeError(f"{op}: sources[{i}] is {type(s).__name__}, expected a tensor")
+        if s.device != p.device:
+            raise ValueError(f"{op}: sources[{i}] is on {s.device}, expected {p.device} (the device of params[{i}])")
+        if s.dtype != p.dtype:
+            raise TypeError(f"{op}: sources[{i}] has dtype {_dtype_name(s.dtype)}, expected {_dtype_name(p.dtype)}")
+        if s.shape != p.shape:
+            raise ValueError(f"{op}: sources[{i}] has shape {list(s.shape)}, expected {list(p.shape)} "
+                             f"(the shape of params[{i}])")
+    if torch.compiler.is_compiling() or params[0].device.type == "meta":
+        return  # traced and meta tensors have no memory to share
+    written = sorted((_byte_span(t), name, j) for name, lst in (("params", params), ("exp_avgs", exp_avgs),
+                                                                ("exp_hz_sqs", exp_hz_sqs))
+                     for j, t in enumerate(lst) if t.numel())
+    starts = [span[0] for span, _, _ in written]
+    reach = []  # reach[k]: the written span among the first k + 1 by start that ends last
+    for k, (span, _, _) in enumerate(written):
+        reach.append(k if k == 0 or span[1] > written[reach[-1]][0][1] else reach[-1])
+    for i, s in enumerate(sources):
+        if not s.numel():
+            continue
+        lo, hi = _byte_span(s)
+        before = bisect.bisect_left(starts, hi)
+        if before and written[reach[before - 1]][0][1] > lo:
+            _, name, j = written[reach[before - 1]]
+            raise ValueError(f"{op}: sources[{i}] shares memory with {name}[{j}]; a source must not overlap a "
+                             "tensor the update writes (params, exp_avgs, exp_hz_sqs)")
+
+
 def esgd_update_fd(
     params: List[Tensor],
     grads: List[Tensor],
@@ -309,6 +356,7 @@ def esgd_update_fd(
     grad_scale_inv: float = 1.0,
     hz_scale_inv: float = 1.0,
     step_scalars: Optional[Tensor] = None,
+    sources: Optional[List[Tensor]] = None,
     fused: bool = False,
 ) -> None:
     """An estimation step of `esgd_update` whose Hz is a finite difference of gradients.
@@ -321,10 +369,18 @@ def esgd_update_fd(
     tensor's decay, lr scale and denominator scale come from its row, as in `esgd_update_capturable`,
     and weight_decay, step_size, momentum_scale and denom_scale are ignored. The fused kernels never
     materialize hz; the pure-PyTorch path does.
+
+    `sources` (one tensor per parameter, with its dtype, shape and device, any layout): theta is read
+    from sources[i] and params[i] is only written, exactly `params[i].copy_(sources[i])` followed by
+    the step: the restore of the parameters after a finite difference's perturbed passes, fused into
+    the update (the fused kernels save one pass over the parameters). A source must not share memory
+    with params, exp_avgs or exp_hz_sqs. Sources in their parameter's layout (same strides, dense)
+    are read in place; others cost one copy into it.
     """
     n = len(params)
     for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_hz_sqs", exp_hz_sqs),
-                      ("grads_plus", grads_plus)) + ((("grads_minus", grads_minus),) if grads_minus is not None else ()):
+                      ("grads_plus", grads_plus)) + ((("grads_minus", grads_minus),) if grads_minus is not None else ()) \
+            + ((("sources", sources),) if sources is not None else ()):
         if len(lst) != n:
             raise ValueError(f"esgd_update_fd: {name} has {len(lst)} tensors but params has {n}")
     if n == 0:
@@ -341,8 +397,13 @@ def esgd_update_fd(
             hz_scale, step_scalars, beta1=beta1, beta2=beta2, v=v, eps=eps, weight_decay=weight_decay,
             step_size=step_size, momentum_scale=momentum_scale, denom_scale=denom_scale,
             grad_scale_inv=grad_scale_inv, hz_scale_inv=hz_scale_inv,
+            sources=list(sources) if sources is not None else None,
         )
         return
+    if sources is not None:
+        # The definition itself: restore, then the step (the fused kernels do both in one pass).
+        _check_sources("esgd_update_fd", params, exp_avgs, exp_hz_sqs, sources)
+        torch._foreach_copy_(params, sources)
     math_dtype = exp_avgs[0].dtype
     base = grads if grads_minus is None else grads_minus
     hzs = torch._foreach_sub([t.to(math_dtype) for t in grads_plus], [t.to(math_dtype) for t in base])

@@ -162,14 +162,19 @@ def esgd_update_fd_(
     denom_scale: float,
     grad_scale_inv: float = 1.0,
     hz_scale_inv: float = 1.0,
+    sources: Optional[List[Tensor]] = None,
 ) -> None:
     """Estimation step whose Hz is a gradient difference, formed in registers: (grads_plus - grads)
     (empty `grads_minus`: forward) or (grads_plus - grads_minus) (central), times
     hz_scale_inv * hz_scale, with `hz_scale` a 1-element float64 tensor read on the device. With
     `step_scalars` (float64 [n, 3]) the step scalars come from the device table, as in
-    `esgd_update_capturable_`, and weight_decay, step_size, momentum_scale, denom_scale are ignored."""
+    `esgd_update_capturable_`, and weight_decay, step_size, momentum_scale, denom_scale are ignored.
+    With `sources` (one tensor per parameter, its dtype and shape, any layout, sharing no memory with
+    params, exp_avgs or exp_hz_sqs) theta is read from sources[i] and params[i] is only written:
+    params[i].copy_(sources[i]) followed by the step, in one pass."""
     _require_extension()
-    if len(params) == 0 and len(grads) == len(exp_avgs) == len(exp_hz_sqs) == len(grads_plus) == len(grads_minus) == 0:
+    if len(params) == 0 and len(grads) == len(exp_avgs) == len(exp_hz_sqs) == len(grads_plus) == len(grads_minus) == 0 \
+            and not sources:
         return
     torch.ops.esgd_cuda.esgd_update_fd_.default(
         params,
@@ -190,6 +195,7 @@ def esgd_update_fd_(
         denom_scale=denom_scale,
         grad_scale_inv=grad_scale_inv,
         hz_scale_inv=hz_scale_inv,
+        sources=sources,
     )
 
 
@@ -279,11 +285,13 @@ if _extension.LOADED and hasattr(torch.ops.esgd_cuda, "esgd_update_fd_"):
     def _esgd_update_fd_fake(
         params, grads, exp_avgs, exp_hz_sqs, grads_plus, grads_minus, hz_scale, step_scalars, *, beta1,
         beta2, v, eps, weight_decay, step_size, momentum_scale, denom_scale, grad_scale_inv=1.0,
-        hz_scale_inv=1.0
+        hz_scale_inv=1.0, sources=None
     ):
         lists = dict(grads=grads, exp_avgs=exp_avgs, exp_hz_sqs=exp_hz_sqs, grads_plus=grads_plus)
         if len(grads_minus):
             lists["grads_minus"] = grads_minus
+        if sources is not None:
+            lists["sources"] = sources
         _check_fake("esgd_update_fd_", params, **lists)
         torch._check(hz_scale.numel() == 1, lambda: "esgd_update_fd_: hz_scale must have one element")
         if step_scalars is not None:

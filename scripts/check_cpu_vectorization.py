@@ -5,7 +5,8 @@ construct it cannot if-convert (a floating-point compare and select, say) silent
 scalar, 4x slower, with every test still green. This reads the disassembly of the loops that run on
 an AVX2 machine (objdump): every `range_*` AVX2 clone, except the float16 ones, which the F16C loops
 (`range_f16_f16c`) replace at run time because the clone cannot convert halves in vector registers,
-and those F16C loops; it fails unless each uses 256-bit (ymm) registers.
+and those F16C loops; it fails unless each uses 256-bit (ymm) registers, and unless every loop of
+EXPECTED_LOOPS is there (a loop left out of the clones would otherwise go unchecked).
 Usage: python scripts/check_cpu_vectorization.py LIBRARY.so
 """
 
@@ -13,6 +14,19 @@ import re
 import shutil
 import subprocess
 import sys
+
+# The update's loops per parameter type: plain, with Hz, the finite differences, and the finite
+# differences that read theta from sources (the restore fused into the update).
+UPDATE_VARIANTS = ("", "_hz", "_fd_forward", "_fd_central", "_fd_forward_source", "_fd_central_source")
+# Each loop an AVX2 build runs, as the (length-prefixed, E-terminated) piece of its mangled name:
+# the update's and the perturbation's AVX2 clones for float32, float64 and bfloat16, and the F16C
+# update loop per (HzSource, from sources) instantiation.
+EXPECTED_LOOPS = tuple(
+    f"{len(name)}{name}E"
+    for name in [f"range_{t}{v}" for t in ("f32", "f64", "bf16") for v in UPDATE_VARIANTS]
+    + [f"range_perturb_{t}_{k}" for t in ("f32", "f64", "bf16") for k in ("inplace", "from")]
+) + tuple(f"14range_f16_f16cILNS_8HzSourceE{src}ELb{from_source}EEE"
+          for src, from_source in ((0, 0), (1, 0), (2, 0), (3, 0), (2, 1), (3, 1)))
 
 
 def runs_on_avx2(name: str) -> bool:
@@ -36,6 +50,11 @@ def clone_bodies(disassembly: str) -> dict:
     return bodies
 
 
+def missing_loops(bodies: dict) -> list:
+    """The EXPECTED_LOOPS that no checked loop of `bodies` is."""
+    return [loop for loop in EXPECTED_LOOPS if not any(loop in name for name in bodies)]
+
+
 def main(argv) -> int:
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
@@ -53,9 +72,16 @@ def main(argv) -> int:
     scalar = [name for name, lines in bodies.items() if not any("ymm" in line for line in lines)]
     for name in sorted(bodies):
         print(f"{'SCALAR' if name in scalar else 'ok    '} {name}")
+    missing = missing_loops(bodies)
+    for loop in missing:
+        print(f"MISSING {loop}")
     if scalar:
         print(f"check_cpu_vectorization: {len(scalar)} of {len(bodies)} AVX2 loops are not vectorized",
               file=sys.stderr)
+        return 1
+    if missing:
+        print(f"check_cpu_vectorization: {len(missing)} of the {len(EXPECTED_LOOPS)} expected AVX2 loops are "
+              "not in the library", file=sys.stderr)
         return 1
     print(f"check_cpu_vectorization: all {len(bodies)} AVX2 loops use 256-bit registers")
     return 0

@@ -10,8 +10,9 @@ every kernel:
   - at least as many 16-byte global loads and stores (ld/st.global.v4 of 32-bit or .v2 of 64-bit
     words) as one iteration of the aligned vector path needs, in every kernel;
   - every parameter dtype (fp32, fp16, bf16, fp64) for every variant: the update with 4 lists
-    (plain) and 5 (Hz), the finite-difference update with 5 (forward) and 6 (central), the probe
-    fill, and the perturbation with and without saving a backup.
+    (plain) and 5 (Hz), the finite-difference update with 5 (forward) and 6 (central), and from
+    sources (theta read from the saved copy, the parameters only written) with 6 (forward) and 7
+    (central), the probe fill, and the perturbation with and without saving a backup.
 Prints one line per kernel and exits 1 naming what failed.
 Usage: python scripts/check_kernel_resources.py [--arch sm_90] [--nvcc PATH]
 """
@@ -33,6 +34,7 @@ SOURCES = ("esgd_cuda.cu", "probes_cuda.cu")
 KERNELS = {
     "esgd_multi_tensor_kernel": (4, 5),
     "esgd_fd_update_kernel": (5, 6),
+    "esgd_fd_update_from_source_kernel": (6, 7),
     "esgd_rademacher_kernel": (0,),
     "esgd_fd_perturb_kernel": (0, 1),
 }
@@ -118,15 +120,18 @@ def expected_wide_accesses(key: Key) -> Tuple[int, int]:
     """16-byte (loads, stores) one vector-path iteration needs. Update kernels: one per
     parameter-typed list (p, g and the depth's extra lists read; p written), and per state list
     (m, d read; m[, d] written) one, or two for 16-bit parameters, whose eight elements of fp32
-    state span 32 bytes. Probe fill: one store. Perturbation: one load (p, or the backup), one
-    store of p, one more of the backup when saving."""
+    state span 32 bytes; the update from sources reads the source instead of p. Probe fill: one
+    store. Perturbation: one load (p, or the backup), one store of p, one more of the backup when
+    saving."""
     kernel, dtype, variant = key
     if kernel == "esgd_rademacher_kernel":
         return 0, 1
     if kernel == "esgd_fd_perturb_kernel":
         return 1, 2 if variant else 1
     state_words = 2 if dtype in ("fp16", "bf16") else 1
-    loads = (variant - 2) + 2 * state_words
+    # The parameter-typed lists read: all but m and d, less p where the source stands in for it.
+    param_reads = variant - 2 - (1 if kernel == "esgd_fd_update_from_source_kernel" else 0)
+    loads = param_reads + 2 * state_words
     stores = 1 + (1 if variant == 4 else 2) * state_words
     return loads, stores
 

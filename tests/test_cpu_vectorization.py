@@ -43,6 +43,20 @@ def test_parser_finds_the_loops_an_avx2_machine_runs():
     assert len(scalar) == 1 and "range_f32_hz" in scalar[0]
 
 
+def test_every_expected_loop_is_required():
+    """A loop missing from the library (left out of the clones, renamed) is reported, by name."""
+    assert len(check.EXPECTED_LOOPS) == 3 * 6 + 3 * 2 + 6
+    assert "27range_f32_fd_forward_sourceE" in check.EXPECTED_LOOPS
+    assert "14range_f16_f16cILNS_8HzSourceE3ELb1EEE" in check.EXPECTED_LOOPS
+    names = [f"_ZN4esgd12_GLOBAL__N_1{loop}PfPKfS3_S1_S1_S3_S3_lRKNS_6CoeffsIfEE.avx2" for loop in check.EXPECTED_LOOPS]
+    assert check.missing_loops(dict.fromkeys(names, [])) == []
+    without = [n for n in names if "range_bf16_fd_central_source" not in n]
+    assert check.missing_loops(dict.fromkeys(without, [])) == ["28range_bf16_fd_central_sourceE"]
+    # The F16C loop of one instantiation does not stand in for another's.
+    without = [n for n in names if "HzSourceE2ELb1E" not in n]
+    assert check.missing_loops(dict.fromkeys(without, [])) == ["14range_f16_f16cILNS_8HzSourceE2ELb1EEE"]
+
+
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
 @pytest.mark.skipif(not _extension.LOADED, reason="the native extension is not loaded")
 def test_the_built_cpu_loops_are_vectorized(capsys):

@@ -105,6 +105,27 @@ def test_loaded_extension_reports_its_build():
     json.dumps(info)  # plain data, printable in bug reports
 
 
+def test_an_extension_built_from_older_sources_is_stale():
+    """An op missing, or one registered without an argument added since (esgd_update_fd_'s sources):
+    the extension is not used, with a reason that says to rebuild it."""
+    from types import SimpleNamespace
+
+    def op(*names):
+        args = [SimpleNamespace(name=n) for n in names]
+        return SimpleNamespace(default=SimpleNamespace(_schema=SimpleNamespace(arguments=args)))
+
+    current = {name: op("params", *extra) for name, extra in _extension._REQUIRED_OPS.items()}
+    assert _extension._stale_ops(SimpleNamespace(**current)) is None
+    older = dict(current, esgd_update_fd_=op("params", "grads_plus", "hz_scale_inv"))
+    assert _extension._stale_ops(SimpleNamespace(**older)) == (
+        "registered torch.ops.esgd_cuda.esgd_update_fd_ without its argument sources (built from older sources: "
+        "rebuild it)")
+    del current["esgd_rademacher_"]
+    assert _extension._stale_ops(SimpleNamespace(**current)) == "did not register torch.ops.esgd_cuda.esgd_rademacher_"
+    if _extension.LOADED:
+        assert _extension._stale_ops(torch.ops.esgd_cuda) is None
+
+
 @pytest.mark.skipif(_extension.DISABLED, reason="native kernels disabled by ESGD_CUDA_DISABLE_EXTENSION")
 def test_fused_supported():
     cpu = torch.device("cpu")

@@ -3,7 +3,9 @@
 hz = (g+ - b) * (hz_scale_inv * hz_scale), b = g- (central) or g (forward), is formed by the fused
 kernels in registers; the reference forms it in float64 from the same inputs. Also the non-finite
 rule shared by every estimation update: where the scaled hz is inf or NaN, the update's gradient is
-NaN, so the parameter and its momentum become NaN there.
+NaN, so the parameter and its momentum become NaN there. And the update from sources (theta read
+from the perturbation's saved copy, the parameters only written), which must equal
+params.copy_(sources) followed by the update, bit for bit.
 """
 
 import math
@@ -103,14 +105,14 @@ def device_of(target):
     return "cuda" if target == "cuda" else "cpu"
 
 
-def run_fd(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale, h, step_scalars=None):
+def run_fd(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale, h, step_scalars=None, sources=None):
     if target == "cuda-emulated":
         from esgd_cuda import _C
 
         return _C.emulate_cuda_update_fd(params, grads, exp_avgs, exp_hz_sqs, gp, gm if gm is not None else [],
-                                         hz_scale, step_scalars=step_scalars, **h)
+                                         hz_scale, step_scalars=step_scalars, sources=sources, **h)
     functional.esgd_update_fd(params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale, step_scalars=step_scalars,
-                              fused=target != "foreach", **h)
+                              sources=sources, fused=target != "foreach", **h)
     return None
 
 
@@ -398,11 +400,13 @@ def test_opcheck(device, dtype):
     hz_scale = torch.tensor(100.0, dtype=torch.float64, device=device)
     table = torch.tensor([[0.99, 1e-3, 2.0], [1.0, 1e-2, 1.5], [0.9, 1e-3, 3.0]], dtype=torch.float64, device=device)
     kwargs = dict(hyper(1), grad_scale_inv=0.25, hz_scale_inv=0.5)
+    sources = fresh_sources([3, 0, 130], dtype, device, 6)
     for minus in ([], gm):
         for rows in (None, table):
-            torch.library.opcheck(torch.ops.esgd_cuda.esgd_update_fd_.default,
-                                  (params, grads, exp_avgs, exp_hz_sqs, gp, minus, hz_scale, rows), kwargs,
-                                  test_utils=OPCHECK_UTILS)
+            for theta in (None, sources):
+                torch.library.opcheck(torch.ops.esgd_cuda.esgd_update_fd_.default,
+                                      (params, grads, exp_avgs, exp_hz_sqs, gp, minus, hz_scale, rows),
+                                      dict(kwargs, sources=theta), test_utils=OPCHECK_UTILS)
 
 
 @CUDA_ONLY
@@ -438,3 +442,441 @@ def test_cuda_fd_update_capture_and_no_sync(mode):
     torch.cuda.synchronize()
     for a, b in zip(params + exp_avgs + exp_hz_sqs, sum(expected, [])):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ sources
+# esgd_update_fd(..., sources=S): theta is read from S (the copy the perturbation saved) and the
+# parameters are only written, which fuses the restore after a finite difference's perturbed passes
+# into the update. Defined as params[i].copy_(sources[i]) followed by the update, so every path is
+# held to that, bit for bit, on its own (the paths differ from each other by rounding).
+
+
+def twin(t):
+    """A copy of t with its strides and its alignment: a view's copy is the same view of a copy of
+    its base, so each kernel takes the same (vector or scalar, in-place or copy) path on both."""
+    if t._base is None:
+        return t.clone()  # preserves a dense layout
+    return t._base.clone().as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def fresh_sources(sizes, dtype, device, seed):
+    """theta for the update from sources: values unlike the params' of make_inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=gen, dtype=torch.float64).to(dtype).to(device) for n in sizes]
+
+
+def copy_then_update(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale, h, step_scalars, sources):
+    """What the call with sources must equal, on twins of params and state: (params, m, D, rows)."""
+    expected = [[twin(t) for t in lst] for lst in (params, exp_avgs, exp_hz_sqs)]
+    with torch.no_grad():
+        for p, s in zip(expected[0], sources):
+            p.copy_(s)
+    rows = run_fd(target, *expected[:1], grads, *expected[1:], gp, gm, hz_scale, h, step_scalars=step_scalars)
+    return expected + [rows]
+
+
+def assert_equal_lists(actual, expected, name):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape and torch.equal(a, e), f"{name}[{i}] differs from copy-then-update"
+
+
+def assert_sources_unchanged(sources, kept):
+    for i, (s, k) in enumerate(zip(sources, kept)):
+        assert torch.equal(s, k), f"sources[{i}] was written"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("table", [False, True], ids=["host_scalars", "step_scalars"])
+def test_fd_sources_equal_copy_then_update(target, dtype, mode, table):
+    """Odd and empty sizes, forward and central, with and without the step-scalar table: the result
+    is copy-then-update's, bit for bit (with the same blocks on the same path in the emulation),
+    follows the float64 reference from the sources' values, and the sources are only read."""
+    device = device_of(target)
+    sizes = [1, 3, 4, 0, 7, 260, 4097, 65537]
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs(sizes, dtype, device, 20)
+    sources = fresh_sources(sizes, dtype, device, 21)
+    kept = clone_lists(sources)[0]
+    gm_arg = gm if mode == "central" else None
+    hz_scale = torch.tensor(250.0, dtype=torch.float64, device=device)
+    h, step_scalars, rows = hyper(22), None, None
+    if table:
+        counts = [torch.tensor(3 + t, device=device) for t in range(len(sizes))]
+        step_scalars = functional.step_scalar_table(counts, counts[::-1], lr=0.05, beta1=0.9, beta2=0.99, v=0.7,
+                                                    lr_warmup=0.9, weight_decay=0.01)
+        h = dict(h, weight_decay=123.0, step_size=-1.0, momentum_scale=7.0, denom_scale=0.0)  # ignored
+        rows = [tuple(r) for r in step_scalars.cpu().tolist()]
+    *expected, expected_rows = copy_then_update(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale,
+                                                h, step_scalars, sources)
+    before = clone_lists(sources, exp_avgs, exp_hz_sqs)
+    got_rows = run_fd(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale, h,
+                      step_scalars=step_scalars, sources=sources)
+    for name, actual, want in zip(("params", "exp_avgs", "exp_hz_sqs"), (params, exp_avgs, exp_hz_sqs), expected):
+        assert_equal_lists(actual, want, name)
+    assert got_rows == expected_rows
+    assert_sources_unchanged(sources, kept)
+    assert_step(before, (params, exp_avgs, exp_hz_sqs), grads, gp, gm if mode == "central" else grads,
+                math_coeff(250.0, 1.0, dtype), h, dtype, rows=rows)
+
+
+def _layout_cases(dtype, device, gen):
+    """(param, source) pairs in the layouts the optimizer meets: the parameter's gradient and state
+    are laid out like it (as the optimizer allocates them), the source as named."""
+
+    def rand(shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+
+    cl = torch.channels_last
+    base = rand((16, 66))
+    return [
+        ("channels_last/contiguous", rand((3, 8, 5, 7)).to(memory_format=cl), rand((3, 8, 5, 7))),
+        ("channels_last/channels_last", rand((3, 8, 5, 7)).to(memory_format=cl),
+         rand((3, 8, 5, 7)).to(memory_format=cl)),
+        ("transposed/same_strides", rand((65, 33)).t(), rand((65, 33)).t()),
+        ("strided/contiguous", base[:, ::2], rand((16, 33))),
+        ("contiguous/transposed", rand((33, 65)), rand((65, 33)).t()),
+        ("contiguous/strided", rand((16, 33)), rand((16, 66))[:, 1::2]),
+        ("misaligned/contiguous", rand(4100)[3:], rand(4097)),
+        ("contiguous/misaligned", rand(4097), rand(4098)[1:]),
+    ]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_fd_sources_in_any_layout(target, dtype, mode):
+    """A source's layout may differ from its parameter's (the backups are contiguous, parameters
+    may be channels-last, transposed or strided views): the result is copy-then-update's in every
+    case, written through the parameter's own view, and the sources are only read."""
+    device = device_of(target)
+    gen = torch.Generator().manual_seed(23)
+    cases = _layout_cases(dtype, device, gen)
+    params = [p for _, p, _ in cases]
+    sources = [s for _, _, s in cases]
+    sd = state_dtype(dtype)
+
+    def like(p, dt, positive=False):
+        values = torch.rand(p.shape, generator=gen, dtype=torch.float64) if positive else torch.randn(
+            p.shape, generator=gen, dtype=torch.float64)
+        return torch.empty_like(p, dtype=dt).copy_(values.to(dt))  # the parameter's layout where dense
+
+    grads = [like(p, dtype) for p in params]
+    gp = [(g.double() + 1e-3 * like(g, torch.float64)).to(dtype) for g in grads]
+    gm = [(g.double() - 1e-3 * like(g, torch.float64)).to(dtype) for g in grads]
+    exp_avgs = [like(p, sd) for p in params]
+    exp_hz_sqs = [like(p, sd, positive=True) for p in params]
+    kept = clone_lists(sources)[0]
+    bases = [p._base for p in params]  # the strided and misaligned views write into these
+    gm_arg = gm if mode == "central" else None
+    hz_scale = torch.tensor(3.0, dtype=torch.float64, device=device)
+    h = hyper(24)
+    *expected, _ = copy_then_update(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale, h, None,
+                                    sources)
+    before = clone_lists(sources, exp_avgs, exp_hz_sqs)
+    untouched = [b.clone() if b is not None else None for b in bases]
+    run_fd(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale, h, sources=sources)
+    for name, actual, want in zip(("params", "exp_avgs", "exp_hz_sqs"), (params, exp_avgs, exp_hz_sqs), expected):
+        assert_equal_lists(actual, want, name)
+    assert_sources_unchanged(sources, kept)
+    assert_step(before, (params, exp_avgs, exp_hz_sqs), grads, gp, gm if mode == "central" else grads,
+                math_coeff(3.0, 1.0, dtype), h, dtype)
+    # A view's writes stay inside it: the rest of its base is as it was.
+    for (label, p, _), b, old in zip(cases, bases, untouched):
+        if b is not None:
+            outside = torch.ones(b.shape, dtype=torch.bool, device=b.device)
+            outside.as_strided(p.shape, p.stride(), p.storage_offset()).fill_(False)
+            assert torch.equal(b[outside], old[outside]), f"{label}: wrote outside the parameter's view"
+
+
+def _copies_made(fn):
+    """The aten::copy_ calls (and the allocations) one call of `fn` makes on the CPU."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    names = [e.name for e in prof.events()]
+    return names.count("aten::copy_"), sum(n in ("aten::empty", "aten::empty_strided") for n in names)
+
+
+@NATIVE_ONLY
+def test_fd_sources_in_the_params_layout_are_read_in_place():
+    """The fast path: a source with its parameter's strides (dense) is read where it is; one in
+    another layout costs one copy, into the parameter's layout, and leaves every other list in
+    place (no contiguous copies of the parameter, gradients or state, no write-back)."""
+    gen = torch.Generator().manual_seed(25)
+
+    def rand(shape, transform):
+        return transform(torch.randn(shape, generator=gen))
+
+    def channels_last(t):
+        return t.contiguous(memory_format=torch.channels_last)
+
+    for transform, shape in ((channels_last, (4, 6, 5, 3)), (lambda t: t.t(), (40, 30)), (lambda t: t, (7, 9))):
+        params, grads, gp, exp_avgs = ([rand(shape, transform) for _ in range(3)] for _ in range(4))
+        exp_hz_sqs = [t.abs() for t in exp_avgs]
+        own = [torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen)) for p in params]
+        contiguous = [s.contiguous() for s in own]
+        hz_scale = torch.tensor(2.0, dtype=torch.float64)
+        h = hyper(26)
+
+        def call(sources):
+            return lambda: functional.esgd_update_fd(params, grads, exp_avgs, exp_hz_sqs, gp, None, hz_scale,
+                                                     sources=sources, fused=True, **h)
+
+        assert _copies_made(call(own)) == (0, 0)
+        dense_elsewhere = not params[0].is_contiguous()
+        assert _copies_made(call(contiguous)) == ((3, 3) if dense_elsewhere else (0, 0))
+
+
+@NATIVE_ONLY
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_fd_sources_vector_path_choice(dtype, mode):
+    """Which blocks of the CUDA kernel from sources take the 16-byte vector path (emulation): those
+    where every list, the source and the written parameter included, is aligned and the chunk is
+    whole vectors; a misaligned source alone sends its chunks to the scalar path."""
+    from esgd_cuda import _C
+
+    chunk = _C.CHUNK_SIZE
+    sd = state_dtype(dtype)
+    width = 16 // torch.empty((), dtype=dtype).element_size()
+    gen = torch.Generator().manual_seed(27)
+
+    def draw(n, dt, offset=0, positive=False, scale=1.0):
+        x = torch.rand(n + offset, generator=gen, dtype=torch.float64) if positive else torch.randn(
+            n + offset, generator=gen, dtype=torch.float64)
+        return (x * scale).to(dt)[offset:]
+
+    # (numel, offset of params, offset of sources)
+    layouts = [(2 * chunk + 3, 0, 0), (chunk, 0, 1), (chunk, 1, 0), (chunk, width, width), (chunk + width, 0, width),
+               (width - 1, 0, 0)]
+    params = [draw(n, dtype, po) for n, po, _ in layouts]
+    sources = [draw(n, dtype, so) for n, _, so in layouts]
+    grads, gp, gm = ([draw(n, dtype) for n, _, _ in layouts] for _ in range(3))
+    exp_avgs = [draw(n, sd, scale=0.1) for n, _, _ in layouts]
+    exp_hz_sqs = [draw(n, sd, positive=True) for n, _, _ in layouts]
+    gm_arg = gm if mode == "central" else None
+    hz_scale = torch.tensor(2.0, dtype=torch.float64)
+    h = hyper(28)
+    before = clone_lists(sources, exp_avgs, exp_hz_sqs)
+    rows = run_fd("cuda-emulated", params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale, h, sources=sources)
+    assert_step(before, (params, exp_avgs, exp_hz_sqs), grads, gp, gm if mode == "central" else grads,
+                math_coeff(2.0, 1.0, dtype), h, dtype)
+    blocks = {(t, c): bool(v) for t, c, v in rows}
+    assert len(blocks) == len(rows)
+    assert set(blocks) == {(t, c) for t, (n, _, _) in enumerate(layouts) for c in range(-(-n // chunk))}
+    lists = [params, grads, exp_avgs, exp_hz_sqs, gp, sources] + ([gm] if mode == "central" else [])
+    for (t, c), vectorized in blocks.items():
+        n = min(chunk, layouts[t][0] - c * chunk)
+        aligned = all(
+            (x[t].data_ptr() + c * chunk * x[t].element_size()) % (width * x[t].element_size()) == 0
+            for x in lists)
+        assert vectorized == (aligned and n % width == 0), f"tensor {t} chunk {c}"
+    assert blocks[(0, 0)] and blocks[(0, 1)] and blocks[(3, 0)] and blocks[(4, 0)] and blocks[(4, 1)]
+    assert not blocks[(0, 2)] and not blocks[(1, 0)] and not blocks[(2, 0)] and not blocks[(5, 0)]
+
+
+@NATIVE_ONLY
+@pytest.mark.parametrize("target", ["cuda-emulated", pytest.param("cuda", marks=CUDA_ONLY)])
+def test_fd_sources_launch_boundaries(target):
+    """The seven-list table (central difference from sources): more tensors than a launch holds,
+    empty tensors, and one tensor spanning more blocks than a launch holds, whose later chunks read
+    their source from the next launch's table. Equal to copy-then-update bit for bit (whose plan
+    test_fd_central_launch_boundaries holds to the reference), and the small tensors to the
+    float64 reference here too (the big one's reference would take most of the test's time)."""
+    from esgd_cuda import _C
+
+    chunk = _C.CHUNK_SIZE
+    sizes = [(i * 977) % 3000 for i in range(_C.MAX_TENSORS_CENTRAL_SOURCES + 30)]
+    sizes[10:10] = [0, chunk - 1, chunk, chunk + 1, 0, 1, 3]
+    big, big_numel = len(sizes), chunk * _C.MAX_BLOCKS + 5
+    sizes += [0, 0, 0]
+    device = device_of(target)
+    lists = list(make_inputs(sizes, torch.float32, device, 29)) + [fresh_sources(sizes, torch.float32, device, 30)]
+    # The big tensor repeats a random pattern whose period is no multiple of the chunk, so that
+    # chunks differ (drawing 21M values of each list would take most of the test's time).
+    pattern = list(make_inputs([chunk + 7], torch.float32, device, 31)) + [fresh_sources([chunk + 7], torch.float32,
+                                                                                         device, 32)]
+    for lst, (piece,) in zip(lists, pattern):
+        lst[big] = piece.repeat(-(-big_numel // piece.numel()))[:big_numel].clone()
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm, sources = lists
+    hz_scale = torch.tensor(500.0, dtype=torch.float64, device=device)
+    h = hyper(31)
+    *expected, _ = copy_then_update(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale, h, None, sources)
+    small = [i for i in range(len(sizes)) if i != big]
+    before = [[lst[i].clone() for i in small] for lst in (sources, exp_avgs, exp_hz_sqs)]
+    run_fd(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale, h, sources=sources)
+    for name, actual, want in zip(("params", "exp_avgs", "exp_hz_sqs"), (params, exp_avgs, exp_hz_sqs), expected):
+        assert_equal_lists(actual, want, name)
+    assert_step(before, [[lst[i] for i in small] for lst in (params, exp_avgs, exp_hz_sqs)],
+                [grads[i] for i in small], [gp[i] for i in small], [gm[i] for i in small],
+                math_coeff(500.0, 1.0, torch.float32), h, torch.float32)
+
+
+def _source_cases():
+    """(corrupt(args), message, id) for the checks of sources, on params of sizes [5, 3] (float32)."""
+
+    def overlapping(a):
+        buf = torch.zeros(9)
+        a["params"][0], a["sources"][0] = buf[:5], buf[4:]
+
+    def interleaved(a):
+        buf = torch.zeros(10)
+        a["params"][0], a["sources"][0] = buf[0::2], buf[1::2]
+
+    return [
+        (lambda a: a["sources"].pop(), r"sources has 1 tensors but params has 2", "length"),
+        (lambda a: a["sources"].__setitem__(1, a["sources"][1].double()),
+         r"sources\[1\] has dtype float64, expected float32", "dtype"),
+        (lambda a: a["sources"].__setitem__(0, a["sources"][0][:4]),
+         r"sources\[0\] has shape \[4\], expected \[5\]", "shape"),
+        (lambda a: a["sources"].__setitem__(0, a["params"][0]), r"sources\[0\] shares memory with params\[0\]",
+         "alias"),
+        (overlapping, r"sources\[0\] shares memory with params\[0\]", "overlap"),
+        (interleaved, r"sources\[0\] shares memory with params\[0\]", "interleaved"),
+        (lambda a: a["sources"].__setitem__(1, a["params"][0][1:4]), r"sources\[1\] shares memory with params\[0\]",
+         "other_param"),
+        (lambda a: a["sources"].__setitem__(0, a["exp_avgs"][0]), r"sources\[0\] shares memory with exp_avgs\[0\]",
+         "exp_avgs"),
+        (lambda a: a["sources"].__setitem__(1, a["exp_hz_sqs"][0][2:]),
+         r"sources\[1\] shares memory with exp_hz_sqs\[0\]", "exp_hz_sqs"),
+    ]
+
+
+SOURCE_CASES = _source_cases()
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=NATIVE_ONLY)])
+@pytest.mark.parametrize("case", [c[:2] for c in SOURCE_CASES], ids=[c[2] for c in SOURCE_CASES])
+def test_fd_bad_sources_rejected_before_any_write(fused, case):
+    """Wrong length, dtype or shape, or memory shared with a tensor the update writes (its own
+    parameter, another parameter, the state; by memory span, so interleaved views too): refused
+    with the argument named, on both paths, before anything is written."""
+    corrupt, message = case
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs([5, 3], torch.float32, "cpu", 32)
+    args = dict(params=params, exp_avgs=exp_avgs, exp_hz_sqs=exp_hz_sqs,
+                sources=fresh_sources([5, 3], torch.float32, "cpu", 33))
+    corrupt(args)
+    params = args["params"]
+    snapshot = clone_lists(params, exp_avgs, exp_hz_sqs, args["sources"])
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=message):
+        functional.esgd_update_fd(params, grads, exp_avgs, exp_hz_sqs, gp, gm, torch.tensor(2.0, dtype=torch.float64),
+                                  sources=args["sources"], fused=fused, **hyper(0))
+    for got, want in zip(params + exp_avgs + exp_hz_sqs + args["sources"], sum(snapshot, [])):
+        assert torch.equal(got, want), "a rejected call changed its inputs"
+
+
+@NATIVE_ONLY
+@pytest.mark.parametrize("case", [c[:2] for c in SOURCE_CASES], ids=[c[2] for c in SOURCE_CASES])
+def test_native_fd_source_errors_name_the_argument(case):
+    """The op itself (and the CUDA emulation, which shares its checks) names the argument."""
+    from esgd_cuda import _C, ops
+
+    corrupt, message = case
+    for call in ("op", "emulation"):
+        params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs([5, 3], torch.float32, "cpu", 34)
+        args = dict(params=params, exp_avgs=exp_avgs, exp_hz_sqs=exp_hz_sqs,
+                    sources=fresh_sources([5, 3], torch.float32, "cpu", 35))
+        corrupt(args)
+        params = args["params"]
+        snapshot = clone_lists(params, exp_avgs, exp_hz_sqs)
+        hz_scale = torch.tensor(2.0, dtype=torch.float64)
+        with pytest.raises(RuntimeError, match=message):
+            if call == "op":
+                ops.esgd_update_fd_(params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale, None,
+                                    sources=args["sources"], **hyper(0))
+            else:
+                _C.emulate_cuda_update_fd(params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale,
+                                          sources=args["sources"], **hyper(0))
+        for got, want in zip(params + exp_avgs + exp_hz_sqs, sum(snapshot, [])):
+            assert torch.equal(got, want), "a rejected call changed its inputs"
+
+
+def test_fd_source_device_and_type_rejected():
+    """The pure-PyTorch path's own checks: a source on another device, or not a tensor."""
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs([5, 3], torch.float32, "cpu", 36)
+    hz_scale = torch.tensor(2.0, dtype=torch.float64)
+    for sources, error, message in (
+            ([torch.zeros(5), torch.zeros(3, device="meta")], ValueError,
+             r"sources\[1\] is on meta, expected cpu \(the device of params\[1\]\)"),
+            ([torch.zeros(5), None], TypeError, r"sources\[1\] is NoneType, expected a tensor")):
+        snapshot = clone_lists(params, exp_avgs, exp_hz_sqs)
+        with pytest.raises(error, match=message):
+            functional.esgd_update_fd(params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale, sources=sources,
+                                      fused=False, **hyper(0))
+        for got, want in zip(params + exp_avgs + exp_hz_sqs, sum(snapshot, [])):
+            assert torch.equal(got, want), "a rejected call changed its inputs"
+
+
+@CUDA_ONLY
+def test_cuda_fd_source_on_another_device_rejected():
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs([5, 3], torch.float32, "cuda", 37)
+    sources = [torch.zeros(5, device="cuda"), torch.zeros(3)]
+    with pytest.raises(RuntimeError, match=r"sources\[1\] is on cpu, expected cuda:0 \(the device of params\[1\]\)"):
+        functional.esgd_update_fd(params, grads, exp_avgs, exp_hz_sqs, gp, gm,
+                                  torch.tensor(2.0, dtype=torch.float64, device="cuda"), sources=sources,
+                                  fused=True, **hyper(0))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_fd_sources_may_share_memory_with_read_only_inputs(target):
+    """Only the written tensors are off limits: a source that is also a gradient (read-only, like the
+    source) is accepted, with copy-then-update's result."""
+    device = device_of(target)
+    params, grads, exp_avgs, exp_hz_sqs, gp, gm = make_inputs([5, 4097], torch.float32, device, 38)
+    sources = [grads[0], gm[1]]
+    hz_scale = torch.tensor(2.0, dtype=torch.float64, device=device)
+    h = hyper(39)
+    *expected, _ = copy_then_update(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale, h, None, sources)
+    run_fd(target, params, grads, exp_avgs, exp_hz_sqs, gp, gm, hz_scale, h, sources=sources)
+    for name, actual, want in zip(("params", "exp_avgs", "exp_hz_sqs"), (params, exp_avgs, exp_hz_sqs), expected):
+        assert_equal_lists(actual, want, name)
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["same", "contiguous"])
+def test_cuda_fd_sources_capture_and_no_sync(mode, layout):
+    """With sources, in the parameters' layout or copied into it: no host sync, and a captured graph
+    replays the update from whatever the sources then hold."""
+    gen = torch.Generator().manual_seed(40)
+
+    def rand(shape, positive=False):
+        x = torch.rand(shape, generator=gen) if positive else torch.randn(shape, generator=gen)
+        return x.cuda().contiguous(memory_format=torch.channels_last)
+
+    shapes = [(4, 6, 5, 3), (2, 16, 9, 9), (8, 3, 1, 1)]
+    params, grads, gp, gm, exp_avgs = ([rand(s) for s in shapes] for _ in range(5))
+    exp_hz_sqs = [rand(s, positive=True) for s in shapes]
+    sources = [rand(s) for s in shapes]
+    if layout == "contiguous":
+        sources = [s.contiguous() for s in sources]
+    gm_arg = gm if mode == "central" else None
+    hz_scale = torch.tensor(10.0, dtype=torch.float64, device="cuda")
+    h = hyper(41)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        functional.esgd_update_fd(params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale, sources=sources,
+                                  fused=True, **h)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    snapshot = clone_lists(params, exp_avgs, exp_hz_sqs)
+    new_sources = [torch.randn(s.shape, generator=gen).cuda() for s in sources]
+    *expected, _ = copy_then_update("cuda", *snapshot[:1], grads, *snapshot[1:], gp, gm_arg, hz_scale, h, None,
+                                    new_sources)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        functional.esgd_update_fd(params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale, sources=sources,
+                                  fused=True, **h)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        functional.esgd_update_fd(params, grads, exp_avgs, exp_hz_sqs, gp, gm_arg, hz_scale, sources=sources,
+                                  fused=True, **h)
+    for dst, src in zip(params + exp_avgs + exp_hz_sqs + sources, sum(snapshot, []) + new_sources):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, actual, want in zip(("params", "exp_avgs", "exp_hz_sqs"), (params, exp_avgs, exp_hz_sqs), expected):
+        assert_equal_lists(actual, want, name)

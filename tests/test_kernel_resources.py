@@ -22,6 +22,7 @@ def checker():
 
 MANGLED = {"fp16": "N3c104HalfE", "bf16": "N3c108BFloat16E", "fp32": "f", "fp64": "d"}
 UPDATE = "esgd_multi_tensor_kernel"
+FROM_SOURCE = "esgd_fd_update_from_source_kernel"
 
 
 def mangled(key):
@@ -56,10 +57,12 @@ def report(checker, overrides=None, skip=()):
 
 def test_every_kernel_variant_is_expected(checker):
     kernels = {k for k, _, _ in checker.EXPECTED}
-    assert kernels == {UPDATE, "esgd_fd_update_kernel", "esgd_rademacher_kernel", "esgd_fd_perturb_kernel"}
+    assert kernels == {UPDATE, "esgd_fd_update_kernel", FROM_SOURCE, "esgd_rademacher_kernel",
+                       "esgd_fd_perturb_kernel"}
     assert {v for k, _, v in checker.EXPECTED if k == UPDATE} == {4, 5}
     assert {v for k, _, v in checker.EXPECTED if k == "esgd_fd_update_kernel"} == {5, 6}
-    assert len(checker.EXPECTED) == 4 * (2 + 2 + 1 + 2)
+    assert {v for k, _, v in checker.EXPECTED if k == FROM_SOURCE} == {6, 7}
+    assert len(checker.EXPECTED) == 4 * (2 + 2 + 2 + 1 + 2) == 36
 
 
 def test_parses_every_instantiation(checker):
@@ -83,9 +86,14 @@ def test_signatures(checker):
     assert checker.kernel_signature(
         prefix + "22esgd_fd_perturb_kernelIddLb1EEEvNS_10ProbeTableILi2EEENS_11PerturbArgsE"
     ) == ("esgd_fd_perturb_kernel", "fp64", 1)
+    # The update from sources is not mistaken for the finite-difference update (a shared prefix).
+    assert checker.kernel_signature(
+        "_ZN4esgd45_GLOBAL__N__e6bec232_12_esgd_cuda_cu_64d951a433esgd_fd_update_from_source_kernelI"
+        "N3c108BFloat16EfLi7EEEvNS_11TensorTableIXT1_EEENS_6CoeffsIT0_EENS_11DeviceScaleE"
+    ) == (FROM_SOURCE, "bf16", 7)
 
 
-@pytest.mark.parametrize("key", [(UPDATE, "fp16", 5), ("esgd_fd_update_kernel", "bf16", 6),
+@pytest.mark.parametrize("key", [(UPDATE, "fp16", 5), ("esgd_fd_update_kernel", "bf16", 6), (FROM_SOURCE, "fp32", 7),
                                  ("esgd_rademacher_kernel", "fp32", 0), ("esgd_fd_perturb_kernel", "fp16", 1)])
 @pytest.mark.parametrize("usage, phrase", [
     ((65, 0, 0, 0), "65 registers"),
@@ -115,6 +123,10 @@ def test_expected_wide_accesses(checker):
     assert checker.expected_wide_accesses((UPDATE, "fp32", 4)) == (4, 2)
     assert checker.expected_wide_accesses(("esgd_fd_update_kernel", "fp32", 5)) == (5, 3)
     assert checker.expected_wide_accesses(("esgd_fd_update_kernel", "fp16", 6)) == (8, 5)
+    # From sources: the source is read instead of p (same loads), p still written.
+    assert checker.expected_wide_accesses((FROM_SOURCE, "fp32", 6)) == (5, 3)
+    assert checker.expected_wide_accesses((FROM_SOURCE, "bf16", 7)) == (8, 5)
+    assert checker.expected_wide_accesses((FROM_SOURCE, "fp64", 7)) == (6, 3)
     assert checker.expected_wide_accesses(("esgd_rademacher_kernel", "fp64", 0)) == (0, 1)
     assert checker.expected_wide_accesses(("esgd_fd_perturb_kernel", "fp32", 1)) == (1, 2)
     assert checker.expected_wide_accesses(("esgd_fd_perturb_kernel", "fp32", 0)) == (1, 1)
@@ -154,7 +166,7 @@ def test_counts_16_byte_accesses_per_kernel(checker):
     assert checker.problems(merged(checker, ptx(checker))) == []
 
 
-@pytest.mark.parametrize("key", [(UPDATE, "fp16", 5), ("esgd_fd_update_kernel", "fp32", 6),
+@pytest.mark.parametrize("key", [(UPDATE, "fp16", 5), ("esgd_fd_update_kernel", "fp32", 6), (FROM_SOURCE, "fp16", 6),
                                  ("esgd_rademacher_kernel", "bf16", 0), ("esgd_fd_perturb_kernel", "fp64", 1)])
 def test_flags_a_list_off_the_vector_path(checker, key):
     want = checker.expected_wide_accesses(key)[1]

@@ -140,6 +140,12 @@ def test_shipped_limits():
     # coefficients, must fit the 4 KB kernel parameter space (also a static_assert in the .cu).
     for lists, tensors in ((4, _C.MAX_TENSORS_PLAIN), (5, _C.MAX_TENSORS_HZ)):
         assert lists * 8 * tensors + 8 * tensors + 5 * _C.MAX_BLOCKS + 80 <= 4096
+    # The finite-difference tables, 6 lists (central, or forward from sources) and 7 (central from
+    # sources): the lists, sizes and step-scalar rows per tensor, slot and chunk per block, 12
+    # doubles of coefficients and the 16-byte device scale (static_asserts in multi_tensor.h).
+    assert _C.MAX_TENSORS_CENTRAL_SOURCES <= _C.MAX_TENSORS_CENTRAL <= _C.MAX_TENSORS_HZ
+    for lists, tensors in ((6, _C.MAX_TENSORS_CENTRAL), (7, _C.MAX_TENSORS_CENTRAL_SOURCES)):
+        assert (lists + 2) * 8 * tensors + 5 * _C.MAX_BLOCKS + 12 * 8 + 16 <= 4096
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,15 @@
 """Stage `bandwidth` of benchmarks/gpu_suite.sh: the fused kernels' effective bandwidth against a copy.
 
 128M parameters in 100 tensors, fp32 and bf16 parameters (fp32 state): the plain and estimation
-steps, the finite-difference update (forward, central), the perturbation and the probe fill.
+steps, the finite-difference update (forward, central; from the params and from sources), the
+perturbation and the probe fill.
 Bytes per parameter (what each must move at best): plain 3 x param + 3 x state (read p, g, m, D;
 write p, m), estimation 4 x param + 4 x state (also read Hz, write D); a forward difference reads g+
-instead of Hz (same bytes), a central one also g- (one more param); the perturbation with save reads p
-and writes the backup and p (3 x param); the probe fill writes z (1 x param). A copy moves 2 x 4 B
-per fp32 element. Times are CUDA-event medians of 50 calls after 5 warm-ups.
+instead of Hz (same bytes), a central one also g- (one more param); from sources, theta is read from
+the saved copy instead of p (same bytes, and no separate restore, which moves 2 x param); the
+perturbation with save reads p and writes the backup and p (3 x param); the probe fill writes z
+(1 x param). A copy moves 2 x 4 B per fp32 element. Times are CUDA-event medians of 50 calls after
+5 warm-ups.
 """
 
 import sys
@@ -34,7 +37,7 @@ def steps(dtype, sizes, device):
     d = [torch.rand(n, device=device) for n in sizes]
     ps, ss = p[0].element_size(), m[0].element_size()
     gm = [t.clone() for t in hz]
-    backups = [torch.empty_like(t) for t in p]
+    backups = [t.clone() for t in p]  # theta's saved copy: also the sources of the update from sources
     scale = torch.tensor(1e-3, dtype=torch.float64, device=device)
     keys, zeros = list(range(1, len(p) + 1)), [0] * len(p)
     return [("plain", 3 * ps + 3 * ss, lambda: ops.esgd_update_(p, g, m, d, **KW)),
@@ -44,6 +47,10 @@ def steps(dtype, sizes, device):
              lambda: ops.esgd_update_fd_(p, g, m, d, hz, [], scale, None, beta2=0.999, **KW)),
             ("central-difference update", 5 * ps + 4 * ss,
              lambda: ops.esgd_update_fd_(p, g, m, d, hz, gm, scale, None, beta2=0.999, **KW)),
+            ("forward-difference update from sources", 4 * ps + 4 * ss,
+             lambda: ops.esgd_update_fd_(p, g, m, d, hz, [], scale, None, beta2=0.999, sources=backups, **KW)),
+            ("central-difference update from sources", 5 * ps + 4 * ss,
+             lambda: ops.esgd_update_fd_(p, g, m, d, hz, gm, scale, None, beta2=0.999, sources=backups, **KW)),
             ("perturbation (save)", 3 * ps,
              lambda: probes.fd_perturb_(p, backups, scale, keys, zeros, sign=1.0, save=True, fused=True)),
             ("probe fill", ps, lambda: probes.rademacher_(hz, keys, zeros, fused=True))]

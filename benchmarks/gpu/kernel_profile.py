@@ -30,9 +30,9 @@ KW = dict(beta1=0.9, v=0.7, eps=1e-4, weight_decay=0.0, step_size=1e-3, momentum
 # 64M parameters per call: whole launches of the multi-tensor kernel, as in training.
 SIZES = [16 * 2**20] * 4
 TINY = [1000, 7, 4096]
-# 2 dtypes x (plain, estimation) calls, then the fp32 forward-difference update, perturbation and
-# probe fill: 7 calls of 4 launches each.
-LAUNCHES = 28
+# 2 dtypes x (plain, estimation) calls, then the fp32 forward-difference update (from the params and
+# from sources), perturbation and probe fill: 8 calls of 4 launches each.
+LAUNCHES = 32
 METRICS = ",".join([
     "gpu__time_duration.sum",
     "dram__throughput.avg.pct_of_peak_sustained_elapsed",
@@ -45,7 +45,7 @@ NO_COUNTERS = ("ERR_NVGPUCTRPERM", "LibraryNotLoaded")
 
 def calls(device, sizes):
     """(label, bytes per parameter, one call): fp32 and bf16 plain and estimation steps, then the
-    fp32 forward-difference update, perturbation and probe fill."""
+    fp32 forward-difference update (from the params, and from sources), perturbation and probe fill."""
     out = []
     for dtype in (torch.float32, torch.bfloat16):
         p, g, hz = ([torch.randn(n, device=device).to(dtype) for n in sizes] for _ in range(3))
@@ -61,10 +61,13 @@ def calls(device, sizes):
     p, g, hz, m = ([torch.randn(n, device=device) for n in sizes] for _ in range(4))
     d = [torch.rand(n, device=device) for n in sizes]
     scale = torch.tensor(1e-3, dtype=torch.float64, device=device)
-    backups = [torch.empty_like(t) for t in p]
+    backups = [t.clone() for t in p]  # theta's saved copy: also the sources of the update from sources
     keys, zeros = list(range(1, len(p) + 1)), [0] * len(p)
     out.append(("float32 forward-difference update", 32,
                 lambda: ops.esgd_update_fd_(p, g, m, d, hz, [], scale, None, beta2=0.999, **KW)))
+    out.append(("float32 forward-difference update from sources", 32,
+                lambda: ops.esgd_update_fd_(p, g, m, d, hz, [], scale, None, beta2=0.999, sources=backups,
+                                            **KW)))
     out.append(("float32 perturbation (save)", 12,
                 lambda: probes.fd_perturb_(p, backups, scale, keys, zeros, sign=1.0, save=True, fused=True)))
     out.append(("float32 probe fill", 4, lambda: probes.rademacher_(hz, keys, zeros, fused=True)))

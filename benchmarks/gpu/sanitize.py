@@ -1,8 +1,9 @@
 """Stages `memcheck` and `racecheck` of benchmarks/gpu_suite.sh: compute-sanitizer over a small
 workload that launches every kernel variant (4 dtypes x plain/estimation/capturable, the
-finite-difference update (forward, central, with and without the step-scalar table), the perturbation
-(save and restore) and the probe fill; aligned and misaligned views, odd and empty sizes, more tensors
-than one launch holds).
+finite-difference update (forward, central, with and without the step-scalar table, from the params
+and from sources, the latter also with sources in another layout than their channels-last params),
+the perturbation (save and restore) and the probe fill; aligned and misaligned views, odd and empty
+sizes, more tensors than one launch holds).
 
     python benchmarks/gpu/sanitize.py memcheck|racecheck    # runs the workload under the sanitizer
     python benchmarks/gpu/sanitize.py --workload            # the workload alone, on the GPU
@@ -57,13 +58,29 @@ def workload(device, sizes):
         for offset in (0, 1):
             p, g, gp, gm = (lists(dtype, offset) for _ in range(4))
             m, d = lists(state, offset), lists(state, offset)
+            # theta from sources (the restore fused into the update); misaligned with the rest.
+            sources = lists(dtype, offset)
             for minus in ([], gm):
                 ops.esgd_update_fd_(p, g, m, d, gp, minus, scale, None, beta2=0.999, **KW)
                 ops.esgd_update_fd_(p, g, m, d, gp, minus, scale, table, beta2=0.999, **KW)
+                ops.esgd_update_fd_(p, g, m, d, gp, minus, scale, None, beta2=0.999, sources=sources, **KW)
+                ops.esgd_update_fd_(p, g, m, d, gp, minus, scale, table, beta2=0.999, sources=sources, **KW)
             backups = [torch.empty_like(t) for t in p]
             keys, starts = [7 * i + 1 for i in range(len(p))], [3 * i for i in range(len(p))]
             probes.fd_perturb_(p, backups, scale, keys, starts, sign=1.0, save=True, fused=True)
             probes.fd_perturb_(p, backups, scale, keys, starts, sign=-1.0, save=False, fused=True)
+    # Channels-last parameters (state and gradients alike) with contiguous sources: each source is
+    # copied into its parameter's layout, then read in place. Central: the seven-list table.
+    shapes = [(3, 8, 5, 7), (1, 16, 1, 1), (2, 4, 9, 9)]
+
+    def channels_last(dtype):
+        return [torch.rand(s, generator=gen, dtype=torch.float64).to(dtype).to(device)
+                .contiguous(memory_format=torch.channels_last) for s in shapes]
+
+    p, g, gp, gm, m, d = (channels_last(dt) for dt in [torch.float32] * 6)
+    sources = [torch.rand(s, generator=gen).to(device) for s in shapes]
+    scale = torch.tensor(100.0, dtype=torch.float64, device=device)
+    ops.esgd_update_fd_(p, g, m, d, gp, gm, scale, None, beta2=0.999, sources=sources, **KW)
     # More tensors than one launch's table holds.
     many = [torch.rand(n % 700 + 1, generator=gen).to(device) for n in range(80)]
     state = [torch.rand(t.numel(), generator=gen).to(device) for t in many]
