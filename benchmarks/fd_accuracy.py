@@ -144,6 +144,7 @@ def fd_hz(esgd, model, x, y, hvp, fd_step, autocast):
         return loss
 
     fd = opt._finite_difference(closure, 0)
+    fd.restore()  # the parameters stay perturbed until the update (or this) restores them
     grads = [p.grad for p in params]
     plus, minus = fd.lists(params, grads)
     base = grads if minus is None else minus

@@ -24,7 +24,7 @@ from .functional import state_dtype
 STATE_KEYS = ("exp_avg", "exp_hz_sq")
 GROUP_KEY = "esgd"
 _GLOBAL_KEYS = ("step_index", "last_estimate", "update_d_every", "d_warmup", "seed", "skipped_steps",
-                "last_step_estimated")
+                "last_step_estimated", "fd_estimates", "rejected_estimates")
 # A pickled or deep-copied ESGD keeps its whole __dict__ except torch.optim's hook dicts (torch.optim
 # does not pickle hooks either) and the parameter hooks, which __setstate__ re-creates on the copy's
 # parameters.
@@ -41,6 +41,8 @@ def global_state(opt) -> dict:
         "seed": opt.seed,
         "skipped_steps": opt._skipped_steps,
         "last_step_estimated": opt._last_step_estimated,
+        "fd_estimates": opt._fd_estimates,
+        "rejected_estimates": opt._rejected_estimates,
     }
 
 
@@ -140,6 +142,8 @@ def load(opt, state_dict: dict, load_base) -> None:
     opt.seed = int(glob["seed"])
     opt._skipped_steps = int(glob.get("skipped_steps", 0))
     opt._last_step_estimated = bool(glob.get("last_step_estimated", False))
+    opt._fd_estimates = int(glob.get("fd_estimates", 0))
+    opt._rejected_estimates = int(glob.get("rejected_estimates", 0))
     opt._clear_pending()
     for hook in _hooks(opt, "_optimizer_load_state_dict_post_hooks"):
         hook(opt)

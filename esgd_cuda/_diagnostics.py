@@ -11,18 +11,7 @@ from .distributed import combine_shard_stats, is_sharded, local
 
 @torch.no_grad()
 def diagnostics(opt) -> List[dict]:
-    """Per param group: where the schedule stands and summary statistics of the preconditioner.
-
-    Computed on demand from the state (one host sync per call), so it costs nothing in steps that
-    do not ask. Keys: ``step`` (optimizer steps taken), ``warmup_factor`` (1 - lr_warmup**t, the
-    fraction of lr in use), ``lr`` and ``effective_lr`` (lr * warmup_factor), ``estimated``
-    (whether the last step estimated the curvature), ``estimates`` (curvature estimates so far),
-    ``skipped_steps`` (steps GradScaler skipped for inf/NaN, all groups), ``sqrt_d``: min, mean and
-    max over the group's elements of the bias-corrected sqrt(D), the preconditioner the momentum is
-    divided by (None before the first estimate; over every rank's shards for sharded parameters,
-    so every rank of a sharded model must call it); ``hvp``, the estimator, and ``fd_h``, the step h
-    of the latest finite-difference estimate (None before one).
-    """
+    """`ESGD.diagnostics()` (its docstring lists the keys)."""
     last_h = opt._curvature.last_h
     fd_h = None if last_h is None else float(last_h)
     out = []
@@ -71,6 +60,7 @@ def diagnostics(opt) -> List[dict]:
                 "estimated": opt._last_step_estimated,
                 "estimates": k,
                 "skipped_steps": opt._skipped_steps,
+                "rejected_estimates": opt._rejected_estimates,
                 "sqrt_d": sqrt_d,
                 "hvp": opt.hvp,
                 "fd_h": fd_h,

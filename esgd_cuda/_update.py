@@ -87,7 +87,8 @@ def apply(
     fd: Optional[FiniteDifference] = None, grad_scale_inv: float = 1.0, hz_scale_inv: float = 1.0,
 ) -> None:
     """Updates every param group's (params, grads) of `work`: a plain step, or an estimation step
-    whose Hz comes from `hz_of` (autograd) or `fd` (a finite difference)."""
+    whose Hz comes from `hz_of` (autograd) or `fd` (a finite difference, whose update also restores
+    the perturbed parameters from their copies; the caller restores the rest with `fd.restore()`)."""
     if opt.capturable:
         _apply_capturable(opt, work, estimate, hz_of, fd, grad_scale_inv, hz_scale_inv)
         return
@@ -121,7 +122,9 @@ def apply(
                 esgd_update(ps, gs, exp_avgs, exp_hz_sqs, exact_hzs(owners, hz_of), hz_scale_inv=hz_scale_inv, **kw)
             else:
                 plus, minus = fd.lists(owners, gs)
-                esgd_update_fd(ps, gs, exp_avgs, exp_hz_sqs, plus, minus, fd.hz_scale[device], **kw)
+                esgd_update_fd(ps, gs, exp_avgs, exp_hz_sqs, plus, minus, fd.hz_scale[device],
+                               sources=fd.sources(owners), **kw)
+                fd.updated(owners)
 
 
 def _apply_capturable(
@@ -156,4 +159,5 @@ def _apply_capturable(
                 plus, minus = fd.lists(owners, gs)
                 esgd_update_fd(ps, gs, exp_avgs, exp_hz_sqs, plus, minus, fd.hz_scale[device],
                                weight_decay=group["weight_decay"], step_size=0.0, momentum_scale=1.0,
-                               denom_scale=1.0, step_scalars=table, **kw)
+                               denom_scale=1.0, step_scalars=table, sources=fd.sources(owners), **kw)
+                fd.updated(owners)

@@ -24,7 +24,7 @@ the same z, and both estimators draw the same z for the same step.
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -117,6 +117,32 @@ class FiniteDifference:
     minus: Optional[Dict[Tensor, Optional[Tensor]]]
     hz_scale: Dict[torch.device, Tensor]
     sub_batch: bool = False
+    # The parameters are left perturbed: the update reads theta from these copies (`sources`), so
+    # the restore costs no pass of its own; `restore()` copies back whatever the update did not write.
+    # param -> (the tensor the kernels perturbed: its local shard, the copy of theta).
+    backups: Dict[Tensor, Tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # Set when a repeated pass saw another function than the first (`_check_repeat`).
+    mismatch: Optional[str] = None
+
+    def sources(self, params: List[Tensor]) -> Optional[List[Tensor]]:
+        """Theta of `params` for the update, which writes them from their copies (`updated` then
+        marks them restored); None, after restoring them here, if one has no copy (not perturbed)."""
+        if not all(p in self.backups for p in params):
+            self.restore(params)
+            return None
+        return [self.backups[p][1] for p in params]
+
+    def updated(self, params: List[Tensor]) -> None:
+        for p in params:
+            self.backups.pop(p, None)
+
+    def restore(self, params: Optional[List[Tensor]] = None) -> None:
+        """Copies theta back into `params` (default: every parameter still perturbed)."""
+        pairs = [self.backups.pop(p) for p in (list(self.backups) if params is None else params)
+                 if p in self.backups]
+        if pairs:
+            with torch.no_grad():
+                torch._foreach_copy_([v for v, _ in pairs], [b for _, b in pairs])
 
     def lists(self, params: List[Tensor], grads: List[Tensor]) -> Tuple[List[Tensor], Optional[List[Tensor]]]:
         """grads_plus and grads_minus for the update of `params`. On the closure's own function a
@@ -137,6 +163,50 @@ class FiniteDifference:
             return plus, None
         minus = [self.minus.get(p) if self.minus.get(p) is not None else g for p, g in zip(params, grads)]
         return plus, minus
+
+
+# A repeated pass may differ from the first by this fraction of the finite difference it is part
+# of (||g' - g|| / ||g(theta + h z) - g_base||) before the estimate counts as another function's. On
+# deterministic hardware the two passes are bit-identical (0); nondeterministic reductions (CUDA
+# atomics) differ by rounding, orders of magnitude below this; another batch or unreplayed dropout
+# differs by the gradient noise, which the difference divides by h: far above it (benchmarks/
+# closure_check.py measures both sides).
+REPEAT_TOLERANCE = 0.5
+
+
+def _check_repeat(
+    params: List[Tensor], plus: Dict[Tensor, Optional[Tensor]], repeat: Dict[Tensor, Optional[Tensor]],
+    base: Dict[Tensor, Optional[Tensor]], losses: List[Any], name: str,
+) -> Optional[str]:
+    """None if the repeated pass at theta + h z saw the function of the first, else the error message.
+    One host sync (the comparison), on the steps that check."""
+
+    def differences(a_of, b_of):
+        out = []
+        for p in params:
+            a, b = a_of.get(p), b_of.get(p)
+            if a is None and b is None:
+                out.append(torch.zeros((), dtype=local(p).dtype, device=local(p).device))
+            else:
+                out.append((a if a is not None else torch.zeros_like(b)) - (b if b is not None else 0))
+        return out
+
+    home = local(params[0]).device
+    noise = sum_of_squares(params, home, differences(repeat, plus))
+    signal = sum_of_squares(params, home, differences(plus, base))
+    noise, signal = (float(x) for x in torch.stack([noise, signal]).sqrt().tolist())
+    if noise <= REPEAT_TOLERANCE * signal or not (math.isfinite(noise) and math.isfinite(signal)):
+        return None  # a non-finite difference is the update's to report (it poisons the parameters)
+    ratio = "inf" if signal == 0 else f"{noise / signal:.3g}"
+    shown = [f"{float(v):.6g}" if isinstance(v, (Tensor, float, int)) else repr(v) for v in losses]
+    return (
+        f"ESGD.step: the {name} computed another function when called again at the same parameters: "
+        f"the gradients of two calls differ by {ratio} times the finite difference they are meant to "
+        f"measure (its losses: {', '.join(shown)}). The curvature estimate would be noise. The {name} "
+        "must evaluate the same batch with the same random numbers on every call of a step: draw the "
+        "batch outside it (not from an iterator or a torch.Generator of your own inside it), and draw "
+        "randomness such as dropout from torch's global generators, which ESGD replays between calls."
+    )
 
 
 def _check_returned(value: Any) -> None:
@@ -354,16 +424,23 @@ class CurvatureEstimator:
     def finite_difference(
         self, closure: Callable[[], Any], trainable: List[Tensor], index: int, *, central: bool,
         rel_step: float, buffers: List[Tensor], use_fused: UseFused,
-        curvature_closure: Optional[Callable[[], Any]] = None,
+        curvature_closure: Optional[Callable[[], Any]] = None, check: Optional[str] = None,
     ) -> FiniteDifference:
         """Runs the closure at theta, then at theta + h z (and theta - h z), and returns the pieces of
-        the update. Leaves the parameters bit-identical (restored from a copy, not by subtracting
-        h z), p.grad holding the gradient at theta, `buffers` as after the first pass, and the random
-        number generators as after one pass; every pass sees the random numbers of the first.
+        the update. Leaves p.grad holding the gradient at theta, `buffers` as after the first pass, and
+        the random number generators as after one pass; every pass sees the random numbers of the
+        first. The parameters stay perturbed: the update restores them bit for bit from their copies
+        (`FiniteDifference.sources`; not by subtracting h z), and the caller must call
+        `FiniteDifference.restore()` for any it does not update, also on an error. An error in
+        here restores them itself.
 
         With `curvature_closure`, the closure runs once (at theta, for the update's gradient) and the
         differences come from the curvature closure: at theta and theta + h z (forward) or at
-        theta +- h z (central), with the same random numbers as the closure's pass."""
+        theta +- h z (central), with the same random numbers as the closure's pass.
+
+        `check` ("raise" or "report") repeats the pass at theta + h z once more, to see that the
+        function is the same on every call (`_check_repeat`): "raise" raises on a mismatch (with
+        everything as before the step), "report" returns it in `FiniteDifference.mismatch`."""
         rng = _RngState(_cuda_devices(trainable))
         with torch.enable_grad():
             loss = closure()
@@ -390,18 +467,24 @@ class CurvatureEstimator:
                 if save:
                     saved.append(idx)
 
+        losses: List[Any] = []  # what each perturbed pass returned
+
         def gradients() -> Dict[Tensor, Optional[Tensor]]:
             for p in trainable:
                 p.grad = None  # the closure's zero_grad and backward must not touch the kept gradients
             rng.restore()
             with torch.enable_grad():
                 value = probe()
+            losses.append(value)
             out = {p: None if p.grad is None else local(p.grad) for p in trainable}
             if curvature_closure is not None:
                 _check_curvature_pass(value, out, exact=False)
             return out
 
         minus = None
+        scale = 0.5 if central else 1.0
+        fd = FiniteDifference(loss, {}, None, {d: v.reciprocal() * scale for d, v in h.items()},
+                              sub_batch=curvature_closure is not None)
         # An error leaves the generators where they were before the step, so that the step can be
         # repeated exactly once its cause is fixed.
         end = rng
@@ -409,24 +492,37 @@ class CurvatureEstimator:
             if curvature_closure is not None and not central:
                 minus = gradients()  # the curvature closure's gradient at theta
             perturb(1.0, True)
+            fd.backups = {trainable[i]: (views[i], backups[i]) for idx in saved for i in idx}
             plus = gradients()
+            shown = losses[-1:]
+            repeat = None
+            if check:
+                repeat = gradients()
+                shown = losses[-2:]
             if central:
                 perturb(-1.0, False)
                 minus = gradients()
+            if check:
+                base = minus if minus is not None else {p: None if g is None else local(g)
+                                                        for p, g in zip(trainable, grads)}
+                fd.mismatch = _check_repeat(trainable, plus, repeat, base, shown,
+                                            "curvature_closure" if curvature_closure is not None else "closure")
+                if fd.mismatch is not None and check == "raise":
+                    raise RuntimeError(fd.mismatch)
             end = after
+        except BaseException:
+            fd.restore()
+            raise
         finally:
             with torch.no_grad():
-                for idx in saved:
-                    torch._foreach_copy_([views[i] for i in idx], [backups[i] for i in idx])
                 for b, kept in zip(buffers, saved_buffers):
                     b.copy_(kept)
             end.restore()
             for p, g in zip(trainable, grads):
                 p.grad = g
         self.last_h = h[trainable[0].device]
-        scale = 0.5 if central else 1.0
-        return FiniteDifference(loss, plus, minus, {d: v.reciprocal() * scale for d, v in h.items()},
-                                sub_batch=curvature_closure is not None)
+        fd.plus, fd.minus = plus, minus
+        return fd
 
     # ------------------------------------------------------------------ a curvature closure, exact
 

@@ -131,25 +131,28 @@ def _shard_groups(p) -> list:
     return [mesh.get_group(i) for i, pl in enumerate(p.placements) if isinstance(pl, _SHARD)]
 
 
-def sum_of_squares(params: List[Tensor], device: torch.device) -> Tensor:
-    """sum(p**2) over every element of every whole parameter, as a float64 0-dim tensor on `device`.
+def sum_of_squares(params: List[Tensor], device: torch.device, values: Optional[List[Tensor]] = None) -> Tensor:
+    """sum(p**2) over every element of every whole parameter, as a float64 0-dim tensor on `device`
+    (with `values`: sum(v**2) of `values[i]`, each laid out like parameter i's local shard).
 
     Sharded parameters add their local shards' sums, then one all-reduce per distinct set of shard
     groups (one for an FSDP2 model) completes them; nothing is gathered, nothing syncs the host."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     partial: "OrderedDict[tuple, Tensor]" = OrderedDict()
     by_place: "OrderedDict[tuple, List[Tensor]]" = OrderedDict()
-    for p in params:
+    for i, p in enumerate(params):
         key = (p.device, p.dtype)
         if is_sharded(p):
             key += (id(p.device_mesh), tuple(p.placements))
-        by_place.setdefault(key, []).append(p)
-    for key, ps in by_place.items():
+        by_place.setdefault(key, []).append(i)
+    for key, idx in by_place.items():
+        ps = [params[i] for i in idx]
         # Norms in the parameters' own precision (float32 for 16-bit ones, whose squares could
         # overflow): asking for float64 copies every float32 parameter first, and h needs no more
         # precision, since the perturbation and the difference's 1/h use the same h.
         dtype = torch.float32 if ps[0].dtype in (torch.float16, torch.bfloat16) else None
-        norms = torch._foreach_norm([local(p).detach() for p in ps], 2, dtype=dtype)
+        tensors = [local(p).detach() for p in ps] if values is None else [values[i] for i in idx]
+        norms = torch._foreach_norm(tensors, 2, dtype=dtype)
         s = torch.stack(norms).double().square().sum()
         if len(key) > 2:
             groups = tuple(_shard_groups(ps[0]))

@@ -11,13 +11,14 @@ import contextlib
 import copy
 import math
 import numbers
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import _checkpoint, _diagnostics, _extension, _update
-from ._param_watch import GraphBackwardWatch, warn_unestimated
+from ._param_watch import GraphBackwardWatch, _user_stacklevel, warn_unestimated
 from ._validation import (check_buffers, check_capturable_lr, check_closures, check_curvature_loss, check_group,
                           check_hparams, check_hvp, check_param, check_schedule, fused_unavailable_reason,
                           param_tensor, user_step)
@@ -25,6 +26,10 @@ from .curvature import CurvatureEstimator, FiniteDifference, default_fd_step, re
 from .distributed import broadcast_seed
 
 __all__ = ["ESGD"]
+
+# After the first, every this-many-th finite-difference estimate repeats a pass to check the closure:
+# 1% more passes on estimation steps, a tenth of that per step with update_d_every=10.
+REPEAT_CHECK_EVERY = 100
 
 
 def _read_scaler(grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tuple[bool, float]:
@@ -165,6 +170,11 @@ class ESGD(torch.optim.Optimizer):
         # Probes, and the Hessian-vector products accumulated for the next estimation step.
         self._curvature = CurvatureEstimator(int(seed), process_group)
         self._skipped_steps = 0  # steps skipped because the GradScaler found inf/NaN
+        # The closure-consistency check of the finite differences (curvature.finite_difference).
+        self._checked_closures: set = set()  # kinds of closure whose first estimate was checked
+        self._fd_estimates = 0  # finite-difference estimation steps so far
+        self._recheck = False  # the latest check failed: check the next estimate too
+        self._rejected_estimates = 0  # estimates skipped because a check failed
         self._last_step_estimated = False
         self._placeholders: set = set()  # state created by DCP's initialization step (_checkpoint)
         self._graph_watch = GraphBackwardWatch(self._curvature)
@@ -408,6 +418,14 @@ class ESGD(torch.optim.Optimizer):
         if estimate and self.hvp != "autograd":
             fd = self._finite_difference(closure, index, curvature_closure)
             loss = fd.loss
+            if fd.mismatch is not None:
+                # A later check found the closure inconsistent: the estimate would be noise, so this
+                # step updates as a plain step, and the next one estimates (and checks) again.
+                fd.restore()
+                warnings.warn(fd.mismatch + " ESGD skipped this curvature estimate (diagnostics()"
+                              "['rejected_estimates'] counts them).", stacklevel=_user_stacklevel())
+                fd, estimate = None, False
+                self._rejected_estimates += 1
         elif estimate and curvature_closure is not None:
             trainable = self._trainable_params()
             loss = self._curvature.exact_curvature_closure(closure, curvature_closure, trainable, index,
@@ -415,7 +433,17 @@ class ESGD(torch.optim.Optimizer):
         elif closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        try:
+            return self._apply(index, estimate, loss, fd, grad_scale, found_inf)
+        finally:
+            if fd is not None:
+                # Parameters the update did not write from their copies (all of them, after an error).
+                fd.restore()
 
+    def _apply(self, index: int, estimate: bool, loss: Any, fd: Optional[FiniteDifference],
+               grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Any:
+        """The rest of `step()` once the gradients (and a finite difference's) are in: validation,
+        GradScaler's skip, the autograd products of a create_graph backward, the update."""
         work = self._collect()
         _checkpoint.drop_placeholders(self)
         all_params = [p for params, _ in work for p in params]
@@ -466,10 +494,25 @@ class ESGD(torch.optim.Optimizer):
         if not trainable:
             raise RuntimeError("ESGD: no parameter requires grad, so there is no curvature to estimate")
         rel_step = self.fd_step if self.fd_step is not None else default_fd_step(self.hvp, {p.dtype for p in trainable})
-        return self._curvature.finite_difference(
+        # The first estimate from each kind of closure repeats a pass to check that the closure
+        # computes one function (an error if not, before anything changes); later ones do every
+        # REPEAT_CHECK_EVERY-th estimate, and every one after a failed check, until one passes.
+        kind = "closure" if curvature_closure is None else "curvature_closure"
+        check = None
+        if kind not in self._checked_closures:
+            check = "raise"
+        elif self._recheck or self._fd_estimates % REPEAT_CHECK_EVERY == 0:
+            check = "report"
+        fd = self._curvature.finite_difference(
             closure, trainable, index, central=self.hvp == "central_difference", rel_step=rel_step,
-            buffers=self._buffers(), use_fused=self._use_fused, curvature_closure=curvature_closure,
+            buffers=self._buffers(), use_fused=self._use_fused, curvature_closure=curvature_closure, check=check,
         )
+        self._fd_estimates += 1
+        if check is not None:
+            self._recheck = fd.mismatch is not None
+            if fd.mismatch is None:
+                self._checked_closures.add(kind)
+        return fd
 
     def _advance(self, index: int, estimate: bool) -> None:
         self._step_index = index + 1
@@ -534,7 +577,8 @@ class ESGD(torch.optim.Optimizer):
         do not ask. Keys: ``step`` (optimizer steps taken), ``warmup_factor`` (1 - lr_warmup**t, the
         fraction of lr in use), ``lr`` and ``effective_lr`` (lr * warmup_factor), ``estimated``
         (whether the last step estimated the curvature), ``estimates`` (curvature estimates so far),
-        ``skipped_steps`` (steps GradScaler skipped for inf/NaN, all groups), ``sqrt_d``: min, mean and
+        ``skipped_steps`` (steps GradScaler skipped for inf/NaN, all groups), ``rejected_estimates``
+        (finite-difference estimates skipped because the closure failed its consistency check), ``sqrt_d``: min, mean and
         max over the group's elements of the bias-corrected sqrt(D), the preconditioner the momentum is
         divided by (None before the first estimate; over every rank's shards for sharded parameters,
         so every rank of a sharded model must call it); ``hvp``, the estimator, and ``fd_h``, the step h

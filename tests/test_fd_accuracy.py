@@ -132,6 +132,7 @@ def fd_products(opt, closure):
     trainable = opt._trainable_params()
     zs = opt._curvature.probes(trainable, trainable, opt._step_index, opt._use_fused)
     fd = opt._finite_difference(closure, opt._step_index)
+    fd.restore()  # the parameters stay perturbed until the update (or this) restores them
     grads = [p.grad for p in trainable]
     plus, minus = fd.lists(trainable, grads)
     base = grads if minus is None else minus
