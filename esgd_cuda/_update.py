@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .curvature import FiniteDifference
+from ._closures import FiniteDifference
 from .distributed import is_sharded, local
 from .functional import esgd_update, esgd_update_capturable, esgd_update_fd, state_dtype, step_scalar_table
 

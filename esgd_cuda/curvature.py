@@ -17,6 +17,9 @@ update's gradient, and the curvature closure supplies every Hz pass: one double 
 its gradients at theta and theta + h z (forward) or at theta +- h z (central). The exact estimator
 also takes such a loss directly, `ESGD.backward(loss, curvature_loss=...)` (`exact_backward`).
 
+What the passes share with the optimizer (replayed random numbers, the finite difference's pieces
+and its restore, the checks on closures) is `esgd_cuda._closures`.
+
 Probes are counter-based (`esgd_cuda.probes`): parameter i of the trainable list gets the key
 probe_key(seed, step, i), so every micro-batch, replica, device, shard and replay of a step draws
 the same z, and both estimators draw the same z for the same step.
@@ -24,13 +27,14 @@ the same z, and both estimators draw the same z for the same step.
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ._validation import HVP_MODES, user_step  # noqa: F401  (HVP_MODES re-exported: the estimators this module offers)
+from ._closures import (FiniteDifference, RngState, check_curvature_pass, check_repeat, check_returned,
+                        cuda_devices)
 from .distributed import average_over_group, local, shard_offset, sum_of_squares
 from .probes import fd_perturb_, probe_key, rademacher_
 
@@ -79,164 +83,6 @@ def _buckets(params: List[Tensor]) -> "OrderedDict[Tuple[torch.device, torch.dty
     for i, p in enumerate(params):
         out.setdefault((p.device, p.dtype), []).append(i)
     return out
-
-
-class _RngState:
-    """The CPU generator and those of the CUDA devices a step uses, as torch.utils.checkpoint saves
-    them: restoring it before a pass makes its dropout masks (and any other draw) repeat exactly."""
-
-    def __init__(self, devices: List[int]):
-        self.devices = devices
-        self.cpu = torch.get_rng_state()
-        self.cuda = [torch.cuda.get_rng_state(d) for d in devices]
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        for d, state in zip(self.devices, self.cuda):
-            torch.cuda.set_rng_state(state, d)
-
-
-def _cuda_devices(params: List[Tensor]) -> List[int]:
-    devices = {p.device.index for p in params if p.is_cuda}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        devices.add(torch.cuda.current_device())
-    return sorted(d for d in devices if d is not None)
-
-
-@dataclass
-class FiniteDifference:
-    """One finite-difference estimation: the loss at theta, the perturbed gradients, and per device
-    the 0-dim float64 tensor by which the update scales the difference (1/h or 1/(2h)).
-
-    `plus` is the gradient at theta + h z; `minus` the one the difference subtracts: at theta - h z
-    (central), at theta on a curvature closure's function (forward, `sub_batch`), or None (forward:
-    the update's own gradient at theta)."""
-
-    loss: Any
-    plus: Dict[Tensor, Optional[Tensor]]
-    minus: Optional[Dict[Tensor, Optional[Tensor]]]
-    hz_scale: Dict[torch.device, Tensor]
-    sub_batch: bool = False
-    # The parameters are left perturbed: the update reads theta from these copies (`sources`), so
-    # the restore costs no pass of its own; `restore()` copies back whatever the update did not write.
-    # param -> (the tensor the kernels perturbed: its local shard, the copy of theta).
-    backups: Dict[Tensor, Tuple[Tensor, Tensor]] = field(default_factory=dict)
-    # Set when a repeated pass saw another function than the first (`_check_repeat`).
-    mismatch: Optional[str] = None
-
-    def sources(self, params: List[Tensor]) -> Optional[List[Tensor]]:
-        """Theta of `params` for the update, which writes them from their copies (`updated` then
-        marks them restored); None, after restoring them here, if one has no copy (not perturbed)."""
-        if not all(p in self.backups for p in params):
-            self.restore(params)
-            return None
-        return [self.backups[p][1] for p in params]
-
-    def updated(self, params: List[Tensor]) -> None:
-        for p in params:
-            self.backups.pop(p, None)
-
-    def restore(self, params: Optional[List[Tensor]] = None) -> None:
-        """Copies theta back into `params` (default: every parameter still perturbed)."""
-        pairs = [self.backups.pop(p) for p in (list(self.backups) if params is None else params)
-                 if p in self.backups]
-        if pairs:
-            with torch.no_grad():
-                torch._foreach_copy_([v for v, _ in pairs], [b for _, b in pairs])
-
-    def lists(self, params: List[Tensor], grads: List[Tensor]) -> Tuple[List[Tensor], Optional[List[Tensor]]]:
-        """grads_plus and grads_minus for the update of `params`. On the closure's own function a
-        parameter without a gradient in a perturbed pass gets its unperturbed gradient there, so its
-        difference (its Hz) is zero. On a curvature closure's function a missing gradient is a zero
-        gradient, and a parameter that has one in neither pass has Hz = 0."""
-        if self.sub_batch:
-            plus, minus = [], []
-            for p, g in zip(params, grads):
-                a, b = self.plus.get(p), self.minus.get(p)
-                if a is None and b is None:
-                    a = b = g
-                plus.append(torch.zeros_like(b) if a is None else a)
-                minus.append(torch.zeros_like(a) if b is None else b)
-            return plus, minus
-        plus = [self.plus.get(p) if self.plus.get(p) is not None else g for p, g in zip(params, grads)]
-        if self.minus is None:
-            return plus, None
-        minus = [self.minus.get(p) if self.minus.get(p) is not None else g for p, g in zip(params, grads)]
-        return plus, minus
-
-
-# A repeated pass may differ from the first by this fraction of the finite difference it is part
-# of (||g' - g|| / ||g(theta + h z) - g_base||) before the estimate counts as another function's. On
-# deterministic hardware the two passes are bit-identical (0); nondeterministic reductions (CUDA
-# atomics) differ by rounding, orders of magnitude below this; another batch or unreplayed dropout
-# differs by the gradient noise, which the difference divides by h: far above it (benchmarks/
-# closure_check.py measures both sides).
-REPEAT_TOLERANCE = 0.5
-
-
-def _check_repeat(
-    params: List[Tensor], plus: Dict[Tensor, Optional[Tensor]], repeat: Dict[Tensor, Optional[Tensor]],
-    base: Dict[Tensor, Optional[Tensor]], losses: List[Any], name: str,
-) -> Optional[str]:
-    """None if the repeated pass at theta + h z saw the function of the first, else the error message.
-    One host sync (the comparison), on the steps that check."""
-
-    def differences(a_of, b_of):
-        out = []
-        for p in params:
-            a, b = a_of.get(p), b_of.get(p)
-            if a is None and b is None:
-                out.append(torch.zeros((), dtype=local(p).dtype, device=local(p).device))
-            else:
-                out.append((a if a is not None else torch.zeros_like(b)) - (b if b is not None else 0))
-        return out
-
-    home = local(params[0]).device
-    noise = sum_of_squares(params, home, differences(repeat, plus))
-    signal = sum_of_squares(params, home, differences(plus, base))
-    noise, signal = (float(x) for x in torch.stack([noise, signal]).sqrt().tolist())
-    if noise <= REPEAT_TOLERANCE * signal or not (math.isfinite(noise) and math.isfinite(signal)):
-        return None  # a non-finite difference is the update's to report (it poisons the parameters)
-    ratio = "inf" if signal == 0 else f"{noise / signal:.3g}"
-    shown = [f"{float(v):.6g}" if isinstance(v, (Tensor, float, int)) else repr(v) for v in losses]
-    return (
-        f"ESGD.step: the {name} computed another function when called again at the same parameters: "
-        f"the gradients of two calls differ by {ratio} times the finite difference they are meant to "
-        f"measure (its losses: {', '.join(shown)}). The curvature estimate would be noise. The {name} "
-        "must evaluate the same batch with the same random numbers on every call of a step: draw the "
-        "batch outside it (not from an iterator or a torch.Generator of your own inside it), and draw "
-        "randomness such as dropout from torch's global generators, which ESGD replays between calls."
-    )
-
-
-def _check_returned(value: Any) -> None:
-    if value is None:
-        raise RuntimeError(
-            "ESGD.step: curvature_closure returned None. Like the closure, it runs the forward and the "
-            "backward and returns the loss, e.g. def curvature_closure(): opt.zero_grad(); loss = "
-            "loss_fn(model(x[:n]), y[:n]); opt.backward(loss); return loss"
-        )
-
-
-def _check_curvature_pass(value: Any, grads: Dict[Tensor, Optional[Tensor]], *, exact: bool) -> None:
-    """A curvature closure's pass must return its loss and reach the parameters: `grads` are the
-    gradients its backward left. The exact estimator also accepts a loss returned without a
-    backward."""
-    _check_returned(value)
-    if any(g is not None for g in grads.values()):
-        return
-    if isinstance(value, Tensor) and value.requires_grad:
-        if exact:
-            return  # the exact estimator takes the double backward of the returned loss itself
-        raise RuntimeError(
-            "ESGD.step: curvature_closure returned a loss but did no backward: no parameter received a "
-            "gradient. Call loss.backward() (or opt.backward(loss)) inside it, as in the closure."
-        )
-    raise RuntimeError(
-        "ESGD.step: curvature_closure's loss does not depend on the parameters: after its backward no "
-        "parameter has a gradient. It must evaluate the model (typically on a slice of the step's "
-        "batch), run the backward and return the loss."
-    )
 
 
 class CurvatureEstimator:
@@ -439,13 +285,13 @@ class CurvatureEstimator:
         theta +- h z (central), with the same random numbers as the closure's pass.
 
         `check` ("raise" or "report") repeats the pass at theta + h z once more, to see that the
-        function is the same on every call (`_check_repeat`): "raise" raises on a mismatch (with
+        function is the same on every call (`check_repeat`): "raise" raises on a mismatch (with
         everything as before the step), "report" returns it in `FiniteDifference.mismatch`."""
-        rng = _RngState(_cuda_devices(trainable))
+        rng = RngState(cuda_devices(trainable))
         with torch.enable_grad():
             loss = closure()
         grads = [p.grad for p in trainable]
-        after = _RngState(rng.devices)
+        after = RngState(rng.devices)
         saved_buffers = [b.detach().clone() for b in buffers]
         h = self.step_size(trainable, rel_step)
         keys = self.keys(len(trainable), index)
@@ -478,7 +324,7 @@ class CurvatureEstimator:
             losses.append(value)
             out = {p: None if p.grad is None else local(p.grad) for p in trainable}
             if curvature_closure is not None:
-                _check_curvature_pass(value, out, exact=False)
+                check_curvature_pass(value, out, exact=False)
             return out
 
         minus = None
@@ -505,8 +351,9 @@ class CurvatureEstimator:
             if check:
                 base = minus if minus is not None else {p: None if g is None else local(g)
                                                         for p, g in zip(trainable, grads)}
-                fd.mismatch = _check_repeat(trainable, plus, repeat, base, shown,
-                                            "curvature_closure" if curvature_closure is not None else "closure")
+                fd.repeat_ratio, fd.mismatch = check_repeat(
+                    trainable, plus, repeat, base, shown,
+                    "curvature_closure" if curvature_closure is not None else "closure")
                 if fd.mismatch is not None and check == "raise":
                     raise RuntimeError(fd.mismatch)
             end = after
@@ -538,7 +385,7 @@ class CurvatureEstimator:
         `graph_products`; a loss returned without a backward gets its double backward here). Leaves
         p.grad holding the closure's gradients, `buffers` as the closure left them and the random
         number generators as after one pass. Returns the closure's loss."""
-        rng = _RngState(_cuda_devices(trainable))
+        rng = RngState(cuda_devices(trainable))
         self.phase = "update"
         try:
             with torch.enable_grad():
@@ -546,7 +393,7 @@ class CurvatureEstimator:
         finally:
             self.phase = None
         grads = [p.grad for p in trainable]
-        after = _RngState(rng.devices)
+        after = RngState(rng.devices)
         saved_buffers = [b.detach().clone() for b in buffers]
         self.clear()
         try:
@@ -557,10 +404,10 @@ class CurvatureEstimator:
             with torch.enable_grad():
                 value = curvature_closure()
             self.phase = None
-            _check_returned(value)
+            check_returned(value)
             if not self.backward_estimated:
                 left = {p: p.grad for p in trainable}
-                _check_curvature_pass(value, left, exact=True)
+                check_curvature_pass(value, left, exact=True)
                 if any(g is not None and g.requires_grad for g in left.values()):
                     self.graph_products(trainable, trainable, index, use_fused)
                 elif any(g is not None for g in left.values()):

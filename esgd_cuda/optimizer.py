@@ -22,7 +22,8 @@ from ._param_watch import GraphBackwardWatch, _user_stacklevel, warn_unestimated
 from ._validation import (check_buffers, check_capturable_lr, check_closures, check_curvature_loss, check_group,
                           check_hparams, check_hvp, check_param, check_schedule, fused_unavailable_reason,
                           param_tensor, user_step)
-from .curvature import CurvatureEstimator, FiniteDifference, default_fd_step, release_graphs
+from ._closures import FiniteDifference
+from .curvature import CurvatureEstimator, default_fd_step, release_graphs
 from .distributed import broadcast_seed
 
 __all__ = ["ESGD"]
