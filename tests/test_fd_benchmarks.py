@@ -32,7 +32,8 @@ def test_fd_cost_smoke(bench, tmp_path):
         row = mlp["modes"][mode]
         for key in ("passes_ms", "step_ms", "amortized_ms", "amortized_vs_adam"):
             assert _positive(row[key]), (mode, key, row)
-    assert set(data["lm"]["amortized"]) == {"adam", "finite_difference", "central_difference", "exact"}
+    assert set(data["lm"]["amortized"]) == {"adam", "finite_difference", "central_difference", "exact",
+                                            "finite_difference@1/4", "central_difference@1/4", "exact@1/4"}
     assert data["lm"]["amortized"]["adam"]["vs_adam"] == 1.0
     assert all(_positive(r["ms_per_step"]) for r in data["lm"]["amortized"].values())
     assert set(data["memory"]) == {"plain", "exact", "finite_difference", "central_difference"}
@@ -82,3 +83,20 @@ def test_fsdp_cost_smoke(monkeypatch, tmp_path):
     assert extra["central_difference"] - extra["finite_difference"] == pytest.approx(
         extra["finite_difference"] - h_bytes, rel=1e-9)
     assert payload["state_bytes_per_rank"] * 2 == payload["unsharded_state_bytes"]
+
+
+def test_closure_check_smoke(monkeypatch, tmp_path):
+    """Correct closures repeat bit for bit on CPU (ratio 0); another batch lands far above the 0.5
+    at which ESGD refuses an estimate."""
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import closure_check
+
+    result = closure_check.main(["--smoke", "--out", str(tmp_path)])
+    runs = {(r["setting"], r["hvp"], r["closure"]): r for r in result["runs"]}
+    for (setting, hvp, kind), r in runs.items():
+        assert r["repeat_ratio"], (setting, hvp, kind)
+        if kind == "correct":
+            assert max(r["repeat_ratio"]) == 0.0, (setting, hvp, r["repeat_ratio"])
+        else:
+            assert min(r["repeat_ratio"]) > 0.5, (setting, hvp, kind, r["repeat_ratio"])
+    assert "repeat ratio" in result["outputs"]["markdown"].read_text()

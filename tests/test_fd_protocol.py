@@ -281,3 +281,38 @@ def test_diagnostics_report_the_step_size(hvp, fused):
     rel = eps ** 0.5 if hvp == "finite_difference" else eps ** (1 / 3)
     # Measured before the update moved the parameters: within the step's relative change.
     assert opt.diagnostics()[0]["fd_h"] == pytest.approx(rel * rms, rel=0.05)
+
+
+@pytest.mark.parametrize("hvp", MODES)
+def test_the_update_restores_the_perturbed_parameters_itself(hvp, fused, monkeypatch):
+    """The update reads theta from the perturbation's copies (sources=), so an estimation step makes
+    no restore pass of its own; a perturbed parameter the update skips (no gradient) is restored by a
+    copy, bit for bit."""
+    from esgd_cuda._closures import FiniteDifference
+
+    restored = []
+    real = FiniteDifference.restore
+
+    def spy(self, params=None):
+        pending = list(self.backups) if params is None else [p for p in params if p in self.backups]
+        restored.append(len(pending))
+        return real(self, params)
+
+    monkeypatch.setattr(FiniteDifference, "restore", spy)
+    model = mlp()
+    unused = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    x, y = data()
+    opt = ESGD(list(model.parameters()) + [unused], lr=0.1, hvp=hvp, seed=0, fused=fused)
+    before = unused.detach().clone()
+    trained = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure_for(opt, model, x, y, zero="none_"))
+    assert restored == [1], "only the parameter without a gradient needs a restore of its own"
+    assert torch.equal(unused, before)
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), trained))
+    # The perturbed values never reach the update: the step equals one from a restored copy.
+    monkeypatch.setattr(FiniteDifference, "sources", lambda self, params: self.restore(params))
+    again = mlp()
+    opt2 = ESGD(list(again.parameters()) + [nn.Parameter(before.clone())], lr=0.1, hvp=hvp, seed=0, fused=fused)
+    opt2.step(closure_for(opt2, again, x, y, zero="none_"))
+    for p, q in zip(model.parameters(), again.parameters()):
+        assert torch.equal(p, q)
