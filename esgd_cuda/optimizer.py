@@ -605,6 +605,12 @@ class ESGD(torch.optim.Optimizer):
         if "_graph_watch" not in self.__dict__ and "_curvature" in self.__dict__:
             self._graph_watch = GraphBackwardWatch(self._curvature)
             self._graph_watch.watch(self.param_groups)
+        if "_curvature" in self.__dict__:
+            # Optimizers pickled before the closure check: its counters start afresh.
+            for name, value in (("_checked_closures", set()), ("_fd_estimates", 0), ("_recheck", False),
+                                ("_rejected_estimates", 0)):
+                self.__dict__.setdefault(name, value)
+            self._curvature.__dict__.setdefault("phase", None)
 
     def __deepcopy__(self, memo: Optional[dict] = None) -> "ESGD":
         memo = _checkpoint.deepcopy_memo(self, memo)
