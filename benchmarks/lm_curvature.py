@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import sys
 import time
@@ -118,7 +117,8 @@ def config_name(cfg: dict) -> str:
     if cfg["opt"] == "adamw":
         return f"AdamW lr={cfg['lr']:g}"
     frac = "1" if cfg["fraction"] == 1 else f"1/{round(1 / cfg['fraction'])}"
-    return f"ESGD-M {LABELS[cfg['hvp']]}, curvature {frac}, every {cfg['every']}"
+    lr = f", lr {cfg['lr']:g}" if cfg.get("name_lr") else ""
+    return f"ESGD-M {LABELS[cfg['hvp']]}, curvature {frac}, every {cfg['every']}{lr}"
 
 
 def make_step(cfg: dict, model, params, seed: int):
@@ -279,7 +279,8 @@ def to_markdown(result: dict) -> str:
         f"batch {shape['batch']}, {result['n_params']} parameters, default SDPA; {shape['steps']} steps, "
         f"{result['n_seeds']} seeds; validation on {shape['eval_windows']} windows every {shape['eval_every']} steps",
         f"- Target: AdamW's best validation loss, {agg['target']:.4f} ({agg['best_adamw']}, reached at step "
-        f"{agg['adamw_steps_to_target']}); ESGD-M lr {result['esgd_lr']:g}, other settings at their defaults",
+        f"{agg['adamw_steps_to_target']}); ESGD-M lr {', '.join(f'{lr:g}' for lr in result['esgd_lr'])}, "
+        "other settings at their defaults",
         f"- Wall time of the whole run: {result['elapsed_s'] / 60:.1f} min",
         "",
         markdown_table(headers, rows),
@@ -290,8 +291,8 @@ def to_markdown(result: dict) -> str:
 
 
 def configurations(args) -> list[dict]:
-    esgd = [dict(opt="esgd", hvp=h, fraction=f, every=e, lr=args.esgd_lr)
-            for h in args.estimators for e in args.every for f in args.fractions]
+    esgd = [dict(opt="esgd", hvp=h, fraction=f, every=e, lr=lr, name_lr=len(args.esgd_lr) > 1)
+            for h in args.estimators for e in args.every for f in args.fractions for lr in args.esgd_lr]
     adamw = [dict(opt="adamw", lr=lr) for lr in args.adamw_lrs]
     # AdamW's runs spread over the others, so that a machine that drifts slows both alike.
     out, gap = [], max(1, len(esgd) // max(1, len(adamw)))
@@ -309,7 +310,7 @@ def parse_args(argv=None):
     p.add_argument("--fractions", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.125],
                    help="curvature batch as a fraction of the step's batch (1: the closure alone)")
     p.add_argument("--every", nargs="+", type=int, default=[10, 20], help="update_d_every values")
-    p.add_argument("--esgd-lr", type=float, default=0.3)
+    p.add_argument("--esgd-lr", nargs="+", type=float, default=[0.3], help="ESGD-M learning rate(s)")
     p.add_argument("--adamw-lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: preset)")
