@@ -12,8 +12,9 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+
+from _small_models import data, mlp
 
 from esgd_cuda import ESGD
 from esgd_cuda.curvature import default_fd_step
@@ -22,23 +23,6 @@ HVPS = ["autograd", "finite_difference", "central_difference"]
 FD = ["finite_difference", "central_difference"]
 # Passes of the curvature closure on an estimation step.
 CURVATURE_PASSES = {"autograd": 1, "finite_difference": 2, "central_difference": 2}
-
-
-def mlp(dtype=torch.float64, seed=0, dropout=0.0, batchnorm=False):
-    torch.manual_seed(seed)
-    layers = [nn.Linear(6, 10)]
-    if batchnorm:
-        layers.append(nn.BatchNorm1d(10))
-    layers += [nn.Tanh()]
-    if dropout:
-        layers.append(nn.Dropout(dropout))
-    layers += [nn.Linear(10, 3)]
-    return nn.Sequential(*layers).to(dtype)
-
-
-def data(dtype=torch.float64, n=24, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=gen).to(dtype), torch.randint(0, 3, (n,), generator=gen)
 
 
 def make_closure(opt, model, x, y, calls=None):
