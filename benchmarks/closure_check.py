@@ -4,7 +4,7 @@ another function on their next call (another batch, unreplayed dropout), on a sm
 At every estimation step two statistics are measured:
 - the repeat ratio ESGD uses: ||g'(theta + h z) - g(theta + h z)|| / ||g(theta + h z) - g_base||, a
   second pass at theta + h z with the random numbers replayed against the difference it is part of
-  (ESGD refuses or skips an estimate above 0.5);
+  (ESGD refuses or skips an estimate above `esgd_cuda._closures.REPEAT_TOLERANCE`, 0.2);
 - the loss identity it does not use: r = |dL - pred| / (|dL| + |pred|), with dL = L(theta + h z) - L(theta)
   and pred = h/2 z.(g(theta) + g(theta + h z)) (forward; central: dL = L(theta + h z) - L(theta - h z) and
   Simpson's rule h/3 z.(g(theta - h z) + 4 g(theta) + g(theta + h z))), which needs no extra pass.
@@ -132,7 +132,8 @@ def to_markdown(result: dict) -> str:
         f"{result['shape']['batch']}, {result['shape']['steps']} steps, an estimate every 5 steps; min / median / max "
         "over the estimates", "",
         markdown_table(["setting", "difference", "closure", "estimates",
-                        "repeat ratio (ESGD: > 0.5 is refused)", "loss identity r (not used)"], rows),
+                        f"repeat ratio (ESGD refuses > {result['tolerance']:g})", "loss identity r (not used)"],
+                       rows),
     ])
 
 
@@ -156,7 +157,9 @@ def main(argv=None) -> dict:
                 runs.append(measure(esgd_cuda, corpus, setting, hvp, kind, shape))
                 print(f"{setting}, {hvp}, {kind}: repeat {summary(runs[-1]['repeat_ratio'])}", file=sys.stderr)
     env["load_avg_end"] = load_average()
-    result = dict(environment=env, shape=shape, runs=runs)
+    from esgd_cuda._closures import REPEAT_TOLERANCE
+
+    result = dict(environment=env, shape=shape, runs=runs, tolerance=REPEAT_TOLERANCE)
     markdown = to_markdown(result)
     json_path, md_path = write_outputs(args.out, f"closure_check_{args.preset}", result, markdown)
     print(markdown)

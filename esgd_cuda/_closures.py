@@ -104,10 +104,10 @@ class FiniteDifference:
 # A repeated pass may differ from the first by this fraction of the finite difference it is part
 # of (||g' - g|| / ||g(theta + h z) - g_base||) before the estimate counts as another function's. On
 # deterministic hardware the two passes are bit-identical (0); nondeterministic reductions (CUDA
-# atomics) differ by rounding, orders of magnitude below this; another batch or unreplayed dropout
-# differs by the gradient noise, which the difference divides by h: far above it (benchmarks/
-# closure_check.py measures both sides).
-REPEAT_TOLERANCE = 0.5
+# atomics) differ by rounding, orders of magnitude below this. Another batch or unreplayed dropout
+# puts gradient noise into both the repeat and the difference, so the ratio is about 1: measured
+# 0.44-2 (benchmarks/closure_check.py), hence a bound well below 0.44 rather than at 1.
+REPEAT_TOLERANCE = 0.2
 
 
 def check_repeat(

@@ -86,8 +86,8 @@ def test_fsdp_cost_smoke(monkeypatch, tmp_path):
 
 
 def test_closure_check_smoke(monkeypatch, tmp_path):
-    """Correct closures repeat bit for bit on CPU (ratio 0); another batch lands far above the 0.5
-    at which ESGD refuses an estimate."""
+    """Correct closures repeat bit for bit on CPU (ratio 0); another batch or unreplayed dropout
+    lands above the ratio at which ESGD refuses an estimate."""
     monkeypatch.syspath_prepend(str(BENCH_DIR))
     import closure_check
 
@@ -98,5 +98,5 @@ def test_closure_check_smoke(monkeypatch, tmp_path):
         if kind == "correct":
             assert max(r["repeat_ratio"]) == 0.0, (setting, hvp, r["repeat_ratio"])
         else:
-            assert min(r["repeat_ratio"]) > 0.5, (setting, hvp, kind, r["repeat_ratio"])
+            assert min(r["repeat_ratio"]) > result["tolerance"], (setting, hvp, kind, r["repeat_ratio"])
     assert "repeat ratio" in result["outputs"]["markdown"].read_text()
