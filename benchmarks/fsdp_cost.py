@@ -2,7 +2,8 @@
 
 Counts, per rank and per step, the collectives (c10d ops seen by a dispatch mode: FSDP2's
 all-gathers and reduce-scatters, ESGD-M's all-reduce of h) of a plain step and of an estimation step
-of each finite-difference estimator, and the bytes each rank receives for them: an all-gather of a
+of each finite-difference estimator (and of the first one, which the closure check makes one pass
+longer), and the bytes each rank receives for them: an all-gather of a
 B-byte buffer brings B (W-1)/W, a reduce-scatter into an S-byte shard S (W-1), an all-reduce of B
 bytes 2 B (W-1)/W (ring algorithms, W ranks). Also the optimizer state each rank holds against the
 unsharded model's. Counts, not timings: the numbers do not depend on the machine's load.
@@ -82,7 +83,9 @@ def worker(rank, widths, out_path):
             if isinstance(m, nn.Linear):
                 fully_shard(m)
         fully_shard(model)
-        opt = esgd.ESGD(model.parameters(), hvp=hvp, d_warmup=1, update_d_every=10**6, seed=0)
+        # The first estimate is checked (one pass more, see docs/estimators.md); the second is the
+        # typical one; the third step is plain.
+        opt = esgd.ESGD(model.parameters(), hvp=hvp, d_warmup=2, update_d_every=10**6, seed=0)
         gen = torch.Generator().manual_seed(rank)
         x = torch.randn(8, widths[0], generator=gen)
         y = torch.randint(0, widths[-1], (8,), generator=gen)
@@ -93,7 +96,7 @@ def worker(rank, widths, out_path):
             loss.backward()
             return loss
 
-        for kind in ("estimation", "plain"):
+        for kind in ("checked estimation", "estimation", "plain"):
             with CollectiveBytes() as counter:
                 opt.step(closure)
             result[(hvp, kind)] = counter.ops
@@ -123,7 +126,7 @@ def main(argv=None):
     rows, per_param = [], {}
     for hvp in ("finite_difference", "central_difference"):
         totals = {}
-        for kind in ("plain", "estimation"):
+        for kind in ("plain", "estimation", "checked estimation"):
             ops = counts[(hvp, kind)]
             totals[kind] = sum(received(name, b) for name, (_, b) in ops.items())
             detail = ", ".join(f"{name.split('.')[1].rstrip('_')} x{calls}" + (f" ({b} B)" if b < 64 else "")

@@ -91,13 +91,15 @@ def test_lightning_finite_difference_through_lightning_closure(tmp_path):
 def test_lightning_sub_batch_curvature_through_optimizer_step(tmp_path):
     """LightningModule.optimizer_step passes a curvature closure on a quarter of each batch: it runs
     once per estimation step (exact) or twice (forward difference), never on plain steps, and its
-    forward passes leave the BatchNorm statistics alone (buffers=self)."""
-    for hvp, passes in (("autograd", 1), ("finite_difference", 2)):
+    forward passes leave the BatchNorm statistics alone (buffers=self). The first finite-difference
+    estimate repeats its pass at theta + h z once (the closure check), and that check passes."""
+    for hvp, passes, checks in (("autograd", 1, 0), ("finite_difference", 2, 1)):
         out = run_example("lightning_esgd.py", "--steps", "40", "--hvp", hvp, "--curvature-fraction", "0.25",
                           cwd=tmp_path)
         diagnostics = check_trained(out, 40)
         assert "BatchNorm num_batches_tracked after 40 steps: [40]" in out, out
-        assert f"curvature closure passes: {passes * diagnostics[0]['estimates']}" in out, out
+        assert diagnostics[0]["rejected_estimates"] == 0, out
+        assert f"curvature closure passes: {passes * diagnostics[0]['estimates'] + checks}" in out, out
 
 
 def test_timm_batchnorm_cnn(tmp_path):
@@ -133,13 +135,15 @@ def test_hf_transformers_trainer_subclass(tmp_path):
 
 
 def test_hf_transformers_sub_batch_curvature_in_both_loops(tmp_path):
-    """A quarter of each batch feeds the forward difference (two passes per estimation step), in the
-    plain loop and through the Trainer subclass's training_step."""
+    """A quarter of each batch feeds the forward difference (two passes per estimation step, and one
+    more for the closure check of the first), in the plain loop and through the Trainer subclass's
+    training_step."""
     for loop in ("torch", "trainer"):
         out = run_example("hf_transformers_esgd.py", "--steps", "30", "--loop", loop, "--curvature-fraction", "0.25",
                           cwd=tmp_path)
         diagnostics = check_trained(out, 30)
-        assert f"curvature closure passes: {2 * diagnostics[0]['estimates']}" in out, out
+        assert diagnostics[0]["rejected_estimates"] == 0, out
+        assert f"curvature closure passes: {2 * diagnostics[0]['estimates'] + 1}" in out, out
 
 
 def test_examples_have_a_steps_flag_and_a_docstring():

@@ -66,7 +66,8 @@ def test_fd_accuracy_smoke(bench, tmp_path):
 
 def test_fsdp_cost_smoke(monkeypatch, tmp_path):
     """The sharded model's collectives: an estimation step of a forward (central) difference adds one
-    (two) FSDP2 forward+backward's worth of traffic, plus the 8-byte all-reduce of h; state is halved."""
+    (two) FSDP2 forward+backward's worth of traffic, plus the 8-byte all-reduce of h, and the checked
+    first estimate one more; state is halved."""
     monkeypatch.syspath_prepend(str(BENCH_DIR))
     import fsdp_cost
 
@@ -75,9 +76,12 @@ def test_fsdp_cost_smoke(monkeypatch, tmp_path):
     extra = payload["per_param_extra"]
     plain = payload["counts"]["finite_difference/plain"]
     estimation = payload["counts"]["finite_difference/estimation"]
+    checked = payload["counts"]["finite_difference/checked estimation"]
     assert tuple(estimation["c10d.allreduce_.default"]) == (1, 8)
     for op, (calls, nbytes) in plain.items():
         assert tuple(estimation[op]) == (2 * calls, 2 * nbytes), op
+        # The first estimate repeats its pass at theta + h z: three rounds of FSDP2's traffic.
+        assert tuple(checked[op]) == (3 * calls, 3 * nbytes), op
     # The h all-reduce: 8 bytes in, 8 out, whatever the model's size; the rest scales with the passes.
     h_bytes = 8 / payload["params"]
     assert extra["central_difference"] - extra["finite_difference"] == pytest.approx(
