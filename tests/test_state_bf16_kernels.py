@@ -158,7 +158,8 @@ def param_tolerance(dtype):
 
 def assert_state(actual, expected, name):
     """Stored bfloat16 values: the reference's except for at most 0.1% (at least one) of the
-    elements, each of those one bfloat16 spacing away."""
+    elements, each of those one bfloat16 spacing away, plus float32's own error where the update
+    cancels (beta*m and (1-beta)*g of opposite signs leave a value far below both)."""
     actual = actual.double().cpu().reshape(-1)
     expected = expected.reshape(-1)
     assert actual.shape == expected.shape
@@ -168,8 +169,8 @@ def assert_state(actual, expected, name):
         f"{name}: {differ} of {actual.numel()} elements are not the reference's rounding "
         f"(first at {(~same).nonzero().flatten()[:6].tolist()})")
     if differ:
-        spacing = expected.abs() * 2.0**-7
-        assert bool(((actual - expected).abs() <= spacing + 1e-38)[~same].all()), f"{name}: off by more than one spacing"
+        allowed = expected.abs() * 2.0**-7 + 1e-6 * expected.abs().max()
+        assert bool(((actual - expected).abs() <= allowed)[~same].all()), f"{name}: off by more than one spacing"
 
 
 def assert_step(before, after, grads, hzs, h, dtype, keys, offsets, step):

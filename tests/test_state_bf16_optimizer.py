@@ -52,6 +52,23 @@ class Model:
         return other
 
 
+def assert_same_run(got, want, what, state_agree=0.98):
+    """Two runs whose float32 arithmetic may differ in the last bits (fused kernels against torch ops,
+    CPU against CUDA): parameters close, and bf16 state on the same rounding for nearly every element.
+    Rounding with other bits would leave about a third of the state elements apart; a last-bit
+    difference flips a rounding only where the random 16 bits lie next to the threshold."""
+    n = len(got) // 3
+    for j, (a, b) in enumerate(zip(got[:n], want[:n])):
+        a, b = a.cpu().double(), b.cpu().double()
+        err = float((a - b).abs().max() / b.abs().max())
+        assert err < 2e-3, f"{what}: param {j} is {err:.2e} away"
+    for j, (a, b) in enumerate(zip(got[n:], want[n:])):
+        a, b = a.cpu().double(), b.cpu().double()
+        same = float((a == b).double().mean())
+        assert same >= state_agree, f"{what}: only {same:.4f} of state tensor {j}'s elements agree"
+        assert bool(((a - b).abs() <= 2.0**-6 * b.abs() + 1e-30).all()), f"{what}: state {j} off by more than a spacing"
+
+
 def advance(opt, model, steps):
     values = []
     for _ in range(steps):
@@ -153,11 +170,8 @@ def test_every_path_rounds_alike():
         model = Model()
         opt = ESGD(model.params, **KWARGS, seed=3, state_dtype=BF16, **kw)
         runs[name] = advance(opt, model, 12)[-1]
-    base = runs["foreach"]
     for name, got in runs.items():
-        for a, b in zip(got, base):
-            same = float((a == b).float().mean())
-            assert same > 0.995, f"{name}: only {same:.4f} of the elements agree with the pure-PyTorch run"
+        assert_same_run(got, runs["foreach"], name)
 
 
 @NATIVE
@@ -175,10 +189,10 @@ def test_capturable_plain_step_matches_step():
             opt.plain_step()
             opt.count_plain_step()
         ref.step()
-    for p, q in zip(model.params, twin.params):
-        assert float((p == q).float().mean()) > 0.995
-        for key in ("exp_avg", "exp_hz_sq"):
-            assert float((opt.state[p][key] == ref.state[q][key]).float().mean()) > 0.995
+    def run(o, m):
+        return [p.detach() for p in m.params] + [o.state[p][k] for p in m.params for k in ("exp_avg", "exp_hz_sq")]
+
+    assert_same_run(run(opt, model), run(ref, twin), "plain_step()")
 
 
 @pytest.mark.parametrize("hvp", ["finite_difference", "central_difference"])
@@ -342,7 +356,4 @@ def test_checkpoint_moves_between_devices(source, target):
     loader = ESGD(moved.params, **KWARGS, seed=1, state_dtype=BF16)
     loader.load_state_dict(state)
     assert all(loader.state[p]["exp_avg"].device.type == target for p in moved.params)
-    a = advance(opt, model, 6)[-1]
-    b = advance(loader, moved, 6)[-1]
-    for x, y in zip(a, b):
-        assert float((x.cpu() == y.cpu()).float().mean()) > 0.99
+    assert_same_run(advance(loader, moved, 6)[-1], advance(opt, model, 6)[-1], f"{source} -> {target}")
