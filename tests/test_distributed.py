@@ -36,10 +36,11 @@ SCENARIOS = {
 STATE_DTYPE = {"fp32-bf16-state": torch.bfloat16}
 FUSED = {"fused=False": False, "fused=None": None}
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4}
-# bf16 state rounds with the same bits on every rank and in one process, so only a float32 rounding
-# difference of the reductions that straddles a rounding threshold (about 1e-7 relative against a
-# spacing of 4e-3: a few in 1e5 roundings) can move a state element by one bfloat16 spacing.
-STATE_TOLERANCE = {"fp32-bf16-state": 2e-3}
+# bf16 state rounds with the same bits on every rank and in one process, so it keeps float32's bound:
+# only a float32 rounding difference of the reductions that straddles a rounding threshold (about
+# 1e-7 relative against a spacing of 4e-3: a few in 1e5 roundings) could move a state element by one
+# bfloat16 spacing.
+STATE_TOLERANCE = {"fp32-bf16-state": 2e-4}
 
 # Finite-difference estimators under plain DDP: every closure pass is an ordinary DDP backward
 # (gradients averaged by DDP's reducer), and replicas draw the same z and h. name -> (dtype, hvp).

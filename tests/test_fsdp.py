@@ -46,10 +46,10 @@ STATE_DTYPE = {"forward-fp32-bf16-state": torch.bfloat16}
 # by h: about eps / fd_step per estimate, 1.5e-8 (fp64 forward), 3.7e-11 (fp64 central), 3.4e-4
 # (fp32 forward). The bounds allow the 16 steps to compound it tenfold.
 TOLERANCE = {"forward-fp64": 2e-7, "central-fp64": 4e-10, "forward-fp64-root": 2e-7, "forward-fp32": 3e-3,
-             # The same bits round both runs; where the differences above move a state element across a
-             # rounding threshold, it lands one bfloat16 spacing (0.4-0.8%) away, which the next steps
-             # carry into the parameters.
-             "forward-fp32-bf16-state": 3e-2}
+             # The same bits round both runs, so bf16 state keeps float32's bound (measured: 1.1e-3 for
+             # both); a state element moved across a rounding threshold by the differences above lands
+             # one bfloat16 spacing away, which would show here if the bits differed between ranks.
+             "forward-fp32-bf16-state": 3e-3}
 
 
 def make_mlp(dtype):
