@@ -58,21 +58,23 @@ LR_GRIDS = {
 }
 SEEDS = {"quick": 3, "full": 5, "smoke": 2}
 
-OPTIMIZER_LABELS = {"esgd": "ESGD-M", "esgd-fd": "ESGD-M forward difference",
+OPTIMIZER_LABELS = {"esgd": "ESGD-M", "esgd-bf16": "ESGD-M bf16 state", "esgd-fd": "ESGD-M forward difference",
                     "esgd-cd": "ESGD-M central difference", "esgd-nowarmup": "ESGD-M lr_warmup=0", "adam": "Adam",
                     "adamw": "AdamW", "sgd": "SGD (Nesterov)",
                     **{name: peer.label for name, peer in _peers.PEERS.items()}}
-OPTIMIZER_COLORS = {"esgd": "tab:red", "esgd-fd": "tab:pink", "esgd-cd": "tab:olive",
+OPTIMIZER_COLORS = {"esgd": "tab:red", "esgd-bf16": "tab:brown", "esgd-fd": "tab:pink", "esgd-cd": "tab:olive",
                     "esgd-nowarmup": "tab:orange", "adam": "tab:blue",
                     "adamw": "tab:cyan", "sgd": "tab:gray",
                     **{name: peer.color for name, peer in _peers.PEERS.items()}}
 # ESGD-M without its learning-rate warm-up is opt-in: it shows what the warm-up costs on short runs.
-# So is the central difference (three passes per estimate); the forward difference runs by default,
-# next to the exact ESGD-M.
+# So is the central difference (three passes per estimate), and ESGD-M with bfloat16 state
+# (state_dtype=torch.bfloat16, for comparing its final losses with float32 state's); the forward
+# difference runs by default, next to the exact ESGD-M.
 DEFAULT_OPTIMIZERS = ["esgd", "esgd-fd", "adam", "adamw", "sgd", *_peers.PEERS]
 FD_HVP = {"esgd-fd": "finite_difference", "esgd-cd": "central_difference"}
 for _preset, _grid in LR_GRIDS.items():
     _grid["esgd-nowarmup"] = _grid["esgd"]
+    _grid["esgd-bf16"] = _grid["esgd"]
     for _name in FD_HVP:
         _grid[_name] = _grid["esgd"]
     # Each peer's sweep is centred on its own documented default learning rate.
@@ -342,6 +344,8 @@ def make_optimizer(name: str, params, lr: float, seed: int, device: torch.device
         return import_esgd().ESGD(params, lr=lr, seed=seed)
     if name == "esgd-nowarmup":
         return import_esgd().ESGD(params, lr=lr, lr_warmup=0.0, seed=seed)
+    if name == "esgd-bf16":
+        return import_esgd().ESGD(params, lr=lr, seed=seed, state_dtype=torch.bfloat16)
     if name in FD_HVP:
         return import_esgd().ESGD(params, lr=lr, seed=seed, hvp=FD_HVP[name])
     if name in ("adam", "adamw"):

@@ -20,6 +20,8 @@ lowest mean final loss of the lr sweep) as a multiple of AdamW's own.
     python benchmarks/lm_curvature.py                       # the whole grid: about an hour on 2 cores
     python benchmarks/lm_curvature.py --estimators finite_difference --fractions 1 0.25 --every 10
     python benchmarks/lm_curvature.py --text some_book.txt  # another text (a held-out check)
+    python benchmarks/lm_curvature.py --estimators autograd --fractions 1 --every 10 \
+        --state-dtypes float32 bfloat16                     # 16-bit optimizer state against float32
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from _common import (DEFAULT_OUT, OUT_HELP, command_line, environment, environme
                      load_average, markdown_table, write_outputs)
 
 ESTIMATORS = ("autograd", "finite_difference", "central_difference")
+# ESGD's state_dtype: m and D in float32 (the default) or bfloat16 (stochastically rounded).
+STATE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 LABELS = {"autograd": "exact", "finite_difference": "forward", "central_difference": "central"}
 PRESETS = {
     # d, layers, heads, context, batch, steps, eval_every, eval_windows
@@ -118,7 +122,8 @@ def config_name(cfg: dict) -> str:
         return f"AdamW lr={cfg['lr']:g}"
     frac = "1" if cfg["fraction"] == 1 else f"1/{round(1 / cfg['fraction'])}"
     lr = f", lr {cfg['lr']:g}" if cfg.get("name_lr") else ""
-    return f"ESGD-M {LABELS[cfg['hvp']]}, curvature {frac}, every {cfg['every']}{lr}"
+    state = ", bf16 state" if cfg.get("state_dtype", "float32") == "bfloat16" else ""
+    return f"ESGD-M {LABELS[cfg['hvp']]}, curvature {frac}, every {cfg['every']}{lr}{state}"
 
 
 def make_step(cfg: dict, model, params, seed: int):
@@ -136,7 +141,8 @@ def make_step(cfg: dict, model, params, seed: int):
         return opt, adamw_step
 
     esgd_cuda = import_esgd()
-    opt = esgd_cuda.ESGD(params, lr=cfg["lr"], hvp=cfg["hvp"], update_d_every=cfg["every"], seed=seed)
+    opt = esgd_cuda.ESGD(params, lr=cfg["lr"], hvp=cfg["hvp"], update_d_every=cfg["every"], seed=seed,
+                         state_dtype=STATE_DTYPES[cfg.get("state_dtype", "float32")])
 
     def closure_on(x, y):
         def closure():
@@ -291,8 +297,9 @@ def to_markdown(result: dict) -> str:
 
 
 def configurations(args) -> list[dict]:
-    esgd = [dict(opt="esgd", hvp=h, fraction=f, every=e, lr=lr, name_lr=len(args.esgd_lr) > 1)
-            for h in args.estimators for e in args.every for f in args.fractions for lr in args.esgd_lr]
+    esgd = [dict(opt="esgd", hvp=h, fraction=f, every=e, lr=lr, name_lr=len(args.esgd_lr) > 1, state_dtype=sd)
+            for h in args.estimators for e in args.every for f in args.fractions for lr in args.esgd_lr
+            for sd in args.state_dtypes]
     adamw = [dict(opt="adamw", lr=lr) for lr in args.adamw_lrs]
     # AdamW's runs spread over the others, so that a machine that drifts slows both alike.
     out, gap = [], max(1, len(esgd) // max(1, len(adamw)))
@@ -311,6 +318,8 @@ def parse_args(argv=None):
                    help="curvature batch as a fraction of the step's batch (1: the closure alone)")
     p.add_argument("--every", nargs="+", type=int, default=[10, 20], help="update_d_every values")
     p.add_argument("--esgd-lr", nargs="+", type=float, default=[0.3], help="ESGD-M learning rate(s)")
+    p.add_argument("--state-dtypes", "--state-dtype", nargs="+", choices=list(STATE_DTYPES), default=["float32"],
+                   help="ESGD's state_dtype (m and D): float32 (default) and/or bfloat16")
     p.add_argument("--adamw-lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: preset)")

@@ -88,7 +88,8 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
 def bytes_per_param(kind: str | None, param_dtype: torch.dtype) -> int | None:
     """Bytes one parameter's update must read and write, at best, in one step.
 
-    ESGD plain: read p, g, m, D; write p, m. Estimation adds read Hz and write D.
+    ESGD plain: read p, g, m, D; write p, m. Estimation adds read Hz and write D. A "_bf16state"
+    suffix: the same with 2-byte m and D (ESGD(state_dtype=torch.bfloat16)).
     Adam: read p, g, m, v; write p, m, v (torch keeps Adam state in the parameter dtype).
     AdaHessian and SophiaH ("peer", state in the parameter dtype): as ESGD; "peer_hz" with their
     Hessian estimate given. torchzero ESGD ("tz", no momentum): read p, g, D; write p.
@@ -99,6 +100,8 @@ def bytes_per_param(kind: str | None, param_dtype: torch.dtype) -> int | None:
         return None
     ps = torch.empty((), dtype=param_dtype).element_size()
     ss = torch.empty((), dtype=state_dtype(param_dtype)).element_size()
+    if kind.endswith("_bf16state"):
+        kind, ss = kind[: -len("_bf16state")], 2
     if kind in ("peer", "peer_hz", "tz"):
         return {"peer": 6, "peer_hz": 8, "tz": 4}[kind] * ps
     if kind == "esgd":
@@ -159,14 +162,19 @@ class Case:
         self.name, self.byte_kind, self.fn = name, byte_kind, fn
 
 
-def esgd_step_case(esgd_cuda, shape, dtype, device, gen, fused: bool, capturable: bool = False) -> Case:
+# Rows of ESGD with bfloat16 state (state_dtype=torch.bfloat16: m and D stochastically rounded).
+BF16_STATE = " bf16 state"
+
+
+def esgd_step_case(esgd_cuda, shape, dtype, device, gen, fused: bool, capturable: bool = False,
+                   bf16_state: bool = False) -> Case:
     """opt.step() on a plain (non-estimation) step with existing state, grads fixed; with
     capturable=True, opt.plain_step() (device-side counters and step scalars, no host sync)."""
     params = [torch.nn.Parameter(t) for t in make_tensors(shape, dtype, device, gen)]
     grads = make_tensors(shape, dtype, device, gen, scale=1e-2)
     lr = torch.tensor(1e-3, device=device) if capturable else 1e-3
     opt = esgd_cuda.ESGD(params, lr=lr, d_warmup=1, update_d_every=10 ** 9, seed=0, fused=fused,
-                         capturable=capturable)
+                         capturable=capturable, state_dtype=torch.bfloat16 if bf16_state else None)
     if not opt.should_create_graph():
         raise RuntimeError("ESGD.should_create_graph() is False on step 0 with d_warmup=1; "
                            "the schedule does not match the documented API")
@@ -179,15 +187,25 @@ def esgd_step_case(esgd_cuda, shape, dtype, device, gen, fused: bool, capturable
         raise RuntimeError("ESGD still wants an estimation step after its only warm-up step")
     for p, g in zip(params, grads):
         p.grad = g
-    label = "fused" if fused else "fused=False"
+    label = ("fused" if fused else "fused=False") + (BF16_STATE if bf16_state else "")
+    kind = "esgd_bf16state" if bf16_state else "esgd"
     if capturable:
-        return Case(f"ESGD {label} capturable: plain_step()", "esgd", opt.plain_step)
-    return Case(f"ESGD {label}: opt.step() plain", "esgd", opt.step)
+        return Case(f"ESGD {label} capturable: plain_step()", kind, opt.plain_step)
+    return Case(f"ESGD {label}: opt.step() plain", kind, opt.step)
 
 
-def esgd_kernel_case(esgd_cuda, shape, dtype, device, gen, fused: bool, hz: bool) -> Case:
+def rounding_kwargs(esgd_cuda, n: int, bf16_state: bool) -> dict:
+    """The rounding arguments of bf16 state (the keys of parameters 0..n-1 of seed 0, step 50)."""
+    if not bf16_state:
+        return {}
+    probes = _probes_module(esgd_cuda)
+    return dict(rounding_keys=[probes.rounding_key(0, i) for i in range(n)], rounding_offsets=[0] * n,
+                rounding_step=50)
+
+
+def esgd_kernel_case(esgd_cuda, shape, dtype, device, gen, fused: bool, hz: bool, bf16_state: bool = False) -> Case:
     """functional.esgd_update on ready state tensors: the update alone, no optimizer bookkeeping."""
-    sdt = state_dtype(dtype)
+    sdt = torch.bfloat16 if bf16_state else state_dtype(dtype)
     params = make_tensors(shape, dtype, device, gen)
     grads = make_tensors(shape, dtype, device, gen, scale=1e-2)
     exp_avgs = make_tensors(shape, sdt, device, gen, scale=1e-2)
@@ -196,20 +214,22 @@ def esgd_kernel_case(esgd_cuda, shape, dtype, device, gen, fused: bool, hz: bool
     t = 50
     kwargs = dict(beta1=BETA1, beta2=BETA2, v=V, eps=EPS, weight_decay=0.0, step_size=1e-3,
                   momentum_scale=1.0 / (1.0 - BETA1 ** t * V),
-                  denom_scale=1.0 / math.sqrt(1.0 - BETA2 ** 6), fused=fused)
+                  denom_scale=1.0 / math.sqrt(1.0 - BETA2 ** 6), fused=fused,
+                  **rounding_kwargs(esgd_cuda, len(params), bf16_state))
     update = esgd_cuda.functional.esgd_update
 
     def fn():
         update(params, grads, exp_avgs, exp_hz_sqs, hzs, **kwargs)
 
-    label = "fused" if fused else "fused=False"
+    label = ("fused" if fused else "fused=False") + (BF16_STATE if bf16_state else "")
     what = "estimation (+Hz)" if hz else "plain"
-    return Case(f"ESGD {label}: esgd_update {what}", "esgd_hz" if hz else "esgd", fn)
+    kind = ("esgd_hz" if hz else "esgd") + ("_bf16state" if bf16_state else "")
+    return Case(f"ESGD {label}: esgd_update {what}", kind, fn)
 
 
-def fd_update_case(esgd_cuda, shape, dtype, device, gen, central: bool) -> Case:
+def fd_update_case(esgd_cuda, shape, dtype, device, gen, central: bool, bf16_state: bool = False) -> Case:
     """functional.esgd_update_fd (fused): an estimation step whose Hz is a gradient difference."""
-    sdt = state_dtype(dtype)
+    sdt = torch.bfloat16 if bf16_state else state_dtype(dtype)
     params = make_tensors(shape, dtype, device, gen)
     grads = make_tensors(shape, dtype, device, gen, scale=1e-2)
     exp_avgs = make_tensors(shape, sdt, device, gen, scale=1e-2)
@@ -220,14 +240,16 @@ def fd_update_case(esgd_cuda, shape, dtype, device, gen, central: bool) -> Case:
     t = 50
     kwargs = dict(beta1=BETA1, beta2=BETA2, v=V, eps=EPS, weight_decay=0.0, step_size=1e-3,
                   momentum_scale=1.0 / (1.0 - BETA1 ** t * V),
-                  denom_scale=1.0 / math.sqrt(1.0 - BETA2 ** 6), fused=True)
+                  denom_scale=1.0 / math.sqrt(1.0 - BETA2 ** 6), fused=True,
+                  **rounding_kwargs(esgd_cuda, len(params), bf16_state))
     update = esgd_cuda.functional.esgd_update_fd
 
     def fn():
         update(params, grads, exp_avgs, exp_hz_sqs, grads_plus, grads_minus, hz_scale, **kwargs)
 
     what = "central" if central else "forward"
-    return Case(f"ESGD fused: esgd_update_fd {what}", f"esgd_fd_{what}", fn)
+    label = "fused" + (BF16_STATE if bf16_state else "")
+    return Case(f"ESGD {label}: esgd_update_fd {what}", f"esgd_fd_{what}" + ("_bf16state" if bf16_state else ""), fn)
 
 
 def _probes_module(esgd_cuda):
@@ -431,6 +453,14 @@ def build_cases(esgd_cuda, shape: Shape, dtype: torch.dtype, device: torch.devic
          lambda: esgd_kernel_case(esgd_cuda, shape, dtype, device, gen, fused=True, hz=False)),
         ("ESGD fused: esgd_update estimation (+Hz)", "esgd_hz", fused_why,
          lambda: esgd_kernel_case(esgd_cuda, shape, dtype, device, gen, fused=True, hz=True)),
+        (f"ESGD fused{BF16_STATE}: opt.step() plain", "esgd_bf16state", fused_why,
+         lambda: esgd_step_case(esgd_cuda, shape, dtype, device, gen, fused=True, bf16_state=True)),
+        (f"ESGD fused{BF16_STATE}: esgd_update plain", "esgd_bf16state", fused_why,
+         lambda: esgd_kernel_case(esgd_cuda, shape, dtype, device, gen, fused=True, hz=False, bf16_state=True)),
+        (f"ESGD fused{BF16_STATE}: esgd_update estimation (+Hz)", "esgd_hz_bf16state", fused_why,
+         lambda: esgd_kernel_case(esgd_cuda, shape, dtype, device, gen, fused=True, hz=True, bf16_state=True)),
+        (f"ESGD fused{BF16_STATE}: esgd_update_fd forward", "esgd_fd_forward_bf16state", fused_why,
+         lambda: fd_update_case(esgd_cuda, shape, dtype, device, gen, central=False, bf16_state=True)),
         ("ESGD fused=False: opt.step() plain", "esgd", None,
          lambda: esgd_step_case(esgd_cuda, shape, dtype, device, gen, fused=False)),
         ("ESGD fused=False: esgd_update plain", "esgd", None,

@@ -31,10 +31,10 @@ std::unordered_map<const void*, int64_t> index_by_address(const std::vector<at::
 template <typename P, typename S, HzSource Src, bool kFromSource = false>
 void emulate_update(const UpdateJob& job, const Hyper& hyper, BlockRows& rows) {
   constexpr int kDepth = depth_of<Src, kFromSource>();
-  const Coeffs<S> c = make_coeffs<S>(hyper);
+  const Coeffs<math_t<S>> c = make_coeffs<math_t<S>>(hyper);
   const DeviceScale scale{job.hz_scale, hyper.hz_scale_inv};
   const auto index_of = index_by_address(job.workspace.params);
-  for_each_launch<Src, kFromSource>(job.workspace, [&](const TensorTable<kDepth>& table, int blocks) {
+  for_each_launch<Src, kFromSource>(job, [&](const TensorTable<kDepth>& table, int blocks) {
     for (int b = 0; b < blocks; ++b) {
       const auto span = block_span<P, S, Src, kFromSource>(table, b);
       const int slot = table.block_slot[b];
@@ -48,6 +48,19 @@ void emulate_update(const UpdateJob& job, const Hyper& hyper, BlockRows& rows) {
   });
 }
 
+// The state storage type of a job, as esgd_cuda.cu's launch_state picks it.
+template <typename P, HzSource Src, bool kFromSource = false>
+void emulate_state(const UpdateJob& job, const Hyper& hyper, BlockRows& rows) {
+  using Default = std::conditional_t<std::is_same_v<P, double>, double, float>;
+  if constexpr (!std::is_same_v<P, double>) {
+    if (job.rounds) {
+      emulate_update<P, at::BFloat16, Src, kFromSource>(job, hyper, rows);
+      return;
+    }
+  }
+  emulate_update<P, Default, Src, kFromSource>(job, hyper, rows);
+}
+
 }  // namespace
 
 BlockRows emulate_cuda_update(
@@ -56,10 +69,11 @@ BlockRows emulate_cuda_update(
     const std::vector<at::Tensor>& exp_avgs,
     const std::vector<at::Tensor>& exp_hz_sqs,
     const HzInputs& hz,
+    const RoundingInputs& rounding,
     const Hyper& hyper,
     const at::Tensor* step_scalars) {
   const std::unique_ptr<UpdateJob> job = prepare_update(
-      "emulate_cuda_update", params, grads, exp_avgs, exp_hz_sqs, hz, step_scalars,
+      "emulate_cuda_update", params, grads, exp_avgs, exp_hz_sqs, hz, rounding, step_scalars,
       c10::DeviceType::CPU);
   BlockRows rows;
   if (!job) {
@@ -67,26 +81,25 @@ BlockRows emulate_cuda_update(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), "emulate_cuda_update", [&] {
-        using S = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
         switch (hz.source) {
           case HzSource::kNone:
-            emulate_update<scalar_t, S, HzSource::kNone>(*job, hyper, rows);
+            emulate_state<scalar_t, HzSource::kNone>(*job, hyper, rows);
             break;
           case HzSource::kDirect:
-            emulate_update<scalar_t, S, HzSource::kDirect>(*job, hyper, rows);
+            emulate_state<scalar_t, HzSource::kDirect>(*job, hyper, rows);
             break;
           case HzSource::kForward:
             if (hz.sources.has_value()) {
-              emulate_update<scalar_t, S, HzSource::kForward, true>(*job, hyper, rows);
+              emulate_state<scalar_t, HzSource::kForward, true>(*job, hyper, rows);
             } else {
-              emulate_update<scalar_t, S, HzSource::kForward>(*job, hyper, rows);
+              emulate_state<scalar_t, HzSource::kForward>(*job, hyper, rows);
             }
             break;
           case HzSource::kCentral:
             if (hz.sources.has_value()) {
-              emulate_update<scalar_t, S, HzSource::kCentral, true>(*job, hyper, rows);
+              emulate_state<scalar_t, HzSource::kCentral, true>(*job, hyper, rows);
             } else {
-              emulate_update<scalar_t, S, HzSource::kCentral>(*job, hyper, rows);
+              emulate_state<scalar_t, HzSource::kCentral>(*job, hyper, rows);
             }
             break;
         }

@@ -13,6 +13,10 @@ at::ScalarType state_dtype(at::ScalarType param_dtype) {
   return param_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+bool supports_state_dtype(at::ScalarType param, at::ScalarType state) {
+  return state == state_dtype(param) || (param != at::kDouble && state == at::kBFloat16);
+}
+
 std::string dtype_name(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat:
@@ -151,6 +155,40 @@ void check_sources_disjoint(
   }
 }
 
+// Rounding keys and offsets: one per tensor, each in [0, 2^63), and no shard's indices past 2^63
+// (the probes' limits: esgd_cuda/probes.py).
+void check_rounding(const char* op, at::TensorList params, const RoundingInputs& rounding, bool needed) {
+  if (needed) {
+    TORCH_CHECK(
+        rounding.keys.has_value() && rounding.offsets.has_value(),
+        op, ": exp_avgs are bfloat16, whose stochastic rounding needs rounding_keys and "
+        "rounding_offsets (one per tensor; esgd_cuda.probes.rounding_key)");
+  }
+  const std::pair<const char*, const c10::OptionalIntArrayRef*> lists[] = {
+      {"rounding_keys", &rounding.keys}, {"rounding_offsets", &rounding.offsets}};
+  for (const auto& [name, list] : lists) {
+    if (!list->has_value()) {
+      continue;
+    }
+    const at::IntArrayRef values = **list;
+    TORCH_CHECK(
+        values.size() == params.size(),
+        op, ": ", name, " has ", values.size(), " entries but params has ", params.size(), " tensors");
+    for (size_t i = 0; i < values.size(); ++i) {
+      TORCH_CHECK(values[i] >= 0, op, ": ", name, "[", i, "] = ", values[i], " is negative");
+    }
+  }
+  if (rounding.offsets.has_value()) {
+    const at::IntArrayRef offsets = *rounding.offsets;
+    for (size_t i = 0; i < offsets.size(); ++i) {
+      TORCH_CHECK(
+          params[i].numel() <= INT64_MAX - offsets[i],
+          op, ": rounding_offsets[", i, "] + params[", i, "].numel() exceeds 2^63");
+    }
+  }
+  TORCH_CHECK(rounding.step >= 0, op, ": rounding_step = ", rounding.step, " is negative");
+}
+
 }  // namespace
 
 std::vector<std::pair<const char*, at::TensorList>> HzInputs::lists() const {
@@ -185,6 +223,7 @@ void check_inputs(
     at::TensorList exp_avgs,
     at::TensorList exp_hz_sqs,
     const HzInputs& hz,
+    const RoundingInputs& rounding,
     c10::DeviceType device_type) {
   const size_t n = params.size();
   const auto inputs = hz.lists();
@@ -199,6 +238,7 @@ void check_inputs(
     check_list_length(op, "sources", *hz.sources, n);
   }
   if (n == 0) {
+    check_rounding(op, params, rounding, false);
     return;
   }
   const at::Tensor& first = params[0];
@@ -213,7 +253,16 @@ void check_inputs(
       first.device().type() == device_type,
       op, ": params[0] is on ", first.device(), ", but this kernel runs on ",
       c10::DeviceTypeName(device_type, /*lower_case=*/true));
-  const at::ScalarType sdtype = state_dtype(pdtype);
+  // The state dtype is exp_avgs[0]'s where the kernels support it (float32 or bfloat16 for 16- and
+  // 32-bit parameters), else the default, which every state tensor is then checked against.
+  at::ScalarType sdtype = state_dtype(pdtype);
+  if (exp_avgs[0].defined() && supports_state_dtype(pdtype, exp_avgs[0].scalar_type())) {
+    sdtype = exp_avgs[0].scalar_type();
+  } else if (exp_avgs[0].defined() && pdtype != at::kDouble) {
+    TORCH_CHECK(
+        false, op, ": exp_avgs[0] has dtype ", dtype_name(exp_avgs[0].scalar_type()),
+        ", expected float32 or bfloat16");
+  }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined (None)");
@@ -242,19 +291,26 @@ void check_inputs(
   if (hz.sources.has_value()) {
     check_sources_disjoint(op, params, exp_avgs, exp_hz_sqs, *hz.sources);
   }
+  check_rounding(op, params, rounding, sdtype == at::kBFloat16);
 }
 
 std::vector<const double*> step_scalar_rows(
-    const char* op, const at::Tensor& step_scalars, at::TensorList params) {
+    const char* op, const at::Tensor& step_scalars, at::TensorList params, bool needs_step) {
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK(step_scalars.defined(), op, ": step_scalars is undefined (None)");
   TORCH_CHECK(
       step_scalars.scalar_type() == at::kDouble,
       op, ": step_scalars has dtype ", dtype_name(step_scalars.scalar_type()), ", expected float64");
   TORCH_CHECK(
-      step_scalars.dim() == 2 && step_scalars.size(0) == n && step_scalars.size(1) == kStepScalars,
+      step_scalars.dim() == 2 && step_scalars.size(0) == n &&
+          (step_scalars.size(1) == kStepScalars || step_scalars.size(1) == kStepScalars + 1),
       op, ": step_scalars has shape ", step_scalars.sizes(), ", expected [", n, ", ", kStepScalars,
-      "] (one row per tensor of params)");
+      "] or [", n, ", ", kStepScalars + 1, "] (one row per tensor of params)");
+  TORCH_CHECK(
+      !needs_step || step_scalars.size(1) == kStepScalars + 1,
+      op, ": step_scalars has shape ", step_scalars.sizes(), ", expected [", n, ", ",
+      kStepScalars + 1, "]: the stochastic rounding of bfloat16 state reads each tensor's step count "
+      "from the last column (esgd_cuda.functional.step_scalar_table)");
   TORCH_CHECK(step_scalars.is_contiguous(), op, ": step_scalars must be contiguous");
   std::vector<const double*> rows(n);
   if (n == 0) {
@@ -266,7 +322,7 @@ std::vector<const double*> step_scalar_rows(
       " (the device of params[0])");
   const double* base = step_scalars.const_data_ptr<double>();
   for (int64_t i = 0; i < n; ++i) {
-    rows[i] = base + i * kStepScalars;
+    rows[i] = base + i * step_scalars.size(1);
   }
   return rows;
 }
@@ -285,7 +341,8 @@ Workspace::Workspace(
     at::TensorList exp_avgs_in,
     at::TensorList exp_hz_sqs_in,
     const std::vector<at::TensorList>& inputs_in,
-    const at::TensorList* sources_in) {
+    const at::TensorList* sources_in,
+    bool keep_param_layout) {
   const size_t n = params_in.size();
   params.reserve(n);
   grads.reserve(n);
@@ -320,6 +377,32 @@ Workspace::Workspace(
         // instead of sending the tensor's every list through contiguous copies.
         sources.push_back(
             dense_like(s, p) ? s : at::empty_strided(p.sizes(), p.strides(), s.options()).copy_(s));
+      }
+      continue;
+    }
+    if (keep_param_layout && p.is_non_overlapping_and_dense()) {
+      // p stays in place; every list whose layout differs is copied into p's (written back when
+      // the kernels write it).
+      auto like_p = [&p](const at::Tensor& t) {
+        return dense_like(t, p) ? t : at::empty_strided(p.sizes(), p.strides(), t.options()).copy_(t);
+      };
+      auto writable_like_p = [&](const at::Tensor& t) {
+        if (dense_like(t, p)) {
+          return t;
+        }
+        at::Tensor copy = like_p(t);
+        writebacks_.emplace_back(t, copy);
+        return copy;
+      };
+      params.push_back(p);
+      grads.push_back(like_p(grads_in[i]));
+      exp_avgs.push_back(writable_like_p(exp_avgs_in[i]));
+      exp_hz_sqs.push_back(writable_like_p(exp_hz_sqs_in[i]));
+      for (size_t k = 0; k < inputs_in.size(); ++k) {
+        inputs[k].push_back(like_p(inputs_in[k][i]));
+      }
+      if (sources_in != nullptr) {
+        sources.push_back(like_p((*sources_in)[i]));
       }
       continue;
     }
@@ -367,12 +450,14 @@ std::unique_ptr<UpdateJob> prepare_update(
     at::TensorList exp_avgs,
     at::TensorList exp_hz_sqs,
     const HzInputs& hz,
+    const RoundingInputs& rounding,
     const at::Tensor* step_scalars,
     c10::DeviceType device_type) {
-  check_inputs(op, params, grads, exp_avgs, exp_hz_sqs, hz, device_type);
+  check_inputs(op, params, grads, exp_avgs, exp_hz_sqs, hz, rounding, device_type);
+  const bool rounds = !params.empty() && exp_avgs[0].scalar_type() == at::kBFloat16;
   std::vector<const double*> rows;
   if (step_scalars != nullptr) {
-    rows = step_scalar_rows(op, *step_scalars, params);
+    rows = step_scalar_rows(op, *step_scalars, params, rounds);
   }
   if (params.empty()) {
     return nullptr;
@@ -383,10 +468,16 @@ std::unique_ptr<UpdateJob> prepare_update(
   }
   const at::TensorList* sources = hz.sources.has_value() ? &*hz.sources : nullptr;
   auto job = std::unique_ptr<UpdateJob>(
-      new UpdateJob{Workspace(params, grads, exp_avgs, exp_hz_sqs, inputs, sources), nullptr});
+      new UpdateJob{Workspace(params, grads, exp_avgs, exp_hz_sqs, inputs, sources, rounds), nullptr});
   job->workspace.step_scalars = std::move(rows);
   if (is_finite_difference(hz.source)) {
     job->hz_scale = hz.scale->const_data_ptr<double>();
+  }
+  if (rounds) {
+    job->rounds = true;
+    job->keys.assign(rounding.keys->begin(), rounding.keys->end());
+    job->offsets.assign(rounding.offsets->begin(), rounding.offsets->end());
+    job->step = static_cast<uint64_t>(rounding.step);
   }
   return job;
 }

@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+#include <c10/util/OptionalArrayRef.h>
 
 #include <array>
 #include <memory>
@@ -15,16 +16,21 @@
 
 namespace esgd {
 
-// State dtype for a parameter dtype: fp32, except fp64 for fp64 parameters.
+// Default state dtype for a parameter dtype: fp32, except fp64 for fp64 parameters.
 at::ScalarType state_dtype(at::ScalarType param_dtype);
+
+// Whether the kernels keep state of `state` dtype for parameters of `param` dtype: the default, or
+// bfloat16 (stochastically rounded, rounding.h) for 16- and 32-bit parameters.
+bool supports_state_dtype(at::ScalarType param, at::ScalarType state);
 
 // Python spelling (float32, bfloat16, ...), which is what users see in their code.
 std::string dtype_name(at::ScalarType dtype);
 
 // Checks the step-scalar table of a capturable step (float64 [n, kStepScalars] on the params'
-// device) and returns a pointer to each tensor's row.
+// device, or [n, kStepScalars + 1] with each tensor's step count last, which rounding state
+// needs: `needs_step`) and returns a pointer to each tensor's row.
 std::vector<const double*> step_scalar_rows(
-    const char* op, const at::Tensor& step_scalars, at::TensorList params);
+    const char* op, const at::Tensor& step_scalars, at::TensorList params, bool needs_step = false);
 
 // Checks a device scalar (a finite difference's 1/h): a 1-element float64 tensor on `device`,
 // read only by device code.
@@ -47,6 +53,16 @@ struct HzInputs {
   std::vector<std::pair<const char*, at::TensorList>> lists() const;
 };
 
+// Stochastic rounding of bfloat16 state (rounding.h): each tensor's rounding key and the index of
+// its first element in the whole parameter (a shard's offset), and the step count t that selects
+// the step's bits. A capturable step reads t from the fourth column of its step-scalar table
+// instead. Unused (and may be absent) when the state is float32 or float64.
+struct RoundingInputs {
+  c10::OptionalIntArrayRef keys;
+  c10::OptionalIntArrayRef offsets;
+  int64_t step = 0;
+};
+
 // Validates every list against params before anything is written, so a bad call leaves the
 // parameters and state untouched. Errors name the list and index. Sources must not share memory
 // with any tensor the update writes (params, exp_avgs, exp_hz_sqs): the kernels read a source
@@ -58,13 +74,17 @@ void check_inputs(
     at::TensorList exp_avgs,
     at::TensorList exp_hz_sqs,
     const HzInputs& hz,
+    const RoundingInputs& rounding,
     c10::DeviceType device_type);
 
 // Tensors the kernels can walk as flat arrays. A tensor whose layout is dense and shared by all
 // tensors of its group is used in place (elementwise math does not care about the order);
 // anything else goes through a contiguous copy, written back by finish(). A source (theta's saved
 // copy) only has to follow: when its own layout is the one that differs, it alone is copied into
-// its parameter's layout, and the rest stays in place.
+// its parameter's layout, and the rest stays in place. With `keep_param_layout` (rounding state,
+// whose random bits follow the element's position in the parameter's memory order) a dense
+// parameter's layout is kept: the lists that differ are copied into it instead of everything into
+// row-major order, so the bits do not depend on the other lists' layouts.
 class Workspace {
  public:
   // `inputs`: the read-only parameter-typed lists after grads (HzInputs::lists()); `sources`:
@@ -75,7 +95,8 @@ class Workspace {
       at::TensorList exp_avgs,
       at::TensorList exp_hz_sqs,
       const std::vector<at::TensorList>& inputs,
-      const at::TensorList* sources = nullptr);
+      const at::TensorList* sources = nullptr,
+      bool keep_param_layout = false);
 
   void finish();
 
@@ -95,11 +116,17 @@ class Workspace {
   std::vector<std::pair<at::Tensor, at::Tensor>> writebacks_;
 };
 
-// Everything the update kernels need after validation: the workspace (with step-scalar rows) and,
-// for a finite difference, the address of its device multiplier.
+// Everything the update kernels need after validation: the workspace (with step-scalar rows),
+// for a finite difference the address of its device multiplier, and for rounding state each
+// tensor's rounding key (the base key B of rounding.h) and index offset, and the host step count
+// (used where no step-scalar row gives it).
 struct UpdateJob {
   Workspace workspace;
   const double* hz_scale = nullptr;
+  bool rounds = false;
+  std::vector<uint64_t> keys;
+  std::vector<uint64_t> offsets;
+  uint64_t step = 0;
 };
 
 // Validates, then lays out the tensors of an update for the kernels (null when params is empty).
@@ -111,6 +138,7 @@ std::unique_ptr<UpdateJob> prepare_update(
     at::TensorList exp_avgs,
     at::TensorList exp_hz_sqs,
     const HzInputs& hz,
+    const RoundingInputs& rounding,
     const at::Tensor* step_scalars,
     c10::DeviceType device_type);
 
@@ -122,6 +150,7 @@ using LaunchFn = void (*)(
     at::TensorList exp_avgs,
     at::TensorList exp_hz_sqs,
     const HzInputs& hz,
+    const RoundingInputs& rounding,
     const Hyper& hyper,
     const at::Tensor* step_scalars);
 
@@ -134,6 +163,7 @@ std::vector<std::array<int64_t, 3>> emulate_cuda_update(
     const std::vector<at::Tensor>& exp_avgs,
     const std::vector<at::Tensor>& exp_hz_sqs,
     const HzInputs& hz,
+    const RoundingInputs& rounding,
     const Hyper& hyper,
     const at::Tensor* step_scalars);
 
@@ -152,11 +182,15 @@ void plain_op(
     double step_size,
     double momentum_scale,
     double denom_scale,
-    double grad_scale_inv) {
+    double grad_scale_inv,
+    c10::OptionalIntArrayRef rounding_keys,
+    c10::OptionalIntArrayRef rounding_offsets,
+    int64_t rounding_step) {
   // beta2 and hz_scale_inv only enter the D update, which plain steps skip.
   const Hyper hyper{beta1, 0.0, v, eps, weight_decay, step_size, momentum_scale, denom_scale,
                     grad_scale_inv, 1.0};
-  Launch("esgd_update_", params, grads, exp_avgs, exp_hz_sqs, HzInputs{}, hyper, nullptr);
+  Launch("esgd_update_", params, grads, exp_avgs, exp_hz_sqs, HzInputs{},
+         RoundingInputs{rounding_keys, rounding_offsets, rounding_step}, hyper, nullptr);
 }
 
 template <LaunchFn Launch>
@@ -175,16 +209,21 @@ void hz_op(
     double momentum_scale,
     double denom_scale,
     double grad_scale_inv,
-    double hz_scale_inv) {
+    double hz_scale_inv,
+    c10::OptionalIntArrayRef rounding_keys,
+    c10::OptionalIntArrayRef rounding_offsets,
+    int64_t rounding_step) {
   const Hyper hyper{beta1, beta2, v, eps, weight_decay, step_size, momentum_scale, denom_scale,
                     grad_scale_inv, hz_scale_inv};
   Launch("esgd_update_hz_", params, grads, exp_avgs, exp_hz_sqs,
-         HzInputs{HzSource::kDirect, hzs, {}, nullptr}, hyper, nullptr);
+         HzInputs{HzSource::kDirect, hzs, {}, nullptr},
+         RoundingInputs{rounding_keys, rounding_offsets, rounding_step}, hyper, nullptr);
 }
 
 // Capturable step: the step-dependent scalars come from the device (step_scalars), so the call
 // can be captured in a CUDA graph and traced by torch.compile without host values that change
-// every step. An empty hzs list is a plain step.
+// every step. An empty hzs list is a plain step. Rounding state reads each tensor's step count from
+// the table's fourth column.
 template <LaunchFn Launch>
 void capturable_op(
     at::TensorList params,
@@ -198,12 +237,15 @@ void capturable_op(
     double v,
     double eps,
     double grad_scale_inv,
-    double hz_scale_inv) {
+    double hz_scale_inv,
+    c10::OptionalIntArrayRef rounding_keys,
+    c10::OptionalIntArrayRef rounding_offsets) {
   // step_size, momentum_scale, denom_scale and weight_decay only enter through step_scalars.
   const Hyper hyper{beta1, beta2, v, eps, 0.0, 0.0, 1.0, 1.0, grad_scale_inv, hz_scale_inv};
   const bool estimate = !hzs.empty() || params.empty();
   const HzInputs hz{estimate ? HzSource::kDirect : HzSource::kNone, hzs, {}, nullptr};
-  Launch("esgd_update_capturable_", params, grads, exp_avgs, exp_hz_sqs, hz, hyper, &step_scalars);
+  Launch("esgd_update_capturable_", params, grads, exp_avgs, exp_hz_sqs, hz,
+         RoundingInputs{rounding_keys, rounding_offsets, 0}, hyper, &step_scalars);
 }
 
 // Estimation step with a finite-difference Hz: grads_plus - grads (empty grads_minus, forward) or
@@ -231,12 +273,16 @@ void fd_op(
     double denom_scale,
     double grad_scale_inv,
     double hz_scale_inv,
-    c10::optional<at::TensorList> sources) {
+    c10::optional<at::TensorList> sources,
+    c10::OptionalIntArrayRef rounding_keys,
+    c10::OptionalIntArrayRef rounding_offsets,
+    int64_t rounding_step) {
   const Hyper hyper{beta1, beta2, v, eps, weight_decay, step_size, momentum_scale, denom_scale,
                     grad_scale_inv, hz_scale_inv};
   const HzInputs hz{grads_minus.empty() ? HzSource::kForward : HzSource::kCentral, grads_plus,
                     grads_minus, &hz_scale, sources};
-  Launch("esgd_update_fd_", params, grads, exp_avgs, exp_hz_sqs, hz, hyper,
+  Launch("esgd_update_fd_", params, grads, exp_avgs, exp_hz_sqs, hz,
+         RoundingInputs{rounding_keys, rounding_offsets, rounding_step}, hyper,
          step_scalars.has_value() ? &*step_scalars : nullptr);
 }
 

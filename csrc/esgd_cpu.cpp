@@ -4,6 +4,7 @@
 #include "cpu_clones.h"
 #include "esgd_common.h"
 #include "esgd_math.h"
+#include "rounding.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -33,8 +34,18 @@ namespace {
 // 19M-element model still spreads over every core.
 constexpr int64_t kGrain = 32768;
 
+// A run of elements' rounding bits: element i of the run hashes index j0 + i (rounding.h), whose
+// upper word is constant over the run (runs are split where it changes), so the loop works in
+// uint32 only, which AVX2 vectorizes.
+struct RunKey {
+  uint32_t low;  // lo32(K)
+  uint32_t add;  // (hi32(j) ^ hi32(K)) * golden
+  uint32_t j0;   // lo32 of the run's first index
+};
+
 // a: hzs or grads_plus; b: grads_minus (HzSource); x: theta's source when kFromSource (p is then
 // only written: the restore of a finite-difference step fused into its update), unused otherwise.
+// S is the state's storage type: float or double, or bfloat16 rounded stochastically with `key`.
 template <typename P, typename S, HzSource Src, bool kFromSource>
 C10_ALWAYS_INLINE void update_range(
     P* __restrict__ p,
@@ -45,49 +56,62 @@ C10_ALWAYS_INLINE void update_range(
     const P* __restrict__ a,
     const P* __restrict__ b,
     int64_t n,
-    const Coeffs<S>& coeffs) {
+    const Coeffs<math_t<S>>& coeffs,
+    const RunKey& key) {
+  using M = math_t<S>;
+  using Store = StateStorage<S>;
   constexpr bool kHasHz = Src != HzSource::kNone;
-  const Coeffs<S> c = coeffs;  // a local copy, so the compiler knows stores cannot alias it
+  const Coeffs<M> c = coeffs;  // a local copy, so the compiler knows stores cannot alias it
+  const RunKey k = key;
   for (int64_t i = 0; i < n; ++i) {
-    S pi;
+    M pi;
     if constexpr (kFromSource) {
-      pi = static_cast<S>(x[i]);
+      pi = static_cast<M>(x[i]);
     } else {
-      pi = static_cast<S>(p[i]);
+      pi = static_cast<M>(p[i]);
     }
-    const S gi = static_cast<S>(g[i]);
-    S mi = m[i];
-    S di = d[i];
-    S hi = S(0);
+    const M gi = static_cast<M>(g[i]);
+    M mi = Store::load(m[i]);
+    M di = Store::load(d[i]);
+    M hi = M(0);
     if constexpr (Src == HzSource::kDirect) {
-      hi = static_cast<S>(a[i]);
+      hi = static_cast<M>(a[i]);
     } else if constexpr (Src == HzSource::kForward) {
-      hi = fd_difference(static_cast<S>(a[i]), gi);
+      hi = fd_difference(static_cast<M>(a[i]), gi);
     } else if constexpr (Src == HzSource::kCentral) {
-      hi = fd_difference(static_cast<S>(a[i]), static_cast<S>(b[i]));
+      hi = fd_difference(static_cast<M>(a[i]), static_cast<M>(b[i]));
     }
     update<kHasHz>(pi, gi, mi, di, hi, c);
     p[i] = static_cast<P>(pi);
-    m[i] = mi;
+    uint32_t r = 0;
+    if constexpr (Store::kRounds) {
+      r = lowbias32(((k.j0 + static_cast<uint32_t>(i)) ^ k.low) + k.add);
+    }
+    m[i] = Store::store(mi, m_bits(r));
     if constexpr (kHasHz) {
-      d[i] = di;
+      d[i] = Store::store(di, d_bits(r));
     }
   }
 }
 
 template <typename P, typename S>
-using RangeFn =
-    void (*)(P*, const P*, const P*, S*, S*, const P*, const P*, int64_t, const Coeffs<S>&);
+using RangeFn = void (*)(P*, const P*, const P*, S*, S*, const P*, const P*, int64_t,
+                         const Coeffs<math_t<S>>&, const RunKey&);
 
 template <typename P, typename S, HzSource Src, bool kFromSource>
 struct Range;
 
 // target_clones needs plain functions, hence one per (param type, state type, hz source, whether
-// theta comes from sources). scripts/check_cpu_vectorization.py names them.
+// theta comes from sources). scripts/check_cpu_vectorization.py names them. Their pointers are
+// restrict-qualified as update_range's: with bfloat16 parameters and bfloat16 state every list is
+// 16-bit, so type-based alias analysis separates none of them, and GCC gives up vectorizing rather
+// than check each written list against every other at run time (more than its 10 checks).
 #define ESGD_DEFINE_RANGE(P, S, SRC, FROM, NAME)                                                 \
-  ESGD_CPU_CLONES void NAME(P* p, const P* x, const P* g, S* m, S* d, const P* a, const P* b,    \
-                            int64_t n, const Coeffs<S>& c) {                                     \
-    update_range<P, S, HzSource::SRC, FROM>(p, x, g, m, d, a, b, n, c);                          \
+  ESGD_CPU_CLONES void NAME(P* __restrict__ p, const P* __restrict__ x, const P* __restrict__ g, \
+                            S* __restrict__ m, S* __restrict__ d, const P* __restrict__ a,       \
+                            const P* __restrict__ b, int64_t n, const Coeffs<math_t<S>>& c,      \
+                            const RunKey& k) {                                                   \
+    update_range<P, S, HzSource::SRC, FROM>(p, x, g, m, d, a, b, n, c, k);                       \
   }                                                                                              \
   template <>                                                                                    \
   struct Range<P, S, HzSource::SRC, FROM> {                                                      \
@@ -106,6 +130,11 @@ ESGD_DEFINE_RANGES(float, float, range_f32)
 ESGD_DEFINE_RANGES(double, double, range_f64)
 ESGD_DEFINE_RANGES(at::Half, float, range_f16)
 ESGD_DEFINE_RANGES(at::BFloat16, float, range_bf16)
+// bfloat16 state (stochastic rounding): float32 and bfloat16 parameters; float16 parameters take
+// the F16C loop below (their range_f16_sbf16 clones are the fallback of CPUs without F16C).
+ESGD_DEFINE_RANGES(float, at::BFloat16, range_f32_sbf16)
+ESGD_DEFINE_RANGES(at::BFloat16, at::BFloat16, range_bf16_sbf16)
+ESGD_DEFINE_RANGES(at::Half, at::BFloat16, range_f16_sbf16)
 #undef ESGD_DEFINE_RANGES
 #undef ESGD_DEFINE_RANGE
 
@@ -140,10 +169,10 @@ __attribute__((target("avx2,f16c"))) inline void narrow(
   }
 }
 
-template <HzSource Src, bool kFromSource>
+template <typename S, HzSource Src, bool kFromSource>
 __attribute__((target("avx2,f16c"))) void range_f16_f16c(
-    at::Half* p, const at::Half* x, const at::Half* g, float* m, float* d, const at::Half* a,
-    const at::Half* b, int64_t n, const Coeffs<float>& c) {
+    at::Half* p, const at::Half* x, const at::Half* g, S* m, S* d, const at::Half* a,
+    const at::Half* b, int64_t n, const Coeffs<float>& c, const RunKey& key) {
   alignas(32) float pb[kHalfBlock];
   alignas(32) float gb[kHalfBlock];
   alignas(32) float ab[kHalfBlock];
@@ -158,7 +187,8 @@ __attribute__((target("avx2,f16c"))) void range_f16_f16c(
     if constexpr (Src == HzSource::kCentral) {
       widen(b + i, bb, len);
     }
-    update_range<float, float, Src, false>(pb, nullptr, gb, m + i, d + i, ab, bb, len, c);
+    const RunKey k{key.low, key.add, key.j0 + static_cast<uint32_t>(i)};
+    update_range<float, S, Src, false>(pb, nullptr, gb, m + i, d + i, ab, bb, len, c, k);
     narrow(pb, p + i, len);
   }
 }
@@ -174,15 +204,34 @@ RangeFn<P, S> pick_range() {
 #ifdef ESGD_CPU_F16C
   if constexpr (std::is_same_v<P, at::Half>) {
     if (has_f16c()) {
-      return &range_f16_f16c<Src, kFromSource>;
+      return &range_f16_f16c<S, Src, kFromSource>;
     }
   }
 #endif
   return Range<P, S, Src, kFromSource>::fn;
 }
 
+// Calls range(lo, hi, run key) for the pieces of [lo, hi) of tensor t over which the upper word of
+// the rounding index (offset + i) is constant; one piece unless the tensor spans a multiple of 2^32.
+template <typename Fn>
+void for_each_run(const UpdateJob& job, const RoundingKey& key, size_t t, int64_t lo, int64_t hi, Fn&& range) {
+  if (!job.rounds) {
+    range(lo, hi, RunKey{0, 0, 0});
+    return;
+  }
+  while (lo < hi) {
+    const uint64_t j = job.offsets[t] + static_cast<uint64_t>(lo);
+    const uint64_t to_boundary = (uint64_t{1} << 32) - (j & 0xFFFFFFFFull);
+    const int64_t stop = static_cast<int64_t>(std::min<uint64_t>(static_cast<uint64_t>(hi - lo), to_boundary)) + lo;
+    const uint32_t add = (static_cast<uint32_t>(j >> 32) ^ key.high) * kRoundingGolden;
+    range(lo, stop, RunKey{key.low, add, static_cast<uint32_t>(j)});
+    lo = stop;
+  }
+}
+
 template <typename P, typename S, HzSource Src, bool kFromSource = false>
 void run(const UpdateJob& job, const Hyper& hyper) {
+  using M = math_t<S>;
   const Workspace& w = job.workspace;
   const size_t n = w.params.size();
   std::vector<int64_t> offsets(n + 1, 0);
@@ -193,6 +242,7 @@ void run(const UpdateJob& job, const Hyper& hyper) {
   std::vector<S*> d(n);
   std::vector<const P*> a(n, nullptr);
   std::vector<const P*> b(n, nullptr);
+  std::vector<RoundingKey> keys(n, RoundingKey{0, 0});
   for (size_t t = 0; t < n; ++t) {
     offsets[t + 1] = offsets[t] + w.params[t].numel();
     p[t] = w.params[t].data_ptr<P>();
@@ -208,12 +258,16 @@ void run(const UpdateJob& job, const Hyper& hyper) {
     if (w.inputs.size() > 1) {
       b[t] = w.inputs[1][t].data_ptr<P>();
     }
+    if (job.rounds) {
+      const uint64_t step = w.step_scalars.empty() ? job.step : step_count(w.step_scalars[t]);
+      keys[t] = rounding_key(job.keys[t], step);
+    }
   }
-  Coeffs<S> shared = make_coeffs<S>(hyper);
+  Coeffs<M> shared = make_coeffs<M>(hyper);
   if constexpr (is_finite_difference(Src)) {
     apply_hz_scale(shared, hyper.hz_scale_inv, *job.hz_scale);
   }
-  std::vector<Coeffs<S>> coeffs(n, shared);
+  std::vector<Coeffs<M>> coeffs(n, shared);
   for (size_t t = 0; t < w.step_scalars.size(); ++t) {
     apply_step_scalars(coeffs[t], w.step_scalars[t]);
   }
@@ -223,15 +277,31 @@ void run(const UpdateJob& job, const Hyper& hyper) {
     size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
     while (begin < end) {
       const int64_t stop = std::min(end, offsets[t + 1]);
-      const int64_t lo = begin - offsets[t];
       if (stop > begin) {
-        range(p[t] + lo, x[t] ? x[t] + lo : nullptr, g[t] + lo, m[t] + lo, d[t] + lo, a[t] ? a[t] + lo : nullptr,
-              b[t] ? b[t] + lo : nullptr, stop - begin, coeffs[t]);
+        for_each_run(job, keys[t], t, begin - offsets[t], stop - offsets[t],
+                     [&](int64_t lo, int64_t hi, const RunKey& k) {
+                       range(p[t] + lo, x[t] ? x[t] + lo : nullptr, g[t] + lo, m[t] + lo, d[t] + lo,
+                             a[t] ? a[t] + lo : nullptr, b[t] ? b[t] + lo : nullptr, hi - lo,
+                             coeffs[t], k);
+                     });
       }
       begin = stop;
       ++t;
     }
   });
+}
+
+// The state storage type of a job, then run<P, S, ...>: bfloat16 (rounded) or the default.
+template <typename P, HzSource Src, bool kFromSource = false>
+void run_state(const UpdateJob& job, const Hyper& hyper) {
+  using Default = std::conditional_t<std::is_same_v<P, double>, double, float>;
+  if constexpr (!std::is_same_v<P, double>) {
+    if (job.rounds) {
+      run<P, at::BFloat16, Src, kFromSource>(job, hyper);
+      return;
+    }
+  }
+  run<P, Default, Src, kFromSource>(job, hyper);
 }
 
 void launch(
@@ -241,35 +311,35 @@ void launch(
     at::TensorList exp_avgs,
     at::TensorList exp_hz_sqs,
     const HzInputs& hz,
+    const RoundingInputs& rounding,
     const Hyper& hyper,
     const at::Tensor* step_scalars) {
   const std::unique_ptr<UpdateJob> job = prepare_update(
-      op, params, grads, exp_avgs, exp_hz_sqs, hz, step_scalars, c10::DeviceType::CPU);
+      op, params, grads, exp_avgs, exp_hz_sqs, hz, rounding, step_scalars, c10::DeviceType::CPU);
   if (!job) {
     return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), "esgd_update_cpu", [&] {
-        using S = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
         switch (hz.source) {
           case HzSource::kNone:
-            run<scalar_t, S, HzSource::kNone>(*job, hyper);
+            run_state<scalar_t, HzSource::kNone>(*job, hyper);
             break;
           case HzSource::kDirect:
-            run<scalar_t, S, HzSource::kDirect>(*job, hyper);
+            run_state<scalar_t, HzSource::kDirect>(*job, hyper);
             break;
           case HzSource::kForward:
             if (hz.sources.has_value()) {
-              run<scalar_t, S, HzSource::kForward, true>(*job, hyper);
+              run_state<scalar_t, HzSource::kForward, true>(*job, hyper);
             } else {
-              run<scalar_t, S, HzSource::kForward>(*job, hyper);
+              run_state<scalar_t, HzSource::kForward>(*job, hyper);
             }
             break;
           case HzSource::kCentral:
             if (hz.sources.has_value()) {
-              run<scalar_t, S, HzSource::kCentral, true>(*job, hyper);
+              run_state<scalar_t, HzSource::kCentral, true>(*job, hyper);
             } else {
-              run<scalar_t, S, HzSource::kCentral>(*job, hyper);
+              run_state<scalar_t, HzSource::kCentral>(*job, hyper);
             }
             break;
         }

@@ -28,10 +28,11 @@ namespace {
 
 // At least two blocks per SM: caps registers at 64 per thread, which the 16-bit kernels with Hz
 // (eight elements per thread, five lists) would otherwise exceed (about 100), halving occupancy.
-// scripts/check_kernel_resources.py checks the cap holds without spills.
+// scripts/check_kernel_resources.py checks the cap holds without spills. S is the state's storage
+// type (float, double, or bfloat16 rounded stochastically); the math runs in math_t<S>.
 template <typename P, typename S, int Depth>
 __global__ void __launch_bounds__(kBlockSize, 2)
-    esgd_multi_tensor_kernel(const TensorTable<Depth> table, const Coeffs<S> c) {
+    esgd_multi_tensor_kernel(const TensorTable<Depth> table, const Coeffs<math_t<S>> c) {
   constexpr HzSource kSrc = Depth == 5 ? HzSource::kDirect : HzSource::kNone;
   process_block<P, S, kSrc>(table, c, DeviceScale{nullptr, 1.0}, blockIdx.x, threadIdx.x, blockDim.x);
 }
@@ -40,7 +41,7 @@ __global__ void __launch_bounds__(kBlockSize, 2)
 // 6 the central one (grads_plus - grads_minus). The multiplier 1/h is read from device memory.
 template <typename P, typename S, int Depth>
 __global__ void __launch_bounds__(kBlockSize, 2) esgd_fd_update_kernel(
-    const TensorTable<Depth> table, const Coeffs<S> c, const DeviceScale scale) {
+    const TensorTable<Depth> table, const Coeffs<math_t<S>> c, const DeviceScale scale) {
   constexpr HzSource kSrc = Depth == 6 ? HzSource::kCentral : HzSource::kForward;
   process_block<P, S, kSrc>(table, c, scale, blockIdx.x, threadIdx.x, blockDim.x);
 }
@@ -50,7 +51,7 @@ __global__ void __launch_bounds__(kBlockSize, 2) esgd_fd_update_kernel(
 // over the parameters less. Depth 6 is the forward difference, 7 the central one.
 template <typename P, typename S, int Depth>
 __global__ void __launch_bounds__(kBlockSize, 2) esgd_fd_update_from_source_kernel(
-    const TensorTable<Depth> table, const Coeffs<S> c, const DeviceScale scale) {
+    const TensorTable<Depth> table, const Coeffs<math_t<S>> c, const DeviceScale scale) {
   constexpr HzSource kSrc = Depth == 7 ? HzSource::kCentral : HzSource::kForward;
   process_block<P, S, kSrc, true>(table, c, scale, blockIdx.x, threadIdx.x, blockDim.x);
 }
@@ -58,9 +59,9 @@ __global__ void __launch_bounds__(kBlockSize, 2) esgd_fd_update_from_source_kern
 template <typename P, typename S, HzSource Src, bool kFromSource = false>
 void launch_all(const UpdateJob& job, const Hyper& hyper, cudaStream_t stream) {
   constexpr int kDepth = depth_of<Src, kFromSource>();
-  const Coeffs<S> coeffs = make_coeffs<S>(hyper);
+  const Coeffs<math_t<S>> coeffs = make_coeffs<math_t<S>>(hyper);
   const DeviceScale scale{job.hz_scale, hyper.hz_scale_inv};
-  for_each_launch<Src, kFromSource>(job.workspace, [&](const TensorTable<kDepth>& table, int blocks) {
+  for_each_launch<Src, kFromSource>(job, [&](const TensorTable<kDepth>& table, int blocks) {
     if constexpr (kFromSource) {
       esgd_fd_update_from_source_kernel<P, S, kDepth><<<blocks, kBlockSize, 0, stream>>>(
           table, coeffs, scale);
@@ -73,6 +74,19 @@ void launch_all(const UpdateJob& job, const Hyper& hyper, cudaStream_t stream) {
   });
 }
 
+// The state storage type of a job, then launch_all<P, S, ...>: bfloat16 (rounded) or the default.
+template <typename P, HzSource Src, bool kFromSource = false>
+void launch_state(const UpdateJob& job, const Hyper& hyper, cudaStream_t stream) {
+  using Default = std::conditional_t<std::is_same_v<P, double>, double, float>;
+  if constexpr (!std::is_same_v<P, double>) {
+    if (job.rounds) {
+      launch_all<P, at::BFloat16, Src, kFromSource>(job, hyper, stream);
+      return;
+    }
+  }
+  launch_all<P, Default, Src, kFromSource>(job, hyper, stream);
+}
+
 void launch(
     const char* op,
     at::TensorList params,
@@ -80,10 +94,11 @@ void launch(
     at::TensorList exp_avgs,
     at::TensorList exp_hz_sqs,
     const HzInputs& hz,
+    const RoundingInputs& rounding,
     const Hyper& hyper,
     const at::Tensor* step_scalars) {
   const std::unique_ptr<UpdateJob> job = prepare_update(
-      op, params, grads, exp_avgs, exp_hz_sqs, hz, step_scalars, c10::DeviceType::CUDA);
+      op, params, grads, exp_avgs, exp_hz_sqs, hz, rounding, step_scalars, c10::DeviceType::CUDA);
   if (!job) {
     return;
   }
@@ -93,26 +108,25 @@ void launch(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(params[0].device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params[0].scalar_type(), "esgd_update_cuda", [&] {
-        using S = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
         switch (hz.source) {
           case HzSource::kNone:
-            launch_all<scalar_t, S, HzSource::kNone>(*job, hyper, stream);
+            launch_state<scalar_t, HzSource::kNone>(*job, hyper, stream);
             break;
           case HzSource::kDirect:
-            launch_all<scalar_t, S, HzSource::kDirect>(*job, hyper, stream);
+            launch_state<scalar_t, HzSource::kDirect>(*job, hyper, stream);
             break;
           case HzSource::kForward:
             if (hz.sources.has_value()) {
-              launch_all<scalar_t, S, HzSource::kForward, true>(*job, hyper, stream);
+              launch_state<scalar_t, HzSource::kForward, true>(*job, hyper, stream);
             } else {
-              launch_all<scalar_t, S, HzSource::kForward>(*job, hyper, stream);
+              launch_state<scalar_t, HzSource::kForward>(*job, hyper, stream);
             }
             break;
           case HzSource::kCentral:
             if (hz.sources.has_value()) {
-              launch_all<scalar_t, S, HzSource::kCentral, true>(*job, hyper, stream);
+              launch_state<scalar_t, HzSource::kCentral, true>(*job, hyper, stream);
             } else {
-              launch_all<scalar_t, S, HzSource::kCentral>(*job, hyper, stream);
+              launch_state<scalar_t, HzSource::kCentral>(*job, hyper, stream);
             }
             break;
         }

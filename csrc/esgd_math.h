@@ -7,6 +7,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <cstdint>
 
 namespace esgd {
 
@@ -73,6 +74,13 @@ C10_HOST_DEVICE inline void apply_step_scalars(Coeffs<T>& c, const double* row) 
   c.decay = static_cast<T>(row[0]);
   c.lr_scale = static_cast<T>(row[1]);
   c.denom_scale = static_cast<T>(row[2]);
+}
+
+// A row's optional fourth column: the tensor's step count t, which keys the stochastic rounding of
+// bfloat16 state (rounding.h) on the device, where the host's count is not known.
+C10_HOST_DEVICE inline uint64_t step_count(const double* row) {
+  const double t = row[kStepScalars];
+  return t > 0.0 ? static_cast<uint64_t>(t) : 0;
 }
 
 // Where an estimation step's curvature estimate comes from: a list of Hessian-vector products

@@ -9,6 +9,7 @@
 #include "esgd_common.h"
 #include "esgd_math.h"
 #include "launch_plan.h"
+#include "rounding.h"
 
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
@@ -27,8 +28,9 @@ namespace esgd {
 constexpr int kBlockSize = 512;
 // Elements per thread per iteration, by parameter type: enough that each parameter, gradient and
 // Hz access is one 16-byte vector (8 fp16/bf16, 4 fp32, 2 fp64 values), the widest load a thread
-// can issue. The fp32 state of 16-bit parameters then takes two 16-byte accesses per list.
-// Several independent loads in flight per thread are what hides DRAM latency.
+// can issue. The fp32 state of 16-bit parameters then takes two 16-byte accesses per list, the
+// bf16 state of fp32 parameters one 8-byte access. Several independent loads in flight per thread
+// are what hides DRAM latency.
 template <typename P>
 constexpr int ilp_for() {
   return static_cast<int>(16 / sizeof(P));
@@ -70,6 +72,11 @@ struct TensorTable {
   int64_t numel[MaxTensors<Depth>::value];
   // Per-tensor step scalars (apply_step_scalars) of a capturable step; null otherwise.
   const double* step_scalars[MaxTensors<Depth>::value];
+  // bfloat16 state: each tensor's rounding key and the index of its first element in the whole
+  // parameter (rounding.h). The key is the step's (K) where step_scalars is null; else the base key
+  // B, which the kernel combines with the step count in the tensor's table row.
+  uint64_t key[MaxTensors<Depth>::value];
+  uint64_t offset[MaxTensors<Depth>::value];
   unsigned char block_slot[kMaxBlocks];
   int32_t block_chunk[kMaxBlocks];
 };
@@ -122,6 +129,7 @@ struct BlockSpan {
   const P* b;  // grads_minus of a central difference; null otherwise
   const P* x;  // theta's source (kFromSource); null when theta is p
   int n;  // elements in this chunk: kChunkSize, or fewer in a tensor's last chunk
+  uint64_t j0;  // rounding index of the chunk's first element (offset + start)
 };
 
 template <typename P, typename S, HzSource Src, bool kFromSource>
@@ -141,6 +149,7 @@ C10_HOST_DEVICE inline BlockSpan<P, S> block_span(
   s.a = nullptr;
   s.b = nullptr;
   s.x = nullptr;
+  s.j0 = table.offset[slot] + static_cast<uint64_t>(start);
   if constexpr (kHzLists >= 1) {
     s.a = static_cast<const P*>(table.addresses[4][slot]) + start;
   }
@@ -179,30 +188,51 @@ C10_HOST_DEVICE inline S form_hz(S a, S b, S g) {
   }
 }
 
+// The rounding key of a block's tensor for this step (rounding.h): the table holds it, or the base
+// key when the step count comes from the tensor's step-scalar row.
+template <int Depth>
+C10_HOST_DEVICE inline RoundingKey block_rounding_key(const TensorTable<Depth>& table, int slot) {
+  const double* row = table.step_scalars[slot];
+  if (row != nullptr) {
+    return rounding_key(table.key[slot], step_count(row));
+  }
+  const uint64_t k = table.key[slot];
+  return RoundingKey{static_cast<uint32_t>(k), static_cast<uint32_t>(k >> 32)};
+}
+
 // The work of thread `thread` (of `threads`) in block `block` of one launch. kFromSource: theta is
 // read from the sources and p only written (the restore of a finite-difference step fused in).
+// S is the state's storage type: the math runs in math_t<S>, and bfloat16 state is rounded
+// stochastically with the element's bits (rounding.h).
 template <typename P, typename S, HzSource Src, bool kFromSource = false>
 C10_HOST_DEVICE inline void process_block(
     const TensorTable<depth_of<Src, kFromSource>()>& table,
-    const Coeffs<S>& coeffs,
+    const Coeffs<math_t<S>>& coeffs,
     const DeviceScale& scale,
     int block,
     int thread,
     int threads) {
+  using M = math_t<S>;
+  using Store = StateStorage<S>;
   constexpr bool kHasHz = Src != HzSource::kNone;
   constexpr bool kHasB = Src == HzSource::kCentral;
   constexpr int kIlp = ilp_for<P>();
   static_assert(kChunkSize % kIlp == 0, "the vector path assumes whole vectors per chunk");
   const int slot = table.block_slot[block];
-  Coeffs<S> c = coeffs;
+  Coeffs<M> c = coeffs;
   if (table.step_scalars[slot] != nullptr) {
     apply_step_scalars(c, table.step_scalars[slot]);
+  }
+  RoundingKey key{0, 0};
+  if constexpr (Store::kRounds) {
+    key = block_rounding_key(table, slot);
   }
   if constexpr (is_finite_difference(Src)) {
     apply_hz_scale(c, scale.multiplier, *scale.value);
   }
   const BlockSpan<P, S> span = block_span<P, S, Src, kFromSource>(table, block);
   const int n = span.n;
+  const uint64_t j0 = span.j0;
   P* __restrict__ p = span.p;
   const P* __restrict__ g = span.g;
   S* __restrict__ m = span.m;
@@ -216,12 +246,13 @@ C10_HOST_DEVICE inline void process_block(
     // comes from die before p and the state arrive; the fp32 state of 16-bit parameters (two
     // 16-byte vectors per list) is updated one vector at a time; and the stride is the
     // compile-time block size (every launch, and the emulation, runs kBlockSize threads), which
-    // ptxas folds into the addressing. Each keeps a 6-list or fp64 kernel from spilling.
-    constexpr int kStateIlp = 16 / static_cast<int>(sizeof(S));
+    // ptxas folds into the addressing. Each keeps a 6-list or fp64 kernel from spilling. A
+    // rounded element's bits are hashed just before its store, from the chunk's index j0.
+    constexpr int kStateIlp = kIlp < 16 / static_cast<int>(sizeof(S)) ? kIlp : 16 / static_cast<int>(sizeof(S));
     constexpr int kStateVectors = kIlp / kStateIlp;
     for (int i = thread; i * kIlp < n; i += kBlockSize) {
       const Pack<P, kIlp> gp = load_pack<kIlp>(g, i);
-      S hz[kIlp] = {};
+      M hz[kIlp] = {};
       if constexpr (kHasHz) {
         const Pack<P, kIlp> ap = load_pack<kIlp>(a, i);
         Pack<P, kIlp> bp{};
@@ -230,7 +261,7 @@ C10_HOST_DEVICE inline void process_block(
         }
         ESGD_UNROLL
         for (int k = 0; k < kIlp; ++k) {
-          hz[k] = form_hz<Src>(static_cast<S>(ap.v[k]), static_cast<S>(bp.v[k]), static_cast<S>(gp.v[k]));
+          hz[k] = form_hz<Src>(static_cast<M>(ap.v[k]), static_cast<M>(bp.v[k]), static_cast<M>(gp.v[k]));
         }
       }
       Pack<P, kIlp> pp;
@@ -247,9 +278,19 @@ C10_HOST_DEVICE inline void process_block(
         ESGD_UNROLL
         for (int q = 0; q < kStateIlp; ++q) {
           const int k = half * kStateIlp + q;
-          S pk = static_cast<S>(pp.v[k]);
-          update<kHasHz>(pk, static_cast<S>(gp.v[k]), mp.v[q], dp.v[q], hz[k], c);
+          M pk = static_cast<M>(pp.v[k]);
+          M mk = Store::load(mp.v[q]);
+          M dk = Store::load(dp.v[q]);
+          update<kHasHz>(pk, static_cast<M>(gp.v[k]), mk, dk, hz[k], c);
           pp.v[k] = static_cast<P>(pk);
+          uint32_t r = 0;
+          if constexpr (Store::kRounds) {
+            r = rounding_bits(key, j0 + static_cast<uint64_t>(i * kIlp + k));
+          }
+          mp.v[q] = Store::store(mk, m_bits(r));
+          if constexpr (kHasHz) {
+            dp.v[q] = Store::store(dk, d_bits(r));
+          }
         }
         store_pack<kStateIlp>(m, j, mp);
         if constexpr (kHasHz) {
@@ -264,21 +305,21 @@ C10_HOST_DEVICE inline void process_block(
   // Misaligned views or a ragged tail: strided scalar accesses, still kIlp loads in flight.
   for (int base = 0; base < n; base += threads * kIlp) {
     // Zero-filled so that lanes past n hold defined values; they are never stored.
-    S pr[kIlp] = {}, gr[kIlp] = {}, mr[kIlp] = {}, dr[kIlp] = {}, hr[kIlp] = {};
+    M pr[kIlp] = {}, gr[kIlp] = {}, mr[kIlp] = {}, dr[kIlp] = {}, hr[kIlp] = {};
     ESGD_UNROLL
     for (int k = 0; k < kIlp; ++k) {
       const int i = base + thread + k * threads;
       if (i < n) {
         if constexpr (kFromSource) {
-          pr[k] = static_cast<S>(x[i]);
+          pr[k] = static_cast<M>(x[i]);
         } else {
-          pr[k] = static_cast<S>(p[i]);
+          pr[k] = static_cast<M>(p[i]);
         }
-        gr[k] = static_cast<S>(g[i]);
-        mr[k] = m[i];
-        dr[k] = d[i];
-        const S ak = kHasHz ? static_cast<S>(a[i]) : S(0);
-        const S bk = kHasB ? static_cast<S>(b[i]) : S(0);
+        gr[k] = static_cast<M>(g[i]);
+        mr[k] = Store::load(m[i]);
+        dr[k] = Store::load(d[i]);
+        const M ak = kHasHz ? static_cast<M>(a[i]) : M(0);
+        const M bk = kHasB ? static_cast<M>(b[i]) : M(0);
         hr[k] = form_hz<Src>(ak, bk, gr[k]);
       }
     }
@@ -288,18 +329,23 @@ C10_HOST_DEVICE inline void process_block(
       if (i < n) {
         update<kHasHz>(pr[k], gr[k], mr[k], dr[k], hr[k], c);
         p[i] = static_cast<P>(pr[k]);
-        m[i] = mr[k];
+        uint32_t r = 0;
+        if constexpr (Store::kRounds) {
+          r = rounding_bits(key, j0 + static_cast<uint64_t>(i));
+        }
+        m[i] = Store::store(mr[k], m_bits(r));
         if constexpr (kHasHz) {
-          d[i] = dr[k];
+          d[i] = Store::store(dr[k], d_bits(r));
         }
       }
     }
   }
 }
 
-// Plans the launches for a workspace and calls launch(table, blocks) for each, in order.
+// Plans the launches for a job and calls launch(table, blocks) for each, in order.
 template <HzSource Src, bool kFromSource, typename LaunchFn>
-void for_each_launch(const Workspace& w, LaunchFn&& launch) {
+void for_each_launch(const UpdateJob& job, LaunchFn&& launch) {
+  const Workspace& w = job.workspace;
   constexpr int kDepth = depth_of<Src, kFromSource>();
   constexpr int kHzLists = depth_of<Src>() - 4;
   TORCH_INTERNAL_ASSERT(w.inputs.size() == static_cast<size_t>(kHzLists));
@@ -326,6 +372,14 @@ void for_each_launch(const Workspace& w, LaunchFn&& launch) {
       }
       table.numel[slot] = numels[t];
       table.step_scalars[slot] = w.step_scalars.empty() ? nullptr : w.step_scalars[t];
+      table.key[slot] = 0;
+      table.offset[slot] = 0;
+      if (job.rounds) {
+        // The step's key where the host knows the step count; the base key for the kernel to
+        // combine with the table's count otherwise (block_rounding_key).
+        table.key[slot] = w.step_scalars.empty() ? probe_word(job.keys[t], job.step) : job.keys[t];
+        table.offset[slot] = job.offsets[t];
+      }
     }
     const int blocks = static_cast<int>(plan.block_slot.size());
     for (int b = 0; b < blocks; ++b) {

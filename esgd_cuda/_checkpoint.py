@@ -4,9 +4,11 @@ pickling, and the state initialization of torch.distributed.checkpoint.
 torch.optim's state dict holds the per-parameter state and the param groups, and that is all that
 torch.distributed.checkpoint (DCP) carries. So ESGD stores its global schedule and probe seed in
 every param group, under the key "esgd" (checkpoints from before kept it at the top level and still
-load), keeps float32 state for 16-bit parameters (torch.optim would cast it to the parameter dtype
-on load), and stores the step counters as the optimizer's mode expects them (ints, or device tensors
-in capturable mode). torch.optim's state-dict hooks run where torch.optim documents them: load
+load), keeps the state in each group's `state_dtype` (torch.optim would cast it to the parameter
+dtype on load): m and D are saved as they are held (float32, or bfloat16) and converted on load to
+the loading optimizer's mode, bfloat16 to float32 exactly and float32 to bfloat16 by round-to-nearest
+(the group's `state_dtype` is the loading optimizer's, not the checkpoint's), and stores the step
+counters as the optimizer's mode expects them (ints, or device tensors in capturable mode). torch.optim's state-dict hooks run where torch.optim documents them: load
 pre-hooks before ESGD reads anything, post-hooks after ESGD has finished.
 """
 
@@ -119,21 +121,26 @@ def load(opt, state_dict: dict, load_base) -> None:
     sd.pop(GROUP_KEY, None)
     saved_state = sd.get("state", {})
     saved_ids = [i for g in sd.get("param_groups", []) for i in g["params"]]
+    # The memory mode is the loading optimizer's: its groups keep their state_dtype.
+    modes = [g.get("state_dtype") for g in opt.param_groups]
     with _hooks_suspended(opt, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
         load_base(sd)
-    for group in opt.param_groups:
+    for group, mode in zip(opt.param_groups, modes):
         group.pop(GROUP_KEY, None)  # the schedule is the optimizer's, not a per-group setting
         group.setdefault("maximize", False)  # checkpoints from before the option existed
-    # torch.optim casts floating state to the parameter dtype; ESGD keeps float32 state for 16-bit
-    # parameters, so reload those tensors from the checkpoint at full precision.
-    current = [p for g in opt.param_groups for p in g["params"]]
-    for pid, p in zip(saved_ids, current):
+        group["state_dtype"] = mode
+    # torch.optim casts floating state to the parameter dtype; ESGD keeps its state in the group's
+    # state dtype (float32 for 16-bit parameters by default), so reload those tensors from the
+    # checkpoint, converted from whatever dtype it holds them in.
+    current = [(p, g) for g in opt.param_groups for p in g["params"]]
+    for pid, (p, group) in zip(saved_ids, current):
         if pid not in saved_state or p not in opt.state:
             continue
         for key in STATE_KEYS:
             value = saved_state[pid].get(key)
             if isinstance(value, Tensor):
-                opt.state[p][key] = value.to(device=p.device, dtype=state_dtype(p.dtype), copy=True)
+                dtype = state_dtype(p.dtype, group["state_dtype"])
+                opt.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
     _load_counters(opt, saved_ids, saved_state)
     opt._step_index = int(glob["step_index"])
     opt._last_estimate = None if glob["last_estimate"] is None else int(glob["last_estimate"])
@@ -198,11 +205,11 @@ def state_init_step(opt) -> bool:
         return False
     if any(g.requires_grad for g in grads) or any(bool(g.any()) for g in grads):
         return False
-    for params, _ in work:
+    for group, (params, _) in zip(opt.param_groups, work):
         for p in params:
             state = opt.state[p]
             if not state:
-                _update.init_state(opt, p, state)
+                _update.init_state(opt, p, state, group)
                 opt._placeholders.add(p)
     return True
 

@@ -32,6 +32,7 @@ def diagnostics(opt) -> List[dict]:
             d = local(state["exp_hz_sq"])  # this rank's shard; the ranks' stats are combined below
             if pk == 0 or d.numel() == 0:
                 continue
+            d = d.float() if d.dtype == torch.bfloat16 else d
             root = d.sqrt().mul_(1.0 / math.sqrt(1.0 - beta2**pk))
             lo, hi = torch.aminmax(root)
             mins.append(lo.double().cpu())

@@ -51,11 +51,12 @@ def _load() -> Tuple[Optional[Any], Optional[str]]:
 
 # The ops the package calls, each with the arguments added to it after it first appeared: an
 # extension built from older sources loads, but would fail at the first call that passes them.
+_ROUNDING = ("rounding_keys", "rounding_offsets")
 _REQUIRED_OPS = {
-    "esgd_update_": (),
-    "esgd_update_hz_": (),
-    "esgd_update_capturable_": (),
-    "esgd_update_fd_": ("sources",),
+    "esgd_update_": _ROUNDING + ("rounding_step",),
+    "esgd_update_hz_": _ROUNDING + ("rounding_step",),
+    "esgd_update_capturable_": _ROUNDING,
+    "esgd_update_fd_": ("sources",) + _ROUNDING + ("rounding_step",),
     "esgd_rademacher_": (),
     "esgd_fd_perturb_": (),
 }
@@ -69,8 +70,8 @@ def _stale_ops(namespace) -> Optional[str]:
         have = {a.name for a in getattr(namespace, op).default._schema.arguments}
         missing = [a for a in arguments if a not in have]
         if missing:
-            return (f"registered torch.ops.esgd_cuda.{op} without its argument {', '.join(missing)} (built from "
-                    "older sources: rebuild it)")
+            return (f"registered torch.ops.esgd_cuda.{op} without its argument{'s' if len(missing) > 1 else ''} "
+                    f"{', '.join(missing)} (built from older sources: rebuild it)")
     return None
 
 

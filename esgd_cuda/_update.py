@@ -1,6 +1,8 @@
 """The update of a step: the optimizer's parameters grouped into the kernels' lists, state created on
-the first estimation step that sees a parameter, counters advanced, and one `functional` call per
-(device, dtype, counters), on the host's step scalars or, in capturable mode, on the device's.
+the first estimation step that sees a parameter (in its group's `state_dtype`), counters advanced,
+and one `functional` call per (device, dtype, state dtype, counters), on the host's step scalars or,
+in capturable mode, on the device's. bfloat16 state also gets each parameter's rounding key and
+shard offset.
 
 `ESGD.step` decides what the step is (plain, exact products, finite difference) and validates
 everything before calling `apply`; nothing here raises on user input.
@@ -13,8 +15,9 @@ import torch
 from torch import Tensor
 
 from ._closures import FiniteDifference
-from .distributed import is_sharded, local
+from .distributed import is_sharded, local, shard_offset
 from .functional import esgd_update, esgd_update_capturable, esgd_update_fd, state_dtype, step_scalar_table
+from .probes import rounding_key
 
 
 def exact_hzs(params: List[Tensor], hz_of: Dict[Tensor, Tensor]) -> List[Tensor]:
@@ -35,7 +38,7 @@ def scalar_lr(lr):
     return lr.reshape(()) if isinstance(lr, Tensor) else lr
 
 
-def init_state(opt, p: Tensor, state: dict) -> None:
+def init_state(opt, p: Tensor, state: dict, group: dict) -> None:
     # Counters are ints, or 0-dim float32 device tensors in capturable mode (exact to 2**24 steps).
     if opt.capturable:
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -43,18 +46,28 @@ def init_state(opt, p: Tensor, state: dict) -> None:
     else:
         state["step"] = 0
         state["estimates"] = 0
-    sdtype = state_dtype(p.dtype)
+    sdtype = state_dtype(p.dtype, group.get("state_dtype"))
     state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
     state["exp_hz_sq"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
 
 
+def convert_state(state: dict, dtype: torch.dtype) -> None:
+    """m and D in `dtype`: exact from bfloat16 to float32, round-to-nearest from float32 to bfloat16
+    (one rounding, of at most half a bfloat16 spacing; docs/memory.md)."""
+    for key in ("exp_avg", "exp_hz_sq"):
+        if state[key].dtype != dtype:
+            state[key] = state[key].to(dtype)
+
+
 def buckets(
-    opt, params: List[Tensor], grads: List[Tensor], estimate: bool, key_of: Callable[[Tensor, dict], tuple],
+    opt, group: dict, params: List[Tensor], grads: List[Tensor], estimate: bool,
+    key_of: Callable[[Tensor, dict], tuple],
 ) -> Dict[tuple, Tuple[list, ...]]:
-    """The parameters to update, grouped by key_of(p, state) into lists (params, grads, exp_avgs,
-    exp_hz_sqs, states, owners). State starts on an estimation step; key_of is called once per
-    updated parameter, in order. The first four lists hold what the kernels update: of a sharded
-    parameter (DTensor) its rank's local shard; `owners` holds the parameters themselves."""
+    """The parameters to update, grouped by key_of(p, state) and the state dtype into lists (params,
+    grads, exp_avgs, exp_hz_sqs, states, owners). State starts on an estimation step, in the group's
+    state dtype (state of another dtype, after the group's state_dtype changed, is converted to it);
+    key_of is called once per updated parameter, in order. The first four lists hold what the kernels
+    update: of a sharded parameter (DTensor) its rank's local shard; `owners` holds the parameters."""
     out: Dict[tuple, Tuple[list, ...]] = {}
     sharded = any(is_sharded(p) for p in params)
     for p, g in zip(params, grads):
@@ -62,8 +75,11 @@ def buckets(
         if not state:
             if not estimate:
                 continue  # no curvature estimate yet: wait for the next estimation step
-            init_state(opt, p, state)
-        key = key_of(p, state)
+            init_state(opt, p, state, group)
+        sdtype = state_dtype(p.dtype, group.get("state_dtype"))
+        if state["exp_avg"].dtype != sdtype:
+            convert_state(state, sdtype)
+        key = key_of(p, state) + (sdtype,)
         lists = out.get(key)
         if lists is None:
             lists = out[key] = ([], [], [], [], [], [])
@@ -80,6 +96,18 @@ def buckets(
         lists[4].append(state)
         lists[5].append(p)
     return out
+
+
+def rounding(opt, owners: List[Tensor], exp_avgs: List[Tensor]) -> dict:
+    """The rounding arguments of a bucket: for bfloat16 state each parameter's key (from the probe
+    seed and its position in the param groups, so every replica and shard agrees) and the index of
+    its local part's first element in the whole parameter; nothing for float32/float64 state."""
+    if exp_avgs[0].dtype != torch.bfloat16:
+        return {}
+    ordinal = {p: i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    seed = opt.seed
+    return dict(rounding_keys=[rounding_key(seed, ordinal[p]) for p in owners],
+                rounding_offsets=[shard_offset(p) for p in owners])
 
 
 def apply(
@@ -104,8 +132,8 @@ def apply(
                 state["estimates"] += 1
             return (p.device, p.dtype, state["step"], state["estimates"])
 
-        for (device, dtype, t, k), (ps, gs, exp_avgs, exp_hz_sqs, _, owners) in buckets(
-            opt, params, grads, estimate, advance_counters
+        for (device, dtype, t, k, _), (ps, gs, exp_avgs, exp_hz_sqs, _, owners) in buckets(
+            opt, group, params, grads, estimate, advance_counters
         ).items():
             # mb = beta1**t, db = beta2**k, warm = lr_warmup**t: the running products of the
             # algorithm, in closed form (as torch.optim.Adam does) so state is two integers.
@@ -116,6 +144,9 @@ def apply(
                 denom_scale=1.0 / math.sqrt(1.0 - beta2**k), grad_scale_inv=signed(grad_scale_inv, group),
                 fused=opt._use_fused(device, dtype),
             )
+            rounded = rounding(opt, owners, exp_avgs)
+            if rounded:
+                kw.update(rounded, rounding_step=t)
             if not estimate:
                 esgd_update(ps, gs, exp_avgs, exp_hz_sqs, None, **kw)
             elif fd is None:
@@ -135,8 +166,8 @@ def _apply_capturable(
     for group, (params, grads) in zip(opt.param_groups, work):
         beta1, beta2 = group["betas"]
         v = beta1 if group["v"] is None else group["v"]
-        for (device, dtype), (ps, gs, exp_avgs, exp_hz_sqs, states, owners) in buckets(
-            opt, params, grads, estimate, lambda p, state: (p.device, p.dtype)
+        for (device, dtype, _), (ps, gs, exp_avgs, exp_hz_sqs, states, owners) in buckets(
+            opt, group, params, grads, estimate, lambda p, state: (p.device, p.dtype)
         ).items():
             steps = [state["step"] for state in states]
             estimates = [state["estimates"] for state in states]
@@ -147,17 +178,18 @@ def _apply_capturable(
                          weight_decay=group["weight_decay"])
             kw = dict(beta1=beta1, beta2=beta2, v=v, eps=group["eps"], grad_scale_inv=signed(grad_scale_inv, group),
                       fused=opt._use_fused(device, dtype))
+            rounded = rounding(opt, owners, exp_avgs)
             if fd is None:
                 esgd_update_capturable(
                     ps, gs, exp_avgs, exp_hz_sqs, exact_hzs(owners, hz_of) if estimate else None,
                     lr=scalar_lr(group["lr"]), steps=steps, estimates=estimates, eps=group["eps"],
                     grad_scale_inv=kw["grad_scale_inv"], hz_scale_inv=hz_scale_inv, fused=kw["fused"],
-                    **hyper,
+                    **hyper, **rounded,
                 )
             else:
                 table = step_scalar_table(steps, estimates, lr=scalar_lr(group["lr"]), **hyper)
                 plus, minus = fd.lists(owners, gs)
                 esgd_update_fd(ps, gs, exp_avgs, exp_hz_sqs, plus, minus, fd.hz_scale[device],
                                weight_decay=group["weight_decay"], step_size=0.0, momentum_scale=1.0,
-                               denom_scale=1.0, step_scalars=table, sources=fd.sources(owners), **kw)
+                               denom_scale=1.0, step_scalars=table, sources=fd.sources(owners), **kw, **rounded)
                 fd.updated(owners)

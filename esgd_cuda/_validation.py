@@ -14,6 +14,8 @@ from . import _extension
 from .distributed import check_sharding, is_sharded
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# A param group's state_dtype: None (float32 state, float64 for float64 parameters) or one of these.
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def user_step(index: int) -> int:
@@ -63,6 +65,21 @@ def check_group(group: dict, where: str, sync: bool = True) -> None:
         group["lr"], group["betas"], group["v"], group["lr_warmup"], group["eps"], group["weight_decay"],
         where, sync=sync, maximize=group.get("maximize", False),
     )
+    check_state_dtype(group.get("state_dtype"), where)
+
+
+def check_state_dtype(state_dtype, where: str = "") -> None:
+    if state_dtype is not None and state_dtype not in STATE_DTYPES:
+        raise ValueError(f"ESGD: invalid state_dtype{where}: {state_dtype!r} (must be None, torch.float32 or "
+                         "torch.bfloat16)")
+
+
+def check_state_for_param(p: Tensor, state_dtype, what: str) -> None:
+    """float64 parameters keep float64 state: a float64 model asks for the precision."""
+    if state_dtype is not None and p.dtype == torch.float64:
+        raise ValueError(f"ESGD: {what} is float64, whose state is always float64; state_dtype={state_dtype} "
+                         "applies to float32, float16 and bfloat16 parameters (put float64 ones in a param group "
+                         "with state_dtype=None)")
 
 
 def check_schedule(update_d_every, d_warmup) -> None:
@@ -80,9 +97,10 @@ def param_tensor(p):
     return p
 
 
-def check_param(p, j: int, where: str, fused, hvp: str = "autograd") -> None:
+def check_param(p, j: int, where: str, fused, hvp: str = "autograd", state_dtype=None) -> None:
     """A parameter ESGD can update: a real floating tensor (sharded along dim 0 with a
-    finite-difference hvp), and the fused kernel's when fused=True."""
+    finite-difference hvp) whose dtype allows the group's state_dtype, and the fused kernel's when
+    fused=True."""
     name = f" ({p[0]!r})" if isinstance(p, tuple) and len(p) == 2 else ""
     p = param_tensor(p)
     if not isinstance(p, Tensor):
@@ -106,6 +124,7 @@ def check_param(p, j: int, where: str, fused, hvp: str = "autograd") -> None:
         raise ValueError(f"ESGD: {what} is complex ({p.dtype}); complex parameters are not supported")
     if p.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"ESGD: {what} has dtype {p.dtype}; supported: float16, bfloat16, float32, float64")
+    check_state_for_param(p, state_dtype, what)
     if fused and not _extension.fused_supported(p.device, p.dtype):
         raise RuntimeError(
             f"ESGD(fused=True): the fused kernel cannot run {what} ({p.dtype} on {p.device}): "

@@ -44,8 +44,13 @@ def esgd_update_(
     momentum_scale: float,
     denom_scale: float,
     grad_scale_inv: float = 1.0,
+    rounding_keys: Optional[List[int]] = None,
+    rounding_offsets: Optional[List[int]] = None,
+    rounding_step: int = 0,
 ) -> None:
-    """Plain ESGD-M step: updates params and exp_avgs in place; exp_hz_sqs is only read."""
+    """Plain ESGD-M step: updates params and exp_avgs in place; exp_hz_sqs is only read. bfloat16
+    state is rounded stochastically with the bits of (rounding_keys[i], rounding_step) at index
+    rounding_offsets[i] + position (`esgd_cuda.probes`)."""
     _require_extension()
     if len(params) == 0 and len(grads) == len(exp_avgs) == len(exp_hz_sqs) == 0:
         return  # nothing to dispatch on: the dispatcher picks a kernel from the tensors
@@ -62,6 +67,9 @@ def esgd_update_(
         momentum_scale=momentum_scale,
         denom_scale=denom_scale,
         grad_scale_inv=grad_scale_inv,
+        rounding_keys=rounding_keys,
+        rounding_offsets=rounding_offsets,
+        rounding_step=rounding_step,
     )
 
 
@@ -82,6 +90,9 @@ def esgd_update_hz_(
     denom_scale: float,
     grad_scale_inv: float = 1.0,
     hz_scale_inv: float = 1.0,
+    rounding_keys: Optional[List[int]] = None,
+    rounding_offsets: Optional[List[int]] = None,
+    rounding_step: int = 0,
 ) -> None:
     """Estimation step: also folds hzs (Hessian-vector products) into exp_hz_sqs, then updates."""
     _require_extension()
@@ -103,6 +114,9 @@ def esgd_update_hz_(
         denom_scale=denom_scale,
         grad_scale_inv=grad_scale_inv,
         hz_scale_inv=hz_scale_inv,
+        rounding_keys=rounding_keys,
+        rounding_offsets=rounding_offsets,
+        rounding_step=rounding_step,
     )
 
 
@@ -120,9 +134,12 @@ def esgd_update_capturable_(
     eps: float,
     grad_scale_inv: float = 1.0,
     hz_scale_inv: float = 1.0,
+    rounding_keys: Optional[List[int]] = None,
+    rounding_offsets: Optional[List[int]] = None,
 ) -> None:
-    """Capturable step: row i of `step_scalars` (float64 [n, 3] on the device, see
-    `functional.step_scalar_table`) holds tensor i's step-dependent scalars; empty `hzs` is a plain step."""
+    """Capturable step: row i of `step_scalars` (float64 [n, 4] on the device, see
+    `functional.step_scalar_table`; [n, 3] for float32/float64 state) holds tensor i's step-dependent
+    scalars and step count; empty `hzs` is a plain step."""
     _require_extension()
     if len(params) == 0 and len(grads) == len(exp_avgs) == len(exp_hz_sqs) == len(hzs) == 0:
         return
@@ -139,6 +156,8 @@ def esgd_update_capturable_(
         eps=eps,
         grad_scale_inv=grad_scale_inv,
         hz_scale_inv=hz_scale_inv,
+        rounding_keys=rounding_keys,
+        rounding_offsets=rounding_offsets,
     )
 
 
@@ -163,6 +182,9 @@ def esgd_update_fd_(
     grad_scale_inv: float = 1.0,
     hz_scale_inv: float = 1.0,
     sources: Optional[List[Tensor]] = None,
+    rounding_keys: Optional[List[int]] = None,
+    rounding_offsets: Optional[List[int]] = None,
+    rounding_step: int = 0,
 ) -> None:
     """Estimation step whose Hz is a gradient difference, formed in registers: (grads_plus - grads)
     (empty `grads_minus`: forward) or (grads_plus - grads_minus) (central), times
@@ -171,7 +193,8 @@ def esgd_update_fd_(
     `esgd_update_capturable_`, and weight_decay, step_size, momentum_scale, denom_scale are ignored.
     With `sources` (one tensor per parameter, its dtype and shape, any layout, sharing no memory with
     params, exp_avgs or exp_hz_sqs) theta is read from sources[i] and params[i] is only written:
-    params[i].copy_(sources[i]) followed by the step, in one pass."""
+    params[i].copy_(sources[i]) followed by the step, in one pass. Rounding arguments as for
+    `esgd_update_` (with `step_scalars`, each tensor's step count is the table's last column)."""
     _require_extension()
     if len(params) == 0 and len(grads) == len(exp_avgs) == len(exp_hz_sqs) == len(grads_plus) == len(grads_minus) == 0 \
             and not sources:
@@ -196,6 +219,9 @@ def esgd_update_fd_(
         grad_scale_inv=grad_scale_inv,
         hz_scale_inv=hz_scale_inv,
         sources=sources,
+        rounding_keys=rounding_keys,
+        rounding_offsets=rounding_offsets,
+        rounding_step=rounding_step,
     )
 
 
@@ -242,19 +268,28 @@ def _check_fake(op: str, params: List[Tensor], **lists: List[Tensor]) -> None:
             )
 
 
+def _check_fake_table(op: str, step_scalars: Tensor, n: int) -> None:
+    torch._check(
+        tuple(step_scalars.shape) in ((n, 3), (n, 4)),
+        lambda: f"{op}: step_scalars has shape {list(step_scalars.shape)}, expected [{n}, 3] or [{n}, 4]",
+    )
+
+
 if _extension.LOADED:
 
     @torch.library.register_fake("esgd_cuda::esgd_update_")
     def _esgd_update_fake(
         params, grads, exp_avgs, exp_hz_sqs, *, beta1, v, eps, weight_decay, step_size,
-        momentum_scale, denom_scale, grad_scale_inv=1.0
+        momentum_scale, denom_scale, grad_scale_inv=1.0, rounding_keys=None, rounding_offsets=None,
+        rounding_step=0
     ):
         _check_fake("esgd_update_", params, grads=grads, exp_avgs=exp_avgs, exp_hz_sqs=exp_hz_sqs)
 
     @torch.library.register_fake("esgd_cuda::esgd_update_hz_")
     def _esgd_update_hz_fake(
         params, grads, exp_avgs, exp_hz_sqs, hzs, *, beta1, beta2, v, eps, weight_decay,
-        step_size, momentum_scale, denom_scale, grad_scale_inv=1.0, hz_scale_inv=1.0
+        step_size, momentum_scale, denom_scale, grad_scale_inv=1.0, hz_scale_inv=1.0,
+        rounding_keys=None, rounding_offsets=None, rounding_step=0
     ):
         _check_fake(
             "esgd_update_hz_", params, grads=grads, exp_avgs=exp_avgs, exp_hz_sqs=exp_hz_sqs,
@@ -264,17 +299,13 @@ if _extension.LOADED:
     @torch.library.register_fake("esgd_cuda::esgd_update_capturable_")
     def _esgd_update_capturable_fake(
         params, grads, exp_avgs, exp_hz_sqs, hzs, step_scalars, *, beta1, beta2, v, eps,
-        grad_scale_inv=1.0, hz_scale_inv=1.0
+        grad_scale_inv=1.0, hz_scale_inv=1.0, rounding_keys=None, rounding_offsets=None
     ):
         lists = dict(grads=grads, exp_avgs=exp_avgs, exp_hz_sqs=exp_hz_sqs)
         if len(hzs):
             lists["hzs"] = hzs
         _check_fake("esgd_update_capturable_", params, **lists)
-        torch._check(
-            tuple(step_scalars.shape) == (len(params), 3),
-            lambda: f"esgd_update_capturable_: step_scalars has shape {list(step_scalars.shape)}, "
-            f"expected [{len(params)}, 3]",
-        )
+        _check_fake_table("esgd_update_capturable_", step_scalars, len(params))
 
 
 # An extension built before these ops existed still loads (the ops above work); their fake kernels
@@ -285,7 +316,7 @@ if _extension.LOADED and hasattr(torch.ops.esgd_cuda, "esgd_update_fd_"):
     def _esgd_update_fd_fake(
         params, grads, exp_avgs, exp_hz_sqs, grads_plus, grads_minus, hz_scale, step_scalars, *, beta1,
         beta2, v, eps, weight_decay, step_size, momentum_scale, denom_scale, grad_scale_inv=1.0,
-        hz_scale_inv=1.0, sources=None
+        hz_scale_inv=1.0, sources=None, rounding_keys=None, rounding_offsets=None, rounding_step=0
     ):
         lists = dict(grads=grads, exp_avgs=exp_avgs, exp_hz_sqs=exp_hz_sqs, grads_plus=grads_plus)
         if len(grads_minus):
@@ -295,11 +326,7 @@ if _extension.LOADED and hasattr(torch.ops.esgd_cuda, "esgd_update_fd_"):
         _check_fake("esgd_update_fd_", params, **lists)
         torch._check(hz_scale.numel() == 1, lambda: "esgd_update_fd_: hz_scale must have one element")
         if step_scalars is not None:
-            torch._check(
-                tuple(step_scalars.shape) == (len(params), 3),
-                lambda: f"esgd_update_fd_: step_scalars has shape {list(step_scalars.shape)}, "
-                f"expected [{len(params)}, 3]",
-            )
+            _check_fake_table("esgd_update_fd_", step_scalars, len(params))
 
     @torch.library.register_fake("esgd_cuda::esgd_rademacher_")
     def _esgd_rademacher_fake(out, keys, offsets):

@@ -20,8 +20,8 @@ from torch import Tensor
 from . import _checkpoint, _diagnostics, _extension, _update
 from ._param_watch import GraphBackwardWatch, _user_stacklevel, warn_unestimated
 from ._validation import (check_buffers, check_capturable_lr, check_closures, check_curvature_loss, check_group,
-                          check_hparams, check_hvp, check_param, check_schedule, fused_unavailable_reason,
-                          param_tensor, user_step)
+                          check_hparams, check_hvp, check_param, check_schedule, check_state_dtype,
+                          check_state_for_param, fused_unavailable_reason, param_tensor, user_step)
 from ._closures import FiniteDifference
 from .curvature import CurvatureEstimator, default_fd_step, release_graphs
 from .distributed import broadcast_seed
@@ -69,7 +69,8 @@ class ESGD(torch.optim.Optimizer):
         p <- p - step_size/(1 - mb*v) * (v*m + (1-v)*g) / (sqrt(D)/sqrt(1-db) + eps)
 
     The state of a parameter is ``exp_avg`` (m), ``exp_hz_sq`` (D) and the integers ``step`` (t) and
-    ``estimates`` (k).
+    ``estimates`` (k). m and D are float32 (float64 for float64 parameters), or bfloat16 with
+    ``state_dtype=torch.bfloat16``.
 
     With ``hvp="autograd"`` (default) estimation steps need the gradient's autograd graph: call
     ``opt.backward(loss)`` (recommended: it supports gradient accumulation, GradScaler and data
@@ -111,6 +112,15 @@ class ESGD(torch.optim.Optimizer):
             least precise parameter dtype; under bf16/fp16 autocast pass about 0.1 (docs/mixed-precision.md).
         buffers: module buffers that a finite-difference step must leave as after one forward
             (BatchNorm running statistics): an ``nn.Module`` (all its buffers) or a list of tensors.
+        state_dtype: the dtype of m and D (per param group): ``None`` (default) keeps float32 state
+            (float64 for float64 parameters); ``torch.bfloat16`` halves the state (4 bytes per
+            parameter) and the step's memory traffic, with the arithmetic in float32 inside the
+            kernels and m and D stored back by stochastic rounding (counter-based: every device,
+            shard and resumed run rounds alike), which keeps the slow average D moving where
+            round-to-nearest would freeze it (docs/memory.md). float64 parameters keep float64 state.
+            ``state_dict()`` saves the state as held; ``load_state_dict()`` converts it to this
+            optimizer's ``state_dtype`` (bfloat16 to float32 exactly, float32 to bfloat16 by
+            round-to-nearest).
 
     A parameter's state starts on the first estimation step on which it has a gradient; until
     then (no curvature estimate exists) it is not updated. NaN/Inf in gradients propagate into the
@@ -140,8 +150,10 @@ class ESGD(torch.optim.Optimizer):
         hvp: str = "autograd",
         fd_step: Optional[float] = None,
         buffers: Optional[Union[torch.nn.Module, Iterable[Tensor]]] = None,
+        state_dtype: Optional[torch.dtype] = None,
     ):
         check_hparams(lr, betas, v, lr_warmup, eps, weight_decay, "", maximize=maximize)
+        check_state_dtype(state_dtype)
         check_schedule(update_d_every, d_warmup)
         check_hvp(hvp, fd_step)
         buffers = check_buffers(buffers)
@@ -180,7 +192,7 @@ class ESGD(torch.optim.Optimizer):
         self._placeholders: set = set()  # state created by DCP's initialization step (_checkpoint)
         self._graph_watch = GraphBackwardWatch(self._curvature)
         defaults = dict(lr=lr, betas=tuple(betas), v=v, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay,
-                        maximize=maximize)
+                        maximize=maximize, state_dtype=state_dtype)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ param groups
@@ -203,7 +215,7 @@ class ESGD(torch.optim.Optimizer):
         check_group(merged, where)
         seen: Dict[int, int] = {}
         for j, p in enumerate(plist):
-            check_param(p, j, where, self.fused, self.hvp)
+            check_param(p, j, where, self.fused, self.hvp, merged.get("state_dtype"))
             p = param_tensor(p)
             if isinstance(p, Tensor):
                 # A parameter listed twice would be updated twice per step, and on CUDA by two blocks
@@ -360,6 +372,8 @@ class ESGD(torch.optim.Optimizer):
                     raise RuntimeError(
                         f"ESGD does not support sparse gradients (param_groups[{i}]['params'][{j}])"
                     )
+                if group.get("state_dtype") is not None:
+                    check_state_for_param(p, group["state_dtype"], f"param_groups[{i}]['params'][{j}]")
                 if self.fused and (p.device, p.dtype) not in checked:
                     if not _extension.fused_supported(p.device, p.dtype):
                         raise RuntimeError(
@@ -602,6 +616,7 @@ class ESGD(torch.optim.Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         # torch.optim's load_state_dict calls this too, with its state and param_groups only.
         super().__setstate__(state)
+        self.defaults.setdefault("state_dtype", None)  # pickled before the option existed
         if "_graph_watch" not in self.__dict__ and "_curvature" in self.__dict__:
             self._graph_watch = GraphBackwardWatch(self._curvature)
             self._graph_watch.watch(self.param_groups)

@@ -12,16 +12,29 @@ Element i (row-major logical index) of tensors[t] gets z(keys[t], offsets[t] + i
 starts at element `o` of a parameter draws exactly its slice of the full parameter's probe by passing
 offset `o`. `fused=True` runs the native ops (`esgd_cuda.ops`), which generate the bits inside the
 kernels; `fused=False` is the pure-PyTorch twin, bit-identical on every device.
+
+The stochastic rounding of bfloat16 optimizer state draws its bits the same way (csrc/rounding.h;
+the twin is below): parameter number `ordinal` of an optimizer with probe seed `seed` has the base
+key B = rounding_key(seed, ordinal); on its t-th step, element j (its index in the whole parameter:
+a shard adds its offset) rounds with
+
+    K          = word(B, t)                                    (the probe word formula above)
+    bits(K, j) = lowbias32(((j mod 2**32) ^ lo32(K)) + ((j >> 32) ^ hi32(K)) * 0x9E3779B9)
+    lowbias32(x): x ^= x >> 16; x *= 0x21F0AAAD; x ^= x >> 15; x *= 0xD35A2D97; x ^= x >> 15  (mod 2**32)
+
+m with the low 16 bits and D with the high 16: x rounds away from zero where the discarded low
+16 bits of its float32 encoding plus the random 16 bits carry into the kept ones.
 """
 
-from typing import List, Sequence
+import functools
+from typing import List, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .functional import _check_device_scalar, state_dtype
 
-__all__ = ["probe_key", "rademacher_", "fd_perturb_"]
+__all__ = ["probe_key", "rademacher_", "fd_perturb_", "rounding_key", "round_bf16_stochastic"]
 
 _MASK64 = (1 << 64) - 1
 _KEY_LIMIT = 1 << 63
@@ -47,6 +60,81 @@ def probe_key(*values: int) -> int:
         x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
         x ^= x >> 31
     return x >> 1
+
+
+# Distinguishes the rounding keys from the probes' (probe_key(seed, step, i) takes three values).
+ROUNDING_STREAM = 0x726F756E64  # "round"
+_MASK32 = (1 << 32) - 1
+_ROUND_GOLDEN = 0x9E3779B9
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def rounding_key(seed: int, ordinal: int) -> int:
+    """The base key B of parameter number `ordinal` (its position in the optimizer's param groups)
+    for the stochastic rounding of its bfloat16 state, in [0, 2**63). Cached: the optimizer asks
+    for every parameter's on every step."""
+    return probe_key(seed, ordinal, ROUNDING_STREAM, 0)
+
+
+def _mix64_int(x: int) -> int:
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def step_key(base: int, step: Union[int, Tensor]) -> Union[int, Tensor]:
+    """K = word(B, t): a step's rounding key, a Python int, or an int64 tensor (its bits) for a
+    device step count (capturable mode: nothing syncs)."""
+    if isinstance(step, Tensor):
+        t = step.reshape(()).to(torch.int64)
+        return _mix64((t + 1) * _GOLDEN + _int64(base))
+    return _mix64_int(base + (int(step) + 1) * 0x9E3779B97F4A7C15)
+
+
+def _lowbias32(x: Tensor) -> Tensor:
+    """On int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0xD35A2D97) & _MASK32
+    return x ^ (x >> 15)
+
+
+def _dense_positions(t: Tensor) -> Tensor:
+    """Each element's position in `t`'s memory order when its layout is non-overlapping and dense (the
+    order the fused kernels walk it in), else its row-major index; int64, shaped like t."""
+    n = t.numel()
+    index = torch.arange(n, dtype=torch.int64, device=t.device)
+    dims = sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return index.view(t.shape)
+        expected *= size
+    return index.as_strided(t.shape, t.stride())
+
+
+def rounding_bits(key: Union[int, Tensor], offset: int, like: Tensor) -> Tensor:
+    """bits(K, offset + position) for every element of `like` (int64 holding uint32), K a step key
+    (`step_key`)."""
+    if isinstance(key, Tensor):
+        low, high = key & _MASK32, _shr(key, 32)
+    else:
+        low, high = key & _MASK32, key >> 32
+    j = _dense_positions(like) + offset
+    x = ((j & _MASK32) ^ low) + (((j >> 32) ^ high) * _ROUND_GOLDEN)
+    return _lowbias32(x & _MASK32)
+
+
+def round_bf16_stochastic(x: Tensor, r16: Tensor) -> Tensor:
+    """float32 `x` rounded to bfloat16, away from zero where x's discarded 16 bits plus `r16` (int64,
+    values < 2**16) carry into the kept ones; NaN stays NaN. The twin of csrc/rounding.h."""
+    u = x.contiguous().view(torch.int32).to(torch.int64) & _MASK32
+    rounded = (u + r16) >> 16
+    nan = (u >> 16) | 0x40
+    bits = torch.where((u & 0x7FFFFFFF) > 0x7F800000, nan, rounded) & 0xFFFF
+    return ((bits ^ 0x8000) - 0x8000).to(torch.int16).view(torch.bfloat16).view(x.shape)
 
 
 def _shr(x: Tensor, shift: int) -> Tensor:

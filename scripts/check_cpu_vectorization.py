@@ -19,13 +19,17 @@ import sys
 # differences that read theta from sources (the restore fused into the update).
 UPDATE_VARIANTS = ("", "_hz", "_fd_forward", "_fd_central", "_fd_forward_source", "_fd_central_source")
 # Each loop an AVX2 build runs, as the (length-prefixed, E-terminated) piece of its mangled name:
-# the update's and the perturbation's AVX2 clones for float32, float64 and bfloat16, and the F16C
-# update loop per (HzSource, from sources) instantiation.
+# the update's AVX2 clones for float32, float64 and bfloat16 parameters with their default state and
+# for float32 and bfloat16 parameters with bfloat16 state (_sbf16: stochastically rounded), the
+# perturbation's for float32, float64 and bfloat16, and the F16C update loop per (state type,
+# HzSource, from sources) instantiation.
+UPDATE_TYPES = ("f32", "f64", "bf16", "f32_sbf16", "bf16_sbf16")
 EXPECTED_LOOPS = tuple(
     f"{len(name)}{name}E"
-    for name in [f"range_{t}{v}" for t in ("f32", "f64", "bf16") for v in UPDATE_VARIANTS]
+    for name in [f"range_{t}{v}" for t in UPDATE_TYPES for v in UPDATE_VARIANTS]
     + [f"range_perturb_{t}_{k}" for t in ("f32", "f64", "bf16") for k in ("inplace", "from")]
-) + tuple(f"14range_f16_f16cILNS_8HzSourceE{src}ELb{from_source}EEE"
+) + tuple(f"14range_f16_f16cI{state}LNS_8HzSourceE{src}ELb{from_source}EEE"
+          for state in ("f", "N3c108BFloat16E")
           for src, from_source in ((0, 0), (1, 0), (2, 0), (3, 0), (2, 1), (3, 1)))
 
 

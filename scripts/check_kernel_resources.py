@@ -8,11 +8,14 @@ every kernel:
   - at most MAX_REGISTERS registers per thread, so two 512-thread blocks fit one SM's register
     file (the occupancy every kernel's __launch_bounds__ asks for);
   - at least as many 16-byte global loads and stores (ld/st.global.v4 of 32-bit or .v2 of 64-bit
-    words) as one iteration of the aligned vector path needs, in every kernel;
-  - every parameter dtype (fp32, fp16, bf16, fp64) for every variant: the update with 4 lists
-    (plain) and 5 (Hz), the finite-difference update with 5 (forward) and 6 (central), and from
-    sources (theta read from the saved copy, the parameters only written) with 6 (forward) and 7
-    (central), the probe fill, and the perturbation with and without saving a backup.
+    words) as one iteration of the aligned vector path needs, in every kernel, and as many 8-byte
+    ones (.v2 of 32-bit, .v4 of 16-bit or one 64-bit word) where a list's vector is 8 bytes (the
+    bfloat16 state of fp32 parameters);
+  - every parameter dtype (fp32, fp16, bf16, fp64) for every variant, each with its state dtypes
+    (fp32 or bf16, fp64 for fp64 parameters): the update with 4 lists (plain) and 5 (Hz), the
+    finite-difference update with 5 (forward) and 6 (central), and from sources (theta read from
+    the saved copy, the parameters only written) with 6 (forward) and 7 (central), the probe fill,
+    and the perturbation with and without saving a backup.
 Prints one line per kernel and exits 1 naming what failed.
 Usage: python scripts/check_kernel_resources.py [--arch sm_90] [--nvcc PATH]
 """
@@ -40,10 +43,23 @@ KERNELS = {
 }
 # 65536 registers per SM on sm_70..sm_100 / (2 blocks x 512 threads).
 MAX_REGISTERS = 64
-# Itanium-mangled template arguments: <P, S[, int Depth | bool kSave]>.
+# Itanium-mangled template arguments: <P, S[, int Depth | bool kSave]>, S the state's storage type
+# (update kernels) or the math type (probe kernels).
 PARAM_TYPES = {"N3c104HalfE": "fp16", "N3c108BFloat16E": "bf16", "f": "fp32", "d": "fp64"}
-Key = Tuple[str, str, int]  # (kernel, parameter dtype, variant)
-EXPECTED = {(k, p, v) for k, variants in KERNELS.items() for p in PARAM_TYPES.values() for v in variants}
+STATE_TYPES = {"f": "fp32", "d": "fp64", "N3c108BFloat16E": "bf16"}
+UPDATE_KERNELS = ("esgd_multi_tensor_kernel", "esgd_fd_update_kernel", "esgd_fd_update_from_source_kernel")
+Key = Tuple[str, str, str, int]  # (kernel, parameter dtype, state dtype, variant)
+
+
+def state_types(kernel: str, param: str) -> Tuple[str, ...]:
+    """The state dtypes a kernel is instantiated with for a parameter dtype."""
+    if param == "fp64":
+        return ("fp64",)
+    return ("fp32", "bf16") if kernel in UPDATE_KERNELS else ("fp32",)
+
+
+EXPECTED = {(k, p, st, v) for k, variants in KERNELS.items() for p in PARAM_TYPES.values()
+            for st in state_types(k, p) for v in variants}
 
 _FUNCTION = re.compile(r"ptxas info\s*:\s*(?:Compiling entry function|Function properties for) '?([^'\s]+)")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -51,24 +67,27 @@ _USED = re.compile(r"ptxas info\s*:\s*Used (\d+) registers")
 # Kernels (.entry) and device functions (.func, whose lines must not count for the kernel before).
 _ENTRY = re.compile(r"^\s*(?:\.(?:visible|weak|extern)\s+)*\.(?:entry|func)\s+(?:\([^)]*\)\s*)?([^\s(]+)\s*\(")
 _WIDE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global(?:\.nc)?(?:\.L1::\S+)?\.(?:v4\.[bfsu]32|v2\.[bfsu]64)\b")
-_SIGNATURE = re.compile(r"\d+(" + "|".join(KERNELS) + r")I(N3c104HalfE|N3c108BFloat16E|f|d)[fd](?:L[ib](\d+)E)?E")
+_HALF_WIDE = re.compile(
+    r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global(?:\.nc)?(?:\.L1::\S+)?\.(?:v2\.[bfsu]32|v4\.[bfsu]16|[bsu]64)\b")
+_SIGNATURE = re.compile(r"\d+(" + "|".join(KERNELS) + r")I(N3c104HalfE|N3c108BFloat16E|f|d)"
+                        r"(N3c108BFloat16E|f|d)(?:L[ib](\d+)E)?E")
 
 
 def label(key: Key) -> str:
-    kernel, dtype, variant = key
+    kernel, dtype, state, variant = key
     if kernel == "esgd_rademacher_kernel":
         return f"{kernel}<{dtype}>"
     if kernel == "esgd_fd_perturb_kernel":
         return f"{kernel}<{dtype}, {'save' if variant else 'restore'}>"
-    return f"{kernel}<{dtype}, depth {variant}>"
+    return f"{kernel}<{dtype}, {state} state, depth {variant}>"
 
 
 def kernel_signature(mangled: str) -> Key:
-    """(kernel, parameter dtype, variant) of a mangled instantiation of one of KERNELS."""
+    """(kernel, parameter dtype, state dtype, variant) of a mangled instantiation of one of KERNELS."""
     match = _SIGNATURE.search(mangled)
     if match is None:
         raise ValueError(f"unrecognised kernel instantiation {mangled!r}")
-    return match.group(1), PARAM_TYPES[match.group(2)], int(match.group(3) or 0)
+    return match.group(1), PARAM_TYPES[match.group(2)], STATE_TYPES[match.group(3)], int(match.group(4) or 0)
 
 
 def _is_ours(name: str) -> bool:
@@ -105,35 +124,48 @@ def parse_resource_usage(text: str) -> Dict[Key, Dict[str, int]]:
     return kernels
 
 
+ACCESSES = ("wide_loads", "wide_stores", "half_wide_loads", "half_wide_stores")
+
+
 def parse_ptx_vector_accesses(ptx: str) -> Dict[Key, Dict[str, int]]:
-    """Per kernel: how many 16-byte global loads (wide_loads) and stores (wide_stores) its PTX has."""
+    """Per kernel: how many 16-byte global loads (wide_loads) and stores (wide_stores), and 8-byte
+    ones (half_wide_loads, half_wide_stores), its PTX has."""
     kernels: Dict[Key, Dict[str, int]] = {}
     for key, line in kernel_lines(ptx, _ENTRY):
-        counts = kernels.setdefault(key, {"wide_loads": 0, "wide_stores": 0})
-        wide = _WIDE.search(line) if line else None
+        counts = kernels.setdefault(key, dict.fromkeys(ACCESSES, 0))
+        if not line:
+            continue
+        wide = _WIDE.search(line)
+        half = None if wide else _HALF_WIDE.search(line)
         if wide:
             counts["wide_loads" if wide.group(1) == "ld" else "wide_stores"] += 1
+        elif half:
+            counts["half_wide_loads" if half.group(1) == "ld" else "half_wide_stores"] += 1
     return kernels
 
 
-def expected_wide_accesses(key: Key) -> Tuple[int, int]:
-    """16-byte (loads, stores) one vector-path iteration needs. Update kernels: one per
-    parameter-typed list (p, g and the depth's extra lists read; p written), and per state list
-    (m, d read; m[, d] written) one, or two for 16-bit parameters, whose eight elements of fp32
-    state span 32 bytes; the update from sources reads the source instead of p. Probe fill: one
-    store. Perturbation: one load (p, or the backup), one store of p, one more of the backup when
-    saving."""
-    kernel, dtype, variant = key
+def expected_wide_accesses(key: Key) -> Tuple[int, int, int, int]:
+    """16-byte (loads, stores) and 8-byte (loads, stores) one vector-path iteration needs. Update
+    kernels: one 16-byte access per parameter-typed list (p, g and the depth's extra lists read; p
+    written), and per state list (m, d read; m[, d] written) one, or two for 16-bit parameters,
+    whose eight elements of fp32 state span 32 bytes, or one 8-byte access for fp32 parameters with
+    bf16 state (four elements of 2 bytes); the update from sources reads the source instead of p.
+    Probe fill: one store. Perturbation: one load (p, or the backup), one store of p, one more of
+    the backup when saving."""
+    kernel, dtype, state, variant = key
     if kernel == "esgd_rademacher_kernel":
-        return 0, 1
+        return 0, 1, 0, 0
     if kernel == "esgd_fd_perturb_kernel":
-        return 1, 2 if variant else 1
-    state_words = 2 if dtype in ("fp16", "bf16") else 1
+        return 1, 2 if variant else 1, 0, 0
+    # Bytes of state per thread and list: 16 / sizeof(P) elements of sizeof(state).
+    param_size = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}[dtype]
+    state_bytes = (16 // param_size) * {"fp32": 4, "bf16": 2, "fp64": 8}[state]
+    state_words, state_halves = (state_bytes // 16, 0) if state_bytes >= 16 else (0, 1)
     # The parameter-typed lists read: all but m and d, less p where the source stands in for it.
     param_reads = variant - 2 - (1 if kernel == "esgd_fd_update_from_source_kernel" else 0)
-    loads = param_reads + 2 * state_words
-    stores = 1 + (1 if variant == 4 else 2) * state_words
-    return loads, stores
+    state_writes = 1 if variant == 4 and kernel == "esgd_multi_tensor_kernel" else 2
+    return (param_reads + 2 * state_words, 1 + state_writes * state_words,
+            2 * state_halves, state_writes * state_halves)
 
 
 def problems(kernels: Dict[Key, Dict[str, int]]) -> List[str]:
@@ -151,9 +183,10 @@ def problems(kernels: Dict[Key, Dict[str, int]]) -> List[str]:
                 f"{name}: {usage['stack']} bytes stack frame, {usage['spill_stores']} bytes spill "
                 f"stores, {usage['spill_loads']} bytes spill loads (want none)"
             )
-        for access, want in zip(("wide_loads", "wide_stores"), expected_wide_accesses(key)):
+        for access, want in zip(ACCESSES, expected_wide_accesses(key)):
             if access in usage and usage[access] < want:
-                found.append(f"{name}: {usage[access]} 16-byte global {access.split('_')[1]} in the "
+                size = "8-byte" if access.startswith("half") else "16-byte"
+                found.append(f"{name}: {usage[access]} {size} global {access.split('_')[-1]} in the "
                              f"PTX, want at least {want} (a list left the vector path)")
         if usage["registers"] > MAX_REGISTERS:
             found.append(f"{name}: {usage['registers']} registers (at most {MAX_REGISTERS} for two "
@@ -224,7 +257,7 @@ def main(argv=None) -> int:
         print(f"{args.arch} {label(key)}: {usage.get('registers')} registers, "
               f"{usage.get('stack')} B stack, {usage.get('spill_stores')}/{usage.get('spill_loads')} "
               f"B spill stores/loads, {usage.get('wide_loads')}/{usage.get('wide_stores')} "
-              "16-byte loads/stores")
+              f"16-byte and {usage.get('half_wide_loads')}/{usage.get('half_wide_stores')} 8-byte loads/stores")
     found = problems(kernels)
     for problem in found:
         print(f"check_kernel_resources: {problem}", file=sys.stderr)

@@ -43,6 +43,12 @@ def test_step_time_byte_model(bench):
     assert step_time.bytes_per_param("esgd_hz", torch.bfloat16) == 24
     assert step_time.bytes_per_param("adam", torch.bfloat16) == 14
     assert step_time.bytes_per_param("esgd", torch.float64) == 48
+    # bf16 state (state_dtype=torch.bfloat16): 2-byte m and D.
+    assert step_time.bytes_per_param("esgd_bf16state", torch.float32) == 18
+    assert step_time.bytes_per_param("esgd_hz_bf16state", torch.float32) == 24
+    assert step_time.bytes_per_param("esgd_bf16state", torch.bfloat16) == 12
+    assert step_time.bytes_per_param("esgd_hz_bf16state", torch.bfloat16) == 16
+    assert step_time.bytes_per_param("esgd_fd_forward_bf16state", torch.float32) == 24
     # The peers keep their state in the parameter dtype; torchzero's ESGD has no momentum.
     assert step_time.bytes_per_param("peer", torch.float32) == 24
     assert step_time.bytes_per_param("peer_hz", torch.float32) == 32
@@ -112,6 +118,8 @@ def test_step_time_smoke(bench, tmp_path):
     assert {"ESGD fused=False: opt.step() plain", "ESGD fused=False: esgd_update estimation (+Hz)",
             "ESGD fused: opt.step() plain", "ESGD fused: esgd_update estimation (+Hz)",
             "Adam fused", "Adam foreach", "AdamW fused", "AdamW foreach"} <= cases
+    assert {"ESGD fused bf16 state: opt.step() plain", "ESGD fused bf16 state: esgd_update plain",
+            "ESGD fused bf16 state: esgd_update estimation (+Hz)", "ESGD fused bf16 state: esgd_update_fd forward"} <= cases
     assert {"ESGD fused: esgd_update_fd forward", "ESGD fused: esgd_update_fd central",
             "ESGD fused: fd_perturb_ save", "ESGD fused: fd_perturb_ restore", "ESGD fused: rademacher_",
             "Tensor.fill_ (the rademacher_ tensors)"} <= cases
@@ -167,6 +175,22 @@ def _run(problem, opt, lr, seed, losses, seconds_per_step, every=10):
                 time=[s * seconds_per_step for s in steps], steps_done=steps[-1],
                 train_seconds=steps[-1] * seconds_per_step, final_loss=losses[-1], test_metric=0.5,
                 diverged=not math.isfinite(losses[-1]))
+
+
+def test_state_precision_smoke(tmp_path, monkeypatch):
+    """benchmarks/state_precision.py: the noise of bf16 state in D next to the estimator's own, at a
+    tiny size; every number finite, the float32 copy far closer to float64 than either 16-bit one."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import state_precision
+
+    result = state_precision.main(["--smoke", "--out", str(tmp_path)])
+    (run,) = result["runs"]
+    assert run["problem"] == "digits-mlp" and [r["estimates"] for r in run["rows"]] == [10, 30]
+    for r in run["rows"]:
+        for key in ("estimator_rms", "sr_rms", "rn_rms", "m_sr", "m_rn"):
+            assert 0 < r[key] < 1, (key, r)
+        assert r["fp32_rms"] < 1e-3 * r["sr_rms"]
+    assert (tmp_path / "state_precision_smoke.md").read_text().count("|") > 20
 
 
 def test_convergence_aggregate(bench):

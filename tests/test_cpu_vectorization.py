@@ -45,16 +45,23 @@ def test_parser_finds_the_loops_an_avx2_machine_runs():
 
 def test_every_expected_loop_is_required():
     """A loop missing from the library (left out of the clones, renamed) is reported, by name."""
-    assert len(check.EXPECTED_LOOPS) == 3 * 6 + 3 * 2 + 6
+    # Update loops: 3 parameter types with their default state and 2 with bf16 state (_sbf16), 6
+    # variants each; 3 perturbation types x 2; the F16C loop for 2 state types x 6 variants.
+    assert len(check.EXPECTED_LOOPS) == 5 * 6 + 3 * 2 + 2 * 6
     assert "27range_f32_fd_forward_sourceE" in check.EXPECTED_LOOPS
-    assert "14range_f16_f16cILNS_8HzSourceE3ELb1EEE" in check.EXPECTED_LOOPS
+    assert "34range_bf16_sbf16_fd_central_sourceE" in check.EXPECTED_LOOPS
+    assert "14range_f16_f16cIfLNS_8HzSourceE3ELb1EEE" in check.EXPECTED_LOOPS
+    assert "14range_f16_f16cIN3c108BFloat16ELNS_8HzSourceE3ELb1EEE" in check.EXPECTED_LOOPS
     names = [f"_ZN4esgd12_GLOBAL__N_1{loop}PfPKfS3_S1_S1_S3_S3_lRKNS_6CoeffsIfEE.avx2" for loop in check.EXPECTED_LOOPS]
     assert check.missing_loops(dict.fromkeys(names, [])) == []
     without = [n for n in names if "range_bf16_fd_central_source" not in n]
     assert check.missing_loops(dict.fromkeys(without, [])) == ["28range_bf16_fd_central_sourceE"]
+    # The bf16-state loops are not stood in for by the default state's, nor the reverse.
+    without = [n for n in names if "range_f32_sbf16_hzE" not in n]
+    assert check.missing_loops(dict.fromkeys(without, [])) == ["18range_f32_sbf16_hzE"]
     # The F16C loop of one instantiation does not stand in for another's.
-    without = [n for n in names if "HzSourceE2ELb1E" not in n]
-    assert check.missing_loops(dict.fromkeys(without, [])) == ["14range_f16_f16cILNS_8HzSourceE2ELb1EEE"]
+    without = [n for n in names if "IfLNS_8HzSourceE2ELb1E" not in n]
+    assert check.missing_loops(dict.fromkeys(without, [])) == ["14range_f16_f16cIfLNS_8HzSourceE2ELb1EEE"]
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")

@@ -30,9 +30,17 @@ SCENARIOS = {
     "fp32": (torch.float32, lambda rank: 42, 1, 42),
     "seeds-differ": (torch.float64, lambda rank: 1000 + 7 * rank, 1, 1000),
     "accumulate-k2": (torch.float64, lambda rank: 42, 2, 42),
+    "fp32-bf16-state": (torch.float32, lambda rank: 42, 1, 42),
 }
+# ESGD's state_dtype per scenario (None: float32 state).
+STATE_DTYPE = {"fp32-bf16-state": torch.bfloat16}
 FUSED = {"fused=False": False, "fused=None": None}
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4}
+# bf16 state rounds with the same bits on every rank and in one process, so it keeps float32's bound:
+# only a float32 rounding difference of the reductions that straddles a rounding threshold (about
+# 1e-7 relative against a spacing of 4e-3: a few in 1e5 roundings) could move a state element by one
+# bfloat16 spacing.
+STATE_TOLERANCE = {"fp32-bf16-state": 2e-4}
 
 # Finite-difference estimators under plain DDP: every closure pass is an ordinary DDP backward
 # (gradients averaged by DDP's reducer), and replicas draw the same z and h. name -> (dtype, hvp).
@@ -72,10 +80,10 @@ def snapshot(model, opt):
     return params, state
 
 
-def train_single(dtype, seed, fused):
+def train_single(dtype, seed, fused, state_dtype=None):
     """The reference: one process, the whole batch, mean loss."""
     model = make_mlp(dtype)
-    opt = ESGD(model.parameters(), **KWARGS, seed=seed, fused=fused)
+    opt = ESGD(model.parameters(), **KWARGS, seed=seed, fused=fused, state_dtype=state_dtype)
     for s in range(NUM_STEPS):
         x, y = batch(s, dtype)
         opt.zero_grad()
@@ -84,12 +92,13 @@ def train_single(dtype, seed, fused):
     return snapshot(model, opt)
 
 
-def train_replica(rank, dtype, seed, k, fused):
+def train_replica(rank, dtype, seed, k, fused, state_dtype=None):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = make_mlp(dtype)
     ddp = DDP(model)
-    opt = ESGD(ddp.parameters(), **KWARGS, seed=seed, fused=fused, process_group=dist.group.WORLD)
+    opt = ESGD(ddp.parameters(), **KWARGS, seed=seed, fused=fused, process_group=dist.group.WORLD,
+               state_dtype=state_dtype)
     estimated = []
     for s in range(NUM_STEPS):
         x, y = batch(s, dtype)
@@ -206,7 +215,7 @@ def _train_all(rank, tmpdir):
     results = {}
     for fused_name, fused in FUSED.items():
         for name, (dtype, seed_of, k, _) in SCENARIOS.items():
-            results[(name, fused_name)] = train_replica(rank, dtype, seed_of(rank), k, fused)
+            results[(name, fused_name)] = train_replica(rank, dtype, seed_of(rank), k, fused, STATE_DTYPE.get(name))
         for name, (dtype, hvp) in FD_SCENARIOS.items():
             results[(name, fused_name)] = train_replica_fd(rank, dtype, hvp, fused)
         for name, (hvp, form) in CC_SCENARIOS.items():
@@ -246,9 +255,9 @@ def test_replicas_stay_bit_identical(ddp_runs, case):
 def test_replicas_match_single_process_on_the_whole_batch(ddp_runs, case):
     name, fused_name = case
     dtype, _, _, ref_seed = SCENARIOS[name]
-    params, state = train_single(dtype, ref_seed, FUSED[fused_name])
+    params, state = train_single(dtype, ref_seed, FUSED[fused_name], STATE_DTYPE.get(name))
     got = ddp_runs[0][case]
-    rtol = TOLERANCE[dtype]
+    rtol = STATE_TOLERANCE.get(name, TOLERANCE[dtype])
     start = make_mlp(dtype)
     moved = max((p - s.detach()).abs().max() for p, s in zip(params, start.parameters()))
     assert moved > 0.05, "the run barely moved: the comparison would prove nothing"
@@ -259,7 +268,8 @@ def test_replicas_match_single_process_on_the_whole_batch(ddp_runs, case):
         assert s["step"] == t["step"] == NUM_STEPS
         assert s["estimates"] == t["estimates"]
         for key in ("exp_avg", "exp_hz_sq"):
-            err = (s[key] - t[key]).abs().max() / t[key].abs().max()
+            assert s[key].dtype == t[key].dtype == state_dtype(dtype, STATE_DTYPE.get(name))
+            err = (s[key].double() - t[key].double()).abs().max() / t[key].double().abs().max()
             assert err <= 10 * rtol, f"{case}: state[{j}][{key!r}] is {err:.3e} away from the single-process run"
 
 
@@ -325,15 +335,20 @@ def test_seed_is_broadcast_from_the_first_rank(ddp_runs):
 )
 @pytest.mark.parametrize("estimate", [True, False], ids=["estimation", "plain"])
 @pytest.mark.parametrize("layout", ["views", "copies"])
-def test_update_of_shards_equals_update_of_the_whole(fused_kernel, dtype, estimate, layout):
+@pytest.mark.parametrize("state", [None, torch.bfloat16], ids=["default-state", "bf16-state"])
+def test_update_of_shards_equals_update_of_the_whole(fused_kernel, dtype, estimate, layout, state):
     """The update is elementwise: 2 shards of a flat parameter (at an odd offset) update bit for bit
-    like the whole tensor, as FSDP needs; with views into the flat buffers or separate shard tensors."""
+    like the whole tensor, as FSDP needs; with views into the flat buffers or separate shard tensors.
+    bf16 state rounds with the bits of each element's index in the whole parameter (a shard passes its
+    offset), so its shards round exactly as the whole does."""
     device = torch.device("cpu")
     if fused_kernel and not _extension.fused_supported(device, dtype):
         pytest.skip(f"the fused kernel does not run {dtype} on cpu")
+    if state is not None and dtype == torch.float64:
+        pytest.skip("float64 parameters keep float64 state")
     n, cut = 1001, 517
     gen = torch.Generator().manual_seed(7)
-    sdt = state_dtype(dtype)
+    sdt = state_dtype(dtype, state)
 
     def draw(lo, hi, dt):
         return (lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)).to(dt)
@@ -347,9 +362,14 @@ def test_update_of_shards_equals_update_of_the_whole(fused_kernel, dtype, estima
     # The loss scale is undone inside the update: scale g and hz by 2^3 to keep the same math.
     g0, hz0 = g0 * 8, hz0 * 8
 
+    key = 2**40 + 12345
+
+    def rounding(offsets):
+        return dict(rounding_keys=[key] * len(offsets), rounding_offsets=offsets, rounding_step=7)
+
     whole = [t.clone() for t in (p0, g0, m0, d0, hz0)]
     esgd_update([whole[0]], [whole[1]], [whole[2]], [whole[3]], [whole[4]] if estimate else None,
-                **scalars, fused=fused_kernel)
+                **scalars, fused=fused_kernel, **rounding([0]))
 
     if layout == "views":
         flat = [t.clone() for t in (p0, g0, m0, d0, hz0)]
@@ -358,10 +378,12 @@ def test_update_of_shards_equals_update_of_the_whole(fused_kernel, dtype, estima
         shards = [[t[:cut].clone(), t[cut:].clone()] for t in (p0, g0, m0, d0, hz0)]
     for r in range(2):  # each "rank" updates its own shard
         sp, sg, sm, sd, sh = (s[r] for s in shards)
-        esgd_update([sp], [sg], [sm], [sd], [sh] if estimate else None, **scalars, fused=fused_kernel)
+        esgd_update([sp], [sg], [sm], [sd], [sh] if estimate else None, **scalars, fused=fused_kernel,
+                    **rounding([(0, cut)[r]]))
     # Also the multi-tensor form: both shards in one call.
     both = [[t[:cut].clone(), t[cut:].clone()] for t in (p0, g0, m0, d0, hz0)]
-    esgd_update(both[0], both[1], both[2], both[3], both[4] if estimate else None, **scalars, fused=fused_kernel)
+    esgd_update(both[0], both[1], both[2], both[3], both[4] if estimate else None, **scalars, fused=fused_kernel,
+                **rounding([0, cut]))
 
     for i, name in ((0, "param"), (2, "exp_avg"), (3, "exp_hz_sq")):
         for label, parts in (("per-shard", shards[i]), ("one call", both[i])):

@@ -106,8 +106,9 @@ def test_loaded_extension_reports_its_build():
 
 
 def test_an_extension_built_from_older_sources_is_stale():
-    """An op missing, or one registered without an argument added since (esgd_update_fd_'s sources):
-    the extension is not used, with a reason that says to rebuild it."""
+    """An op missing, or one registered without an argument added since (esgd_update_fd_'s sources,
+    the rounding arguments of bfloat16 state): the extension is not used, with a reason that says to
+    rebuild it."""
     from types import SimpleNamespace
 
     def op(*names):
@@ -116,10 +117,15 @@ def test_an_extension_built_from_older_sources_is_stale():
 
     current = {name: op("params", *extra) for name, extra in _extension._REQUIRED_OPS.items()}
     assert _extension._stale_ops(SimpleNamespace(**current)) is None
-    older = dict(current, esgd_update_fd_=op("params", "grads_plus", "hz_scale_inv"))
+    older = dict(current, esgd_update_fd_=op("params", "grads_plus", "hz_scale_inv", "rounding_keys",
+                                              "rounding_offsets", "rounding_step"))
     assert _extension._stale_ops(SimpleNamespace(**older)) == (
         "registered torch.ops.esgd_cuda.esgd_update_fd_ without its argument sources (built from older sources: "
         "rebuild it)")
+    older = dict(current, esgd_update_=op("params", "grads", "grad_scale_inv"))
+    assert _extension._stale_ops(SimpleNamespace(**older)) == (
+        "registered torch.ops.esgd_cuda.esgd_update_ without its arguments rounding_keys, rounding_offsets, "
+        "rounding_step (built from older sources: rebuild it)")
     del current["esgd_rademacher_"]
     assert _extension._stale_ops(SimpleNamespace(**current)) == "did not register torch.ops.esgd_cuda.esgd_rademacher_"
     if _extension.LOADED:

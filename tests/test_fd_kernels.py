@@ -68,7 +68,7 @@ def reference(p, g, m, d, gp, b, coeff, h, rows=None):
         decay = 1.0 - h["weight_decay"] * h["step_size"]
         lr_scale, denom_scale = h["step_size"] * h["momentum_scale"], h["denom_scale"]
     else:
-        decay, lr_scale, denom_scale = rows
+        decay, lr_scale, denom_scale = rows[:3]  # the table's fourth column is the step count
     m = h["beta1"] * m + (1.0 - h["beta1"]) * g
     d = h["beta2"] * d + (1.0 - h["beta2"]) * hz * hz
     denom = d.sqrt() * denom_scale + h["eps"]

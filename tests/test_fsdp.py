@@ -8,6 +8,9 @@ small all-reduce). So the trajectory is the single-process one, up to the roundi
 which the difference divides by h. Also: DCP checkpoints resume bit-identically on the same world
 size and load onto one rank (resharding); per-rank optimizer state is 1/world of the model's; the
 exact estimator refuses sharded parameters with an error naming the finite-difference option.
+With bfloat16 state, each shard rounds with the bits of its elements' indices in the whole parameter,
+so the sharded run rounds as one process does, and DCP checkpoints of it resume bit-identically and
+reshard.
 """
 
 import os
@@ -34,12 +37,19 @@ SCENARIOS = {
     "central-fp64": (torch.float64, "central_difference", "per-layer"),
     "forward-fp64-root": (torch.float64, "finite_difference", "root-only"),
     "forward-fp32": (torch.float32, "finite_difference", "per-layer"),
+    "forward-fp32-bf16-state": (torch.float32, "finite_difference", "per-layer"),
 }
+# ESGD's state_dtype per scenario (None: float32 or float64 state).
+STATE_DTYPE = {"forward-fp32-bf16-state": torch.bfloat16}
 # The sharded run's reductions round differently from the single process's (FSDP2's reduce-scatter
 # vs one batch mean, and the RMS of theta summed over shards); the difference divides that rounding
 # by h: about eps / fd_step per estimate, 1.5e-8 (fp64 forward), 3.7e-11 (fp64 central), 3.4e-4
 # (fp32 forward). The bounds allow the 16 steps to compound it tenfold.
-TOLERANCE = {"forward-fp64": 2e-7, "central-fp64": 4e-10, "forward-fp64-root": 2e-7, "forward-fp32": 3e-3}
+TOLERANCE = {"forward-fp64": 2e-7, "central-fp64": 4e-10, "forward-fp64-root": 2e-7, "forward-fp32": 3e-3,
+             # The same bits round both runs, so bf16 state keeps float32's bound (measured: 1.1e-3 for
+             # both); a state element moved across a rounding threshold by the differences above lands
+             # one bfloat16 spacing away, which would show here if the bits differed between ranks.
+             "forward-fp32-bf16-state": 3e-3}
 
 
 def make_mlp(dtype):
@@ -68,9 +78,9 @@ def closure_for(opt, model, x, y):
     return closure
 
 
-def train_single(dtype, hvp, steps=NUM_STEPS):
+def train_single(dtype, hvp, steps=NUM_STEPS, state_dtype=None):
     model = make_mlp(dtype)
-    opt = ESGD(model.parameters(), hvp=hvp, **KWARGS)
+    opt = ESGD(model.parameters(), hvp=hvp, **KWARGS, state_dtype=state_dtype)
     trajectory = []
     for s in range(steps):
         opt.step(closure_for(opt, model, *batch(s, dtype)))
@@ -95,10 +105,10 @@ def shard(model, how):
     return model
 
 
-def train_sharded(rank, dtype, hvp, how, steps, model=None, opt=None, start=0):
+def train_sharded(rank, dtype, hvp, how, steps, model=None, opt=None, start=0, state_dtype=None):
     if model is None:
         model = shard(make_mlp(dtype), how)
-        opt = ESGD(model.parameters(), hvp=hvp, **KWARGS)
+        opt = ESGD(model.parameters(), hvp=hvp, **KWARGS, state_dtype=state_dtype)
     trajectory = []
     for s in range(start, start + steps):
         x, y = batch(s, dtype)
@@ -119,26 +129,28 @@ def state_bytes(opt):
     return total
 
 
-def checkpoint_round_trip(rank, tmpdir, dtype, hvp, how):
+def checkpoint_round_trip(rank, tmpdir, dtype, hvp, how, state_dtype=None, name=None):
     """Train SPLIT steps, save model and optimizer with DCP, train on; a fresh model and optimizer
     load the checkpoint and train the same steps: bit-identical."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    _, opt, model = train_sharded(rank, dtype, hvp, how, SPLIT)
+    _, opt, model = train_sharded(rank, dtype, hvp, how, SPLIT, state_dtype=state_dtype)
     model_sd, optim_sd = get_state_dict(model, opt)
-    path = os.path.join(tmpdir, f"dcp-{hvp}")
+    path = os.path.join(tmpdir, name or f"dcp-{hvp}")
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
     continued, _, _ = train_sharded(rank, dtype, hvp, how, NUM_STEPS - SPLIT, model=model, opt=opt, start=SPLIT)
 
     fresh = shard(make_mlp(dtype), how)
-    fresh_opt = ESGD(fresh.parameters(), hvp=hvp, **dict(KWARGS, seed=99))  # the checkpoint's seed wins
+    fresh_opt = ESGD(fresh.parameters(), hvp=hvp, **dict(KWARGS, seed=99), state_dtype=state_dtype)
     model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
     target = {"model": model_sd, "optim": optim_sd}
     dcp.load(target, checkpoint_id=path)
     set_state_dict(fresh, fresh_opt, model_state_dict=target["model"], optim_state_dict=target["optim"])
     resumed, _, _ = train_sharded(rank, dtype, hvp, how, NUM_STEPS - SPLIT, model=fresh, opt=fresh_opt, start=SPLIT)
-    return dict(continued=continued, resumed=resumed, path=path)
+    state_dtypes = sorted({str(v.dtype) for s in fresh_opt.state.values() for v in s.values()
+                           if torch.is_tensor(v) and v.dim() > 0})
+    return dict(continued=continued, resumed=resumed, path=path, state_dtypes=state_dtypes)
 
 
 # Sub-batch curvature through FSDP2's own passes: each rank's curvature closure takes the first SUB
@@ -169,13 +181,15 @@ def train_sub_batch(hvp, rank=None):
 def _train_all(rank, tmpdir):
     results = {}
     for name, (dtype, hvp, how) in SCENARIOS.items():
-        trajectory, opt, model = train_sharded(rank, dtype, hvp, how, NUM_STEPS)
+        trajectory, opt, model = train_sharded(rank, dtype, hvp, how, NUM_STEPS, state_dtype=STATE_DTYPE.get(name))
         results[name] = dict(trajectory=trajectory, state_bytes=state_bytes(opt),
                              estimates=[d["estimates"] for d in opt.diagnostics()])
     for name, hvp in CC_SCENARIOS.items():
         results[name] = train_sub_batch(hvp, rank)
     for hvp in ("finite_difference", "central_difference"):
         results[f"dcp-{hvp}"] = checkpoint_round_trip(rank, tmpdir, torch.float64, hvp, "per-layer")
+    results["dcp-bf16-state"] = checkpoint_round_trip(rank, tmpdir, torch.float32, "finite_difference", "per-layer",
+                                                      state_dtype=torch.bfloat16, name="dcp-bf16-state")
     try:
         ESGD(shard(make_mlp(torch.float64), "per-layer").parameters())
     except ValueError as exc:
@@ -196,7 +210,7 @@ def fsdp_runs(tmp_path_factory):
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_sharded_training_equals_one_process_on_the_whole_batch(fsdp_runs, name):
     dtype, hvp, _ = SCENARIOS[name]
-    reference, ref_opt, _ = train_single(dtype, hvp)
+    reference, ref_opt, _ = train_single(dtype, hvp, state_dtype=STATE_DTYPE.get(name))
     tol = TOLERANCE[name]
     start = list(make_mlp(dtype).parameters())
     moved = max((p - s.detach()).abs().max() for p, s in zip(reference[-1], start))
@@ -222,21 +236,26 @@ def test_sub_batch_curvature_on_shards_equals_one_process(fsdp_runs, name):
                 assert err <= CC_TOLERANCE[name], f"{name} rank {rank} step {s} param {j}: {err:.3e}"
 
 
-@pytest.mark.parametrize("hvp", ["finite_difference", "central_difference"])
+@pytest.mark.parametrize("hvp", ["finite_difference", "central_difference", "bf16-state"])
 def test_dcp_checkpoint_resumes_bit_identically(fsdp_runs, hvp):
     for rank, run in enumerate(fsdp_runs["runs"]):
         r = run[f"dcp-{hvp}"]
+        if hvp == "bf16-state":
+            assert r["state_dtypes"] == ["torch.bfloat16"], "the resumed optimizer's state is not bfloat16"
         for s, (a, b) in enumerate(zip(r["continued"], r["resumed"])):
             for j, (p, q) in enumerate(zip(a, b)):
                 assert torch.equal(p, q), f"rank {rank}: resumed step {SPLIT + s} param {j} differs"
 
 
 def test_optimizer_state_is_sharded(fsdp_runs):
-    """Each rank holds its shards' state: about 1/world of the unsharded model's."""
+    """Each rank holds its shards' state: about 1/world of the unsharded model's (bf16 state: half of
+    float32 state's)."""
     _, opt, _ = train_single(torch.float64, "finite_difference", steps=1)
     whole = state_bytes(opt)
     per_rank = [run["forward-fp64"]["state_bytes"] for run in fsdp_runs["runs"]]
     assert sum(per_rank) == whole
+    fp32 = sum(run["forward-fp32"]["state_bytes"] for run in fsdp_runs["runs"])
+    assert sum(run["forward-fp32-bf16-state"]["state_bytes"] for run in fsdp_runs["runs"]) * 2 == fp32
     # FSDP2 shards dim 0 in ceil-sized chunks: a rank's share exceeds 1/world by at most a row per tensor.
     assert max(per_rank) <= whole / WORLD + 13 * 5 * 8
     assert min(per_rank) > 0
@@ -247,40 +266,44 @@ def test_exact_estimator_refuses_sharded_parameters(fsdp_runs):
         assert "hvp='finite_difference'" in run["exact-error"] and "DTensor" in run["exact-error"]
 
 
-def _reshard_worker(tmpdir, hvp):
+def _reshard_worker(tmpdir, hvp, name):
     """One rank loads the 2-rank checkpoint into a 1-rank FSDP2 model and continues."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmpdir, 'rendezvous-1')}", rank=0,
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmpdir, 'rendezvous-' + name)}", rank=0,
                             world_size=1)
     try:
-        model = shard(make_mlp(torch.float64), "per-layer")
-        opt = ESGD(model.parameters(), hvp=hvp, **KWARGS)
+        dtype, state = (torch.float32, torch.bfloat16) if name == "dcp-bf16-state" else (torch.float64, None)
+        model = shard(make_mlp(dtype), "per-layer")
+        opt = ESGD(model.parameters(), hvp=hvp, **KWARGS, state_dtype=state)
         model_sd, optim_sd = get_state_dict(model, opt)
         target = {"model": model_sd, "optim": optim_sd}
-        dcp.load(target, checkpoint_id=os.path.join(tmpdir, f"dcp-{hvp}"))
+        dcp.load(target, checkpoint_id=os.path.join(tmpdir, name))
         set_state_dict(model, opt, model_state_dict=target["model"], optim_state_dict=target["optim"])
         out = []
         for s in range(SPLIT, NUM_STEPS):
-            opt.step(closure_for(opt, model, *batch(s, torch.float64)))
+            opt.step(closure_for(opt, model, *batch(s, dtype)))
             out.append([full(p.detach()).clone() for p in model.parameters()])
         return out
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("hvp", ["finite_difference", "central_difference"])
-def test_checkpoint_of_two_ranks_continues_on_one(fsdp_runs, hvp):
+@pytest.mark.parametrize("hvp, name", [("finite_difference", "dcp-finite_difference"),
+                                       ("central_difference", "dcp-central_difference"),
+                                       ("finite_difference", "dcp-bf16-state")])
+def test_checkpoint_of_two_ranks_continues_on_one(fsdp_runs, hvp, name):
     """Resharding 2 -> 1: the state (shards gathered by DCP), the schedule and the probe seed load
     exactly; the continuation matches the 2-rank one up to the reductions' rounding (as above)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
-        resumed = pool.apply(_reshard_worker, (fsdp_runs["tmpdir"], hvp))
-    continued = fsdp_runs["runs"][0][f"dcp-{hvp}"]["continued"]
-    tol = TOLERANCE["forward-fp64" if hvp == "finite_difference" else "central-fp64"]
+        resumed = pool.apply(_reshard_worker, (fsdp_runs["tmpdir"], hvp, name))
+    continued = fsdp_runs["runs"][0][name]["continued"]
+    tol = TOLERANCE[{"dcp-finite_difference": "forward-fp64", "dcp-central_difference": "central-fp64",
+                     "dcp-bf16-state": "forward-fp32-bf16-state"}[name]]
     for s, (a, b) in enumerate(zip(resumed, continued)):
         for j, (p, q) in enumerate(zip(a, b)):
             err = float((p - q).abs().max() / q.abs().max())

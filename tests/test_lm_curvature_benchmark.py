@@ -40,6 +40,17 @@ def test_smoke_run_writes_every_setting(lm, tmp_path):
     assert result["aggregate"]["target"] == data["aggregate"]["target"]
 
 
+def test_state_dtypes_option_runs_bf16_state(lm, tmp_path):
+    """--state-dtypes float32 bfloat16: each ESGD-M setting runs with both, named apart."""
+    lm.main(["--smoke", "--seeds", "1", "--estimators", "finite_difference", "--fractions", "1", "--every", "10",
+             "--adamw-lrs", "0.01", "--state-dtypes", "float32", "bfloat16", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "lm_curvature_smoke.json").read_text())["aggregate"]["rows"]
+    assert [r["name"] for r in rows] == ["AdamW lr=0.01", "ESGD-M forward, curvature 1, every 10",
+                                         "ESGD-M forward, curvature 1, every 10, bf16 state"]
+    assert all(math.isfinite(r["final_val"]) and r["final_val"] < math.log(256) for r in rows)
+    assert rows[2]["config"]["state_dtype"] == "bfloat16" and rows[1]["final_val"] != rows[2]["final_val"]
+
+
 def test_corpus_is_real_text_and_split(lm, tmp_path):
     train, val, name = lm.load_corpus(None)
     assert len(train) > 400_000 and len(val) > 40_000

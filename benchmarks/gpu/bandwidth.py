@@ -2,7 +2,8 @@
 
 128M parameters in 100 tensors, fp32 and bf16 parameters (fp32 state): the plain and estimation
 steps, the finite-difference update (forward, central; from the params and from sources), the
-perturbation and the probe fill.
+perturbation and the probe fill; then with bf16 state (stochastic rounding, 2 B per state element):
+the plain and estimation steps and the forward-difference update.
 Bytes per parameter (what each must move at best): plain 3 x param + 3 x state (read p, g, m, D;
 write p, m), estimation 4 x param + 4 x state (also read Hz, write D); a forward difference reads g+
 instead of Hz (same bytes), a central one also g- (one more param); from sources, theta is read from
@@ -40,6 +41,13 @@ def steps(dtype, sizes, device):
     backups = [t.clone() for t in p]  # theta's saved copy: also the sources of the update from sources
     scale = torch.tensor(1e-3, dtype=torch.float64, device=device)
     keys, zeros = list(range(1, len(p) + 1)), [0] * len(p)
+    rounding = dict(rounding_keys=list(range(7, len(p) + 7)), rounding_offsets=[0] * len(p), rounding_step=9)
+    mb, db = [t.bfloat16() for t in m], [t.bfloat16() for t in d]
+    bf16_state = [("plain, bf16 state", 3 * ps + 6, lambda: ops.esgd_update_(p, g, mb, db, **KW, **rounding)),
+                  ("estimation, bf16 state", 4 * ps + 8,
+                   lambda: ops.esgd_update_hz_(p, g, mb, db, hz, beta2=0.999, **KW, **rounding)),
+                  ("forward-difference update, bf16 state", 4 * ps + 8,
+                   lambda: ops.esgd_update_fd_(p, g, mb, db, hz, [], scale, None, beta2=0.999, **KW, **rounding))]
     return [("plain", 3 * ps + 3 * ss, lambda: ops.esgd_update_(p, g, m, d, **KW)),
             ("estimation", 4 * ps + 4 * ss,
              lambda: ops.esgd_update_hz_(p, g, m, d, hz, beta2=0.999, **KW)),
@@ -53,7 +61,7 @@ def steps(dtype, sizes, device):
              lambda: ops.esgd_update_fd_(p, g, m, d, hz, gm, scale, None, beta2=0.999, sources=backups, **KW)),
             ("perturbation (save)", 3 * ps,
              lambda: probes.fd_perturb_(p, backups, scale, keys, zeros, sign=1.0, save=True, fused=True)),
-            ("probe fill", ps, lambda: probes.rademacher_(hz, keys, zeros, fused=True))]
+            ("probe fill", ps, lambda: probes.rademacher_(hz, keys, zeros, fused=True))] + bf16_state
 
 
 def timed(fn, reps=50):

@@ -30,9 +30,10 @@ KW = dict(beta1=0.9, v=0.7, eps=1e-4, weight_decay=0.0, step_size=1e-3, momentum
 # 64M parameters per call: whole launches of the multi-tensor kernel, as in training.
 SIZES = [16 * 2**20] * 4
 TINY = [1000, 7, 4096]
-# 2 dtypes x (plain, estimation) calls, then the fp32 forward-difference update (from the params and
-# from sources), perturbation and probe fill: 8 calls of 4 launches each.
-LAUNCHES = 32
+# 2 dtypes x (plain, estimation) calls, the same for fp32 parameters with bf16 state, then the fp32
+# forward-difference update (from the params and from sources), perturbation and probe fill: 10 calls
+# of 4 launches each.
+LAUNCHES = 40
 METRICS = ",".join([
     "gpu__time_duration.sum",
     "dram__throughput.avg.pct_of_peak_sustained_elapsed",
@@ -44,8 +45,9 @@ NO_COUNTERS = ("ERR_NVGPUCTRPERM", "LibraryNotLoaded")
 
 
 def calls(device, sizes):
-    """(label, bytes per parameter, one call): fp32 and bf16 plain and estimation steps, then the
-    fp32 forward-difference update (from the params, and from sources), perturbation and probe fill."""
+    """(label, bytes per parameter, one call): fp32 and bf16 plain and estimation steps, fp32 ones with
+    bf16 state, then the fp32 forward-difference update (from the params, and from sources),
+    perturbation and probe fill."""
     out = []
     for dtype in (torch.float32, torch.bfloat16):
         p, g, hz = ([torch.randn(n, device=device).to(dtype) for n in sizes] for _ in range(3))
@@ -60,6 +62,11 @@ def calls(device, sizes):
                                                                           **KW)))
     p, g, hz, m = ([torch.randn(n, device=device) for n in sizes] for _ in range(4))
     d = [torch.rand(n, device=device) for n in sizes]
+    mb, db = [t.bfloat16() for t in m], [t.bfloat16() for t in d]
+    rounding = dict(rounding_keys=list(range(3, len(p) + 3)), rounding_offsets=[0] * len(p), rounding_step=2)
+    out.append(("float32 plain, bf16 state", 18, lambda: ops.esgd_update_(p, g, mb, db, **KW, **rounding)))
+    out.append(("float32 estimation, bf16 state", 24,
+                lambda: ops.esgd_update_hz_(p, g, mb, db, hz, beta2=0.999, **KW, **rounding)))
     scale = torch.tensor(1e-3, dtype=torch.float64, device=device)
     backups = [t.clone() for t in p]  # theta's saved copy: also the sources of the update from sources
     keys, zeros = list(range(1, len(p) + 1)), [0] * len(p)

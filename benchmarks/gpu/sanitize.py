@@ -2,8 +2,9 @@
 workload that launches every kernel variant (4 dtypes x plain/estimation/capturable, the
 finite-difference update (forward, central, with and without the step-scalar table, from the params
 and from sources, the latter also with sources in another layout than their channels-last params),
-the perturbation (save and restore) and the probe fill; aligned and misaligned views, odd and empty
-sizes, more tensors than one launch holds).
+each again with bfloat16 state (stochastic rounding) for the 16- and 32-bit dtypes, the perturbation
+(save and restore) and the probe fill; aligned and misaligned views, odd and empty sizes, more
+tensors than one launch holds).
 
     python benchmarks/gpu/sanitize.py memcheck|racecheck    # runs the workload under the sanitizer
     python benchmarks/gpu/sanitize.py --workload            # the workload alone, on the GPU
@@ -39,19 +40,25 @@ def workload(device, sizes):
         return [torch.rand(n + offset, generator=gen, dtype=torch.float64).to(dtype).to(device)[offset:]
                 for n in sizes]
 
-    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        state = torch.float64 if dtype == torch.float64 else torch.float32
+    # bfloat16 state rounds with each tensor's key and offset (the offsets cross 2^32 mid-tensor).
+    rounding = dict(rounding_keys=[5 * i + 3 for i in range(len(sizes))],
+                    rounding_offsets=[2**32 - 7 * i for i in range(len(sizes))])
+    for dtype, state in ((torch.float32, torch.float32), (torch.float16, torch.float32),
+                         (torch.bfloat16, torch.float32), (torch.float64, torch.float64),
+                         (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
+                         (torch.bfloat16, torch.bfloat16)):
+        rkw = rounding if state == torch.bfloat16 else {}
         for offset in (0, 1):
             p, g, hz = lists(dtype, offset), lists(dtype, offset), lists(dtype, offset)
             m, d = lists(state, offset), lists(state, offset)
-            ops.esgd_update_hz_(p, g, m, d, hz, beta2=0.999, **KW)
-            ops.esgd_update_(p, g, m, d, **KW)
-        # The capturable op reads its step scalars from a device table, one row per tensor.
+            ops.esgd_update_hz_(p, g, m, d, hz, beta2=0.999, rounding_step=3, **KW, **rkw)
+            ops.esgd_update_(p, g, m, d, rounding_step=4, **KW, **rkw)
+        # The capturable op reads its step scalars (and step counts) from a device table, one row per tensor.
         ones = [torch.ones((), device=device) for _ in sizes]
         table = step_scalar_table(ones, ones, lr=0.1, beta1=0.9, beta2=0.999, v=0.7, lr_warmup=0.9,
                                   weight_decay=0.01)
-        ops.esgd_update_capturable_(p, g, m, d, hz, table, beta1=0.9, beta2=0.999, v=0.7, eps=1e-4)
-        ops.esgd_update_capturable_(p, g, m, d, [], table, beta1=0.9, beta2=0.999, v=0.7, eps=1e-4)
+        ops.esgd_update_capturable_(p, g, m, d, hz, table, beta1=0.9, beta2=0.999, v=0.7, eps=1e-4, **rkw)
+        ops.esgd_update_capturable_(p, g, m, d, [], table, beta1=0.9, beta2=0.999, v=0.7, eps=1e-4, **rkw)
         # Finite differences: the update reads g+ (and g-) and 1/h from the device; the
         # perturbation draws z in the kernel, saving a backup and restoring from it.
         scale = torch.tensor(100.0, dtype=torch.float64, device=device)
@@ -61,10 +68,13 @@ def workload(device, sizes):
             # theta from sources (the restore fused into the update); misaligned with the rest.
             sources = lists(dtype, offset)
             for minus in ([], gm):
-                ops.esgd_update_fd_(p, g, m, d, gp, minus, scale, None, beta2=0.999, **KW)
-                ops.esgd_update_fd_(p, g, m, d, gp, minus, scale, table, beta2=0.999, **KW)
-                ops.esgd_update_fd_(p, g, m, d, gp, minus, scale, None, beta2=0.999, sources=sources, **KW)
-                ops.esgd_update_fd_(p, g, m, d, gp, minus, scale, table, beta2=0.999, sources=sources, **KW)
+                ops.esgd_update_fd_(p, g, m, d, gp, minus, scale, None, beta2=0.999, rounding_step=5, **KW, **rkw)
+                ops.esgd_update_fd_(p, g, m, d, gp, minus, scale, table, beta2=0.999, **KW, **rkw)
+                ops.esgd_update_fd_(p, g, m, d, gp, minus, scale, None, beta2=0.999, sources=sources,
+                                    rounding_step=6, **KW, **rkw)
+                ops.esgd_update_fd_(p, g, m, d, gp, minus, scale, table, beta2=0.999, sources=sources, **KW, **rkw)
+            if state == torch.bfloat16:
+                continue  # the probe kernels do not depend on the state
             backups = [torch.empty_like(t) for t in p]
             keys, starts = [7 * i + 1 for i in range(len(p))], [3 * i for i in range(len(p))]
             probes.fd_perturb_(p, backups, scale, keys, starts, sign=1.0, save=True, fused=True)
