@@ -302,12 +302,17 @@ C10_HOST_DEVICE inline void process_block(
     return;
   }
 
-  // Misaligned views or a ragged tail: strided scalar accesses, still kIlp loads in flight.
-  for (int base = 0; base < n; base += threads * kIlp) {
+  // Misaligned views or a ragged tail: strided scalar accesses, still several loads in flight per
+  // list. With rounded state the plain 16-bit kernel takes half as many (the element hashes beside
+  // eight lanes of every list spilled it past its 64 registers; the estimation kernels, measured
+  // with ptxas, allocate better with all eight); which thread takes an element changes nothing in
+  // the result.
+  constexpr int kScalarIlp = Store::kRounds && sizeof(P) == 2 && Src == HzSource::kNone ? kIlp / 2 : kIlp;
+  for (int base = 0; base < n; base += threads * kScalarIlp) {
     // Zero-filled so that lanes past n hold defined values; they are never stored.
-    M pr[kIlp] = {}, gr[kIlp] = {}, mr[kIlp] = {}, dr[kIlp] = {}, hr[kIlp] = {};
+    M pr[kScalarIlp] = {}, gr[kScalarIlp] = {}, mr[kScalarIlp] = {}, dr[kScalarIlp] = {}, hr[kScalarIlp] = {};
     ESGD_UNROLL
-    for (int k = 0; k < kIlp; ++k) {
+    for (int k = 0; k < kScalarIlp; ++k) {
       const int i = base + thread + k * threads;
       if (i < n) {
         if constexpr (kFromSource) {
@@ -324,7 +329,7 @@ C10_HOST_DEVICE inline void process_block(
       }
     }
     ESGD_UNROLL
-    for (int k = 0; k < kIlp; ++k) {
+    for (int k = 0; k < kScalarIlp; ++k) {
       const int i = base + thread + k * threads;
       if (i < n) {
         update<kHasHz>(pr[k], gr[k], mr[k], dr[k], hr[k], c);

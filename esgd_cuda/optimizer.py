@@ -3,13 +3,12 @@
 This module holds the optimizer: param groups, the estimation schedule, the step and capturable
 mode. Where an estimation step's Hessian-vector products come from is `esgd_cuda.curvature`; how
 the parameters become the kernels' lists and state is `_update`; argument checks are `_validation`,
-checkpoints `_checkpoint`, diagnostics `_diagnostics`, data-parallel glue `distributed`, and the
-per-element update `functional`.
+checkpoints `_checkpoint`, diagnostics `_diagnostics`, GradScaler's protocol `_scaler`, data-parallel
+glue `distributed`, and the per-element update `functional`.
 """
 
 import contextlib
 import copy
-import math
 import numbers
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
@@ -23,6 +22,7 @@ from ._validation import (check_buffers, check_capturable_lr, check_closures, ch
                           check_hparams, check_hvp, check_param, check_schedule, check_state_dtype,
                           check_state_for_param, fused_unavailable_reason, param_tensor, user_step)
 from ._closures import FiniteDifference
+from ._scaler import GRADSCALER_FD, loss_scales
 from .curvature import CurvatureEstimator, default_fd_step, release_graphs
 from .distributed import broadcast_seed
 
@@ -31,27 +31,6 @@ __all__ = ["ESGD"]
 # After the first, every this-many-th finite-difference estimate repeats a pass to check the closure:
 # 1% more passes on estimation steps, a tenth of that per step with update_d_every=10.
 REPEAT_CHECK_EVERY = 100
-
-
-def _read_scaler(grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tuple[bool, float]:
-    """(skip this step, 1/grad_scale) from GradScaler's tensors, read back in one copy."""
-    present = [t for t in (found_inf, grad_scale) if t is not None]
-    if not present:
-        return False, 1.0
-    device = present[0].device
-    values = torch.cat([t.detach().reshape(-1)[:1].to(device=device, dtype=torch.float64) for t in present]).tolist()
-    skip = found_inf is not None and values[0] != 0.0
-    scale = values[-1] if grad_scale is not None else 1.0
-    if grad_scale is not None and not skip and not (math.isfinite(scale) and scale > 0.0):
-        raise ValueError(f"ESGD: grad_scale must be a finite positive number, got {scale!r}")
-    return skip, 1.0 / scale
-
-
-_GRADSCALER_FD = (
-    "ESGD: GradScaler is not supported with a finite-difference hvp: its step() passes no closure, and a "
-    "loss scale would have to be undone in two gradients and h. Train with bfloat16 autocast "
-    "(torch.autocast(device_type, dtype=torch.bfloat16)), which needs no loss scaling, or use hvp='autograd'."
-)
 
 
 class ESGD(torch.optim.Optimizer):
@@ -313,7 +292,7 @@ class ESGD(torch.optim.Optimizer):
             check_curvature_loss(curvature_loss, self.hvp, self._curvature.phase)
         if scaler is not None:
             if self.hvp != "autograd":
-                raise RuntimeError(_GRADSCALER_FD)
+                raise RuntimeError(GRADSCALER_FD)
             loss = scaler.scale(loss)
         if not self.should_create_graph():
             loss.backward(retain_graph=retain_graph)
@@ -429,7 +408,7 @@ class ESGD(torch.optim.Optimizer):
         fd: Optional[FiniteDifference] = None
         loss = None
         if self.hvp != "autograd" and (grad_scale is not None or found_inf is not None):
-            raise RuntimeError(_GRADSCALER_FD)
+            raise RuntimeError(GRADSCALER_FD)
         if estimate and self.hvp != "autograd":
             fd = self._finite_difference(closure, index, curvature_closure)
             loss = fd.loss
@@ -464,24 +443,8 @@ class ESGD(torch.optim.Optimizer):
         all_params = [p for params, _ in work for p in params]
         if not estimate:
             warn_unestimated(self.param_groups, self.state)
-        skip, grad_scale_inv = _read_scaler(grad_scale, found_inf)
-        hz_scale_inv = 1.0
-        if estimate and found_inf is not None:
-            raw = "raw" in self._curvature.kinds or any(p.grad.requires_grad for p in all_params)
-            if raw and grad_scale is None:
-                raise RuntimeError(
-                    "ESGD: the gradients were unscaled (scaler.unscale_(opt)) but the Hessian-vector "
-                    "products of this estimation step still carry the unknown loss scale. Pass the "
-                    "scaler to the backward pass, opt.backward(loss, scaler=scaler), which unscales Hz "
-                    "at once."
-                )
-            if raw and "unscaled" in self._curvature.kinds:
-                raise RuntimeError(
-                    "ESGD: this step's backward passes mixed opt.backward(loss, scaler=scaler) with "
-                    "backward passes of an already scaled loss; use one or the other within a step."
-                )
-            if raw:
-                hz_scale_inv = grad_scale_inv
+        skip, grad_scale_inv, hz_scale_inv = loss_scales(self._curvature.kinds, all_params, estimate, grad_scale,
+                                                         found_inf)
         if skip:
             self._release_graphs()
             self._skipped_steps += 1

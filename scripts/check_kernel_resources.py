@@ -69,8 +69,11 @@ _ENTRY = re.compile(r"^\s*(?:\.(?:visible|weak|extern)\s+)*\.(?:entry|func)\s+(?
 _WIDE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global(?:\.nc)?(?:\.L1::\S+)?\.(?:v4\.[bfsu]32|v2\.[bfsu]64)\b")
 _HALF_WIDE = re.compile(
     r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global(?:\.nc)?(?:\.L1::\S+)?\.(?:v2\.[bfsu]32|v4\.[bfsu]16|[bsu]64)\b")
+# A class type already named earlier in the symbol is mangled as a substitution: the state type of a
+# bf16 kernel with bf16 state is "S<n>_" (the parameter's type again), c10::BFloat16 after c10::Half is
+# "NS<n>_8BFloat16E" (the c10 namespace again); n depends on the enclosing namespaces.
 _SIGNATURE = re.compile(r"\d+(" + "|".join(KERNELS) + r")I(N3c104HalfE|N3c108BFloat16E|f|d)"
-                        r"(N3c108BFloat16E|f|d)(?:L[ib](\d+)E)?E")
+                        r"(N3c108BFloat16E|NS[0-9A-Z]*_8BFloat16E|S[0-9A-Z]*_|f|d)(?:L[ib](\d+)E)?E")
 
 
 def label(key: Key) -> str:
@@ -87,7 +90,16 @@ def kernel_signature(mangled: str) -> Key:
     match = _SIGNATURE.search(mangled)
     if match is None:
         raise ValueError(f"unrecognised kernel instantiation {mangled!r}")
-    return match.group(1), PARAM_TYPES[match.group(2)], STATE_TYPES[match.group(3)], int(match.group(4) or 0)
+    kernel, param, state, variant = match.groups()
+    if re.fullmatch(r"S[0-9A-Z]*_", state):
+        if param not in ("N3c108BFloat16E", "N3c104HalfE"):
+            raise ValueError(f"unrecognised kernel instantiation {mangled!r}")
+        state = param  # the same class type as the parameter's
+    elif state.endswith("8BFloat16E"):
+        state = "N3c108BFloat16E"
+    if state not in STATE_TYPES:
+        raise ValueError(f"unrecognised kernel instantiation {mangled!r}")
+    return kernel, PARAM_TYPES[param], STATE_TYPES[state], int(variant or 0)
 
 
 def _is_ours(name: str) -> bool:
