@@ -106,7 +106,8 @@ class FiniteDifference:
 # deterministic hardware the two passes are bit-identical (0); nondeterministic reductions (CUDA
 # atomics) differ by rounding, orders of magnitude below this. Another batch or unreplayed dropout
 # puts gradient noise into both the repeat and the difference, so the ratio is about 1: measured
-# 0.44-2 (benchmarks/closure_check.py), hence a bound well below 0.44 rather than at 1.
+# 0.28-2, 0.28 under bf16 autocast with fd_step=0.1 (benchmarks/closure_check.py at d62128f;
+# docs/estimators.md), hence a bound below that rather than at 1.
 REPEAT_TOLERANCE = 0.2
 
 
