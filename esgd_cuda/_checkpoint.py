@@ -30,7 +30,7 @@ _GLOBAL_KEYS = ("step_index", "last_estimate", "update_d_every", "d_warmup", "se
 # A pickled or deep-copied ESGD keeps its whole __dict__ except torch.optim's hook dicts (torch.optim
 # does not pickle hooks either) and the parameter hooks, which __setstate__ re-creates on the copy's
 # parameters.
-_NOT_PICKLED = ("_graph_watch",)
+_NOT_PICKLED = ("_graph_watch", "_ordinals")  # _ordinals: a cache keyed by object ids, rebuilt on use
 
 
 def global_state(opt) -> dict:
