@@ -3,16 +3,18 @@
 # repository root with the machine's own python3 and torch (no network, nothing installed):
 #
 #   stage      what                                              expected  limit (s; 16 cores + H200)
-#   build      setup.py build_ext --inplace, CPU + CUDA (sm_90)      100     160
-#   tests      the CUDA tests only: pytest -m cuda (280 today)         70     110
-#   memcheck   compute-sanitizer memcheck over every kernel variant   40      70
+#   build      setup.py build_ext --inplace, CPU + CUDA (sm_90)      120     160
+#   tests      the CUDA tests only: pytest -m cuda (316 today)         80     110
+#   memcheck   compute-sanitizer memcheck over every kernel variant   50      70
 #   bandwidth  fused steps vs a copy, 128M parameters                 12      30
 #   step_time  benchmarks/step_time.py --device cuda --rounds 1       45      70
 #   racecheck  compute-sanitizer racecheck, same workload             40      50
 #   ncu        Nsight Compute over the esgd kernels, or timings       30      50
-#              sum                                                   337     540 = the budget
-# Expected: 337 s + ~10 s of set-up, against the budget of 540 s (ESGD_SUITE_BUDGET) inside the
-# device tool's 600 s call: 190 s (35%) of margin for a slower machine and the kernels being added.
+#              sum                                                   377     540 = the budget
+# Expected: 377 s + ~10 s of set-up, against the budget of 540 s (ESGD_SUITE_BUDGET) inside the
+# device tool's 600 s call: 150 s (28%) of margin for a slower machine and the kernels being added.
+# The bf16-state kernels (issue 20) are not yet timed on a GPU: build, tests and memcheck are
+# scaled from the instantiation and test counts (42 update kernels instead of 24; 316 tests, 280).
 # The limits add up to the budget, so no stage can take another's time; a stage's limit is still
 # cut to what is left, and one that would start with under 20 s left is skipped, so the summary
 # always prints. Stages run in order of value; CI already runs every test that needs no GPU.

@@ -68,10 +68,9 @@ def measure(problem_name: str, steps: int, seed: int, checkpoints: tuple[int, ..
     params = [p for p in inst.module.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(seed)
     lr = LR.get(problem_name, 0.1)
-    zeros = [torch.zeros_like(p) for p in params]
-
     def state(dtype):
-        return [z.to(dtype) for z in zeros]
+        # Fresh tensors each call: m and D must not alias (zeros.to(float32) of float32 would).
+        return [torch.zeros_like(p, dtype=dtype) for p in params]
 
     m32, d32 = state(torch.float32), state(torch.float32)
     m64, d64, d_alt = state(torch.float64), state(torch.float64), state(torch.float64)
@@ -89,7 +88,7 @@ def measure(problem_name: str, steps: int, seed: int, checkpoints: tuple[int, ..
         hz_alt = [h.detach() for h in torch.autograd.grad(grads, params, _rademacher(params, gen))]
         g = [x.detach() for x in grads]
         del grads
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         t = step + 1
         kw = dict(beta1=BETA1, beta2=BETA2, v=BETA1, eps=EPS, weight_decay=0.0, step_size=lr * (1.0 - 0.99**t),
                   momentum_scale=1.0 / (1.0 - BETA1**t * BETA1), denom_scale=1.0 / math.sqrt(1.0 - BETA2**t),
