@@ -78,6 +78,26 @@ void check_tensor(
       " (the shape of params[", i, "])");
 }
 
+// The three tensors an update writes for parameter i must be three: m and D passed as one tensor
+// (`zeros.to(torch.float32)` of a float32 tensor returns it, not a copy) would silently average
+// the gradient and the curvature into one buffer. Same start address, one compare each; partial
+// overlaps of different tensors are left to the caller, as torch's own foreach ops do.
+void check_own_memory(
+    const char* op, size_t i, const at::Tensor& p, const at::Tensor& m, const at::Tensor& d) {
+  if (p.numel() == 0) {
+    return;
+  }
+  const void* pp = p.data_ptr();
+  const void* mp = m.data_ptr();
+  const void* dp = d.data_ptr();
+  TORCH_CHECK(
+      mp != dp, op, ": exp_avgs[", i, "] and exp_hz_sqs[", i,
+      "] are the same memory; m and D need a tensor each");
+  TORCH_CHECK(
+      pp != mp && pp != dp, op, ": params[", i, "] and its ", pp == mp ? "exp_avgs" : "exp_hz_sqs",
+      "[", i, "] are the same memory; the state needs tensors of its own");
+}
+
 // The bytes [lo, hi) that a tensor's elements lie in (empty tensors have none).
 struct Span {
   uintptr_t lo;
@@ -277,6 +297,7 @@ void check_inputs(
     check_tensor(op, "grads", i, grads[i], p, pdtype);
     check_tensor(op, "exp_avgs", i, exp_avgs[i], p, sdtype);
     check_tensor(op, "exp_hz_sqs", i, exp_hz_sqs[i], p, sdtype);
+    check_own_memory(op, i, p, exp_avgs[i], exp_hz_sqs[i]);
     for (const auto& [name, list] : inputs) {
       check_tensor(op, name, i, list[i], p, pdtype);
     }

@@ -104,16 +104,17 @@ def rounding(opt, owners: List[Tensor], exp_avgs: List[Tensor]) -> dict:
     its local part's first element in the whole parameter; nothing for float32/float64 state."""
     if exp_avgs[0].dtype != torch.bfloat16:
         return {}
-    # The positions are cached per layout of the param groups (compared by identity, in C, every
-    # step): rebuilding them took a tenth of a plain step with 1000 small tensors.
+    # The keys are cached per layout of the param groups (compared by identity, in C, every step)
+    # and seed: rebuilding them took a tenth of a plain step with 1000 small tensors.
     ids = tuple(map(id, (p for g in opt.param_groups for p in g["params"])))
-    cached = opt.__dict__.get("_ordinals")
-    if cached is None or cached[0] != ids:
-        cached = opt.__dict__["_ordinals"] = (ids, {pid: i for i, pid in enumerate(ids)})
-    ordinal = cached[1]
     seed = opt.seed
-    return dict(rounding_keys=[rounding_key(seed, ordinal[id(p)]) for p in owners],
-                rounding_offsets=[shard_offset(p) for p in owners])
+    cached = opt.__dict__.get("_ordinals")
+    if cached is None or cached[0] != ids or cached[1] != seed:
+        cached = opt.__dict__["_ordinals"] = (ids, seed, {pid: rounding_key(seed, i) for i, pid in enumerate(ids)})
+    key_of = cached[2]
+    sharded = any(is_sharded(p) for p in owners)
+    return dict(rounding_keys=[key_of[id(p)] for p in owners],
+                rounding_offsets=[shard_offset(p) for p in owners] if sharded else [0] * len(owners))
 
 
 def apply(

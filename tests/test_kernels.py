@@ -396,6 +396,11 @@ BAD_INPUTS = [
      r"exp_avgs\[1\] has shape \[1, 2\], expected \[1\] \(the shape of params\[1\]\)"),
     ("hz_shape", lambda L: L[4].__setitem__(2, L[4][2][:4]),
      r"hzs\[2\] has shape \[4\], expected \[9\]"),
+    # One tensor passed as m and D (zeros.to(torch.float32) of float32 zeros is not a copy).
+    ("state_aliased", lambda L: L[3].__setitem__(2, L[2][2]),
+     r"exp_avgs\[2\] and exp_hz_sqs\[2\] are the same memory"),
+    ("param_is_state", lambda L: L[2].__setitem__(0, L[0][0]),
+     r"params\[0\] and its exp_avgs\[0\] are the same memory"),
 ]
 
 
