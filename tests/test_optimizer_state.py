@@ -8,40 +8,15 @@ import weakref
 import pytest
 import torch
 from conftest import DEVICES, SeparableProblem, requires_cuda
+from _small_models import TanhRegression
 
 from esgd_cuda import ESGD
 
 KWARGS = dict(update_d_every=4, d_warmup=5, v=0.6, betas=(0.85, 0.95), weight_decay=0.01)
 
 
-class CoupledModel:
+class CoupledModel(TanhRegression):
     """Parameters with a non-diagonal Hessian, so the result depends on every probe drawn."""
-
-    def __init__(self, seed=30, dtype=torch.float64, device="cpu"):
-        gen = torch.Generator().manual_seed(seed)
-
-        def draw(*shape):
-            return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-
-        self.w = draw(4, 3).requires_grad_()
-        self.b = draw(3).requires_grad_()
-        self.x = draw(6, 4)
-        self.y = draw(6, 3)
-
-    @property
-    def params(self):
-        return [self.w, self.b]
-
-    def loss(self):
-        out = torch.tanh(self.x @ self.w + self.b)
-        return ((out - self.y) ** 2).sum().double() + 0.1 * (self.w**4).sum().double()
-
-    def copy(self):
-        other = CoupledModel.__new__(CoupledModel)
-        other.w = self.w.detach().clone().requires_grad_()
-        other.b = self.b.detach().clone().requires_grad_()
-        other.x, other.y = self.x, self.y
-        return other
 
 
 def advance(opt, model, steps):

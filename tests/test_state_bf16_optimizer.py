@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICES, SeparableProblem, requires_cuda, run_steps
+from _small_models import TanhRegression
 
 from esgd_cuda import ESGD, _extension, probes
 from esgd_cuda.functional import state_dtype
@@ -22,34 +23,11 @@ BF16 = torch.bfloat16
 KWARGS = dict(update_d_every=4, d_warmup=5, v=0.6, betas=(0.85, 0.95), weight_decay=0.01)
 
 
-class Model:
+class Model(TanhRegression):
     """A small tanh regression with a non-diagonal Hessian, in float32."""
 
     def __init__(self, seed=30, dtype=torch.float32, device="cpu"):
-        gen = torch.Generator().manual_seed(seed)
-
-        def draw(*shape):
-            return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-
-        self.w = draw(40, 30).requires_grad_()
-        self.b = draw(30).requires_grad_()
-        self.x = draw(64, 40)
-        self.y = draw(64, 30)
-
-    @property
-    def params(self):
-        return [self.w, self.b]
-
-    def loss(self):
-        out = torch.tanh(self.x @ self.w + self.b)
-        return ((out - self.y) ** 2).mean() + 0.01 * (self.w**4).mean()
-
-    def copy(self):
-        other = Model.__new__(Model)
-        other.w = self.w.detach().clone().requires_grad_()
-        other.b = self.b.detach().clone().requires_grad_()
-        other.x, other.y = self.x, self.y
-        return other
+        super().__init__(seed, dtype, device, shape=(40, 30), rows=64, mean=True, quartic=0.01)
 
 
 def assert_same_run(got, want, what, state_agree=0.98):
