@@ -63,7 +63,10 @@ C10_ALWAYS_INLINE void update_range(
   constexpr bool kHasHz = Src != HzSource::kNone;
   const Coeffs<M> c = coeffs;  // a local copy, so the compiler knows stores cannot alias it
   const RunKey k = key;
-  for (int64_t i = 0; i < n; ++i) {
+  // The rounding index's low word, counted in 32 bits beside i: derived from the 64-bit i, the
+  // vectorizer would carry 64-bit lanes and narrow them every iteration.
+  uint32_t j = k.j0;
+  for (int64_t i = 0; i < n; ++i, ++j) {
     M pi;
     if constexpr (kFromSource) {
       pi = static_cast<M>(x[i]);
@@ -85,7 +88,7 @@ C10_ALWAYS_INLINE void update_range(
     p[i] = static_cast<P>(pi);
     uint32_t r = 0;
     if constexpr (Store::kRounds) {
-      r = lowbias32(((k.j0 + static_cast<uint32_t>(i)) ^ k.low) + k.add);
+      r = lowbias32((j ^ k.low) + k.add);
     }
     m[i] = Store::store(mi, m_bits(r));
     if constexpr (kHasHz) {

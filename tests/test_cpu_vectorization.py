@@ -31,16 +31,39 @@ DISASSEMBLY = """
 
 0000000000064a00 <_ZN4esgd12_GLOBAL__N_19range_f32EPfPKfS1_S1_S3_S3_lRKNS_6CoeffsIfEE.default>:
    64a00:	movss (%rdi,%rax,4),%xmm0
+
+0000000000064c00 <_ZN4esgd12_GLOBAL__N_19range_f32EPfPKfS1_S1_S3_S3_lRKNS_6CoeffsIfEE.arch_x86_64_v4>:
+   64c00:	vmovups (%rdi,%rax,1),%zmm0
+   64c05:	vsqrtps %zmm1,%zmm1
+
+0000000000064e00 <_ZN4esgd12_GLOBAL__N_112range_f32_hzEPfPKfS1_S1_S3_S3_lRKNS_6CoeffsIfEE.arch_x86_64_v4>:
+   64e00:	vmovups (%rdi,%rax,1),%ymm0
+   64e05:	vsqrtps %ymm1,%ymm1
 """
 
 
-def test_parser_finds_the_loops_an_avx2_machine_runs():
+def test_parser_finds_the_loops_avx2_and_avx512_machines_run():
     bodies = check.clone_bodies(DISASSEMBLY)
-    names = sorted(n.split("_GLOBAL__N_1")[1][:14] for n in bodies)
+    names = sorted(n.split("_GLOBAL__N_1")[1] for n in bodies)
     # The scalar .default clone and the float16 clone (replaced by the F16C loop) are not checked.
-    assert len(bodies) == 3, names
-    scalar = [n for n, lines in bodies.items() if not any("ymm" in line for line in lines)]
-    assert len(scalar) == 1 and "range_f32_hz" in scalar[0]
+    assert len(bodies) == 5, names
+    scalar = sorted(n.split("_GLOBAL__N_1")[1] for n in check.unvectorized(bodies))
+    # An AVX2 clone left scalar, and an AVX-512 clone that only reaches 256-bit registers (half its
+    # width) are both reported; the F16C loop's ymm and the good clones pass.
+    assert len(scalar) == 2, scalar
+    assert all(n.startswith("12range_f32_hz") for n in scalar), scalar
+    assert sorted(n.rsplit(".", 1)[1] for n in scalar) == ["arch_x86_64_v4", "avx2"]
+
+
+def test_a_fused_multiply_add_is_reported():
+    """-ffp-contract=off keeps FMA out of the clones: one would round differently from the others."""
+    bodies = check.clone_bodies(DISASSEMBLY)
+    assert check.contracted(bodies) == []
+    name = next(n for n in bodies if n.endswith(".arch_x86_64_v4") and "range_f32E" in n)
+    bodies[name] = bodies[name] + ["   64c0a:\tvfmadd231ps %zmm2,%zmm1,%zmm0"]
+    other = next(n for n in bodies if n.endswith(".avx2") and "range_f32E" in n)
+    bodies[other] = bodies[other] + ["   62540:\tvfnmsub213ps %ymm2,%ymm1,%ymm0"]
+    assert sorted(check.contracted(bodies)) == sorted([name, other])
 
 
 def test_every_expected_loop_is_required():
@@ -52,16 +75,25 @@ def test_every_expected_loop_is_required():
     assert "34range_bf16_sbf16_fd_central_sourceE" in check.EXPECTED_LOOPS
     assert "14range_f16_f16cIfLNS_8HzSourceE3ELb1EEE" in check.EXPECTED_LOOPS
     assert "14range_f16_f16cIN3c108BFloat16ELNS_8HzSourceE3ELb1EEE" in check.EXPECTED_LOOPS
-    names = [f"_ZN4esgd12_GLOBAL__N_1{loop}PfPKfS3_S1_S1_S3_S3_lRKNS_6CoeffsIfEE.avx2" for loop in check.EXPECTED_LOOPS]
+    names = [f"_ZN4esgd12_GLOBAL__N_1{loop}PfPKfS3_S1_S1_S3_S3_lRKNS_6CoeffsIfEE{suffix}"
+             for loop in check.EXPECTED_LOOPS if "f16_f16c" not in loop for suffix in (".avx2", ".arch_x86_64_v4")]
+    names += [f"_ZN4esgd12_GLOBAL__N_1{loop}PN3c104HalfEPKS4_" for loop in check.EXPECTED_LOOPS if "f16_f16c" in loop]
     assert check.missing_loops(dict.fromkeys(names, [])) == []
     without = [n for n in names if "range_bf16_fd_central_source" not in n]
-    assert check.missing_loops(dict.fromkeys(without, [])) == ["28range_bf16_fd_central_sourceE"]
+    assert check.missing_loops(dict.fromkeys(without, [])) == ["28range_bf16_fd_central_sourceE (.avx2)",
+                                                               "28range_bf16_fd_central_sourceE (.arch_x86_64_v4)"]
+    # A build without AVX-512 clones (GCC < 12) is asked for the AVX2 ones alone.
+    avx2_only = [n for n in names if not n.endswith(".arch_x86_64_v4")]
+    assert check.missing_loops(dict.fromkeys(avx2_only, [])) == []
+    # Once there are AVX-512 clones, each is required: the AVX2 one does not stand in for it.
+    without = [n for n in names if not ("range_f32_hzE" in n and n.endswith(".arch_x86_64_v4"))]
+    assert check.missing_loops(dict.fromkeys(without, [])) == ["12range_f32_hzE (.arch_x86_64_v4)"]
     # The bf16-state loops are not stood in for by the default state's, nor the reverse.
-    without = [n for n in names if "range_f32_sbf16_hzE" not in n]
-    assert check.missing_loops(dict.fromkeys(without, [])) == ["18range_f32_sbf16_hzE"]
+    without = [n for n in names if not ("range_f32_sbf16_hzE" in n and n.endswith(".avx2"))]
+    assert check.missing_loops(dict.fromkeys(without, [])) == ["18range_f32_sbf16_hzE (.avx2)"]
     # The F16C loop of one instantiation does not stand in for another's.
     without = [n for n in names if "IfLNS_8HzSourceE2ELb1E" not in n]
-    assert check.missing_loops(dict.fromkeys(without, [])) == ["14range_f16_f16cIfLNS_8HzSourceE2ELb1EEE"]
+    assert check.missing_loops(dict.fromkeys(without, [])) == ["14range_f16_f16cIfLNS_8HzSourceE2ELb1EEE (F16C)"]
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
