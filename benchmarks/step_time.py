@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -548,10 +549,14 @@ def run(args) -> dict:
                 if args.verbose:
                     print(f"  {shape.name:>12} {dtype_name:>5} {row['case']:<46} {fmt(row['ms'])} ms"
                           + (f"  {row['skipped']}" if row["skipped"] else ""), file=sys.stderr, flush=True)
-            adam = next((r["ms"] for r in group if r["case"] == "Adam fused"), None)
+            # The ratio to Adam is paired by round: each round's median over Adam's in the same round,
+            # and the median of those. The machine's bandwidth drifts between rounds (by a third on a
+            # shared 2-core VM), which a ratio of two bests taken in different rounds would keep.
+            adam = next((r for r in group if r["case"] == "Adam fused" and r["ms"]), None)
             for r in group:
                 if adam and r["ms"]:
-                    r["vs_adam_fused"] = r["ms"] / adam
+                    r["vs_adam_fused"] = statistics.median(
+                        case / base for case, base in zip(r["round_ms"], adam["round_ms"]))
             rows.extend(group)
     copy_gbs = max(copies)
     for row in rows:
@@ -572,7 +577,8 @@ def to_markdown(result: dict) -> str:
              f"{result['copy_gbs']:.1f} GB/s",
              f"- ms/step: median of `torch.utils.benchmark` blocked_autorange "
              f"(min_run_time={result['min_run_time']} s) after warm-up; best of "
-             f"{result['rounds']} interleaved round(s)", ""]
+             f"{result['rounds']} interleaved round(s); x Adam fused: the median over rounds of the "
+             f"row's round median / Adam fused's in the same round", ""]
     headers = ["case", "ms/step", "GB/s", "% of copy", "x Adam fused", "B/param"]
     keyed = {}
     for r in result["rows"]:
