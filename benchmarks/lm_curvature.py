@@ -322,6 +322,8 @@ def parse_args(argv=None):
                    help="ESGD's state_dtype (m and D): float32 (default) and/or bfloat16")
     p.add_argument("--adamw-lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds are first-seed .. first-seed + seeds - 1 (more seeds for an earlier run's settings)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: preset)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=OUT_HELP)
@@ -331,6 +333,8 @@ def parse_args(argv=None):
             p.error(f"--fractions: {f} is not in (0, 1]")
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.first_seed < 0:
+        p.error(f"--first-seed must be >= 0, got {args.first_seed}")
     args.command = command_line("lm_curvature.py", argv)
     return args
 
@@ -346,7 +350,7 @@ def main(argv=None) -> dict:
     configs = configurations(args)
     started = time.perf_counter()
     runs = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for i, cfg in enumerate(configs):
             run = run_one(cfg, seed, corpus, shape)
             runs.append(run)

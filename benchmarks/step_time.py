@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import re
 import statistics
 import sys
 import time
@@ -519,6 +520,9 @@ def run(args) -> dict:
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             specs = build_cases(esgd_cuda, shape, dtype, device, args.seed)
+            if args.cases is not None:
+                # Fused Adam stays: every ratio is against it.
+                specs = [s for s in specs if s[0] == "Adam fused" or args.cases.search(s[0])]
             group = [dict(shape=shape.name, shape_note=shape.note, dtype=dtype_name, params=shape.numel,
                           tensors=len(shape.sizes), case=name,
                           bytes_per_param=bytes_per_param(byte_kind, dtype), skipped=skip,
@@ -618,10 +622,18 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved timing rounds per row; the best round median is reported")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--cases", default=None, metavar="REGEX",
+                   help="only the rows whose name matches REGEX (Python re.search), and Adam fused: more "
+                        "rounds for a few rows in the same time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=OUT_HELP)
     p.add_argument("--quiet", dest="verbose", action="store_false", help="no per-row progress")
     args = p.parse_args(argv)
+    if args.cases is not None:
+        try:
+            args.cases = re.compile(args.cases)
+        except re.error as exc:
+            p.error(f"--cases: {args.cases!r} is not a regular expression: {exc}")
     args.command = command_line("step_time.py", argv)
     return args
 

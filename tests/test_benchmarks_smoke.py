@@ -167,6 +167,24 @@ def test_step_time_rejects_unknown_shape(bench, tmp_path):
         step_time.main(["--shapes", "nope", "--device", "cpu", "--out", str(tmp_path)])
 
 
+def test_step_time_cases_selects_rows_and_keeps_adam(bench, tmp_path):
+    """--cases REGEX: the matching rows and fused Adam, each ratio paired with Adam's round."""
+    step_time, _ = bench
+    data = step_time.main(["--smoke", "--device", "cpu", "--shapes", "smoke-mix", "--dtypes", "fp32",
+                           "--rounds", "2", "--cases", r"bf16 state: esgd_update plain|^Adam foreach$",
+                           "--out", str(tmp_path), "--quiet"])
+    rows = data["rows"]
+    assert sorted(r["case"] for r in rows) == sorted(["ESGD fused bf16 state: esgd_update plain", "Adam fused",
+                                                      "Adam foreach"])
+    adam = next(r for r in rows if r["case"] == "Adam fused")
+    for r in rows:
+        assert len(r["round_ms"]) == 2
+        paired = sorted(a / b for a, b in zip(r["round_ms"], adam["round_ms"]))
+        assert r["vs_adam_fused"] == pytest.approx((paired[0] + paired[1]) / 2)
+    with pytest.raises(SystemExit):
+        step_time.parse_args(["--cases", "("])
+
+
 # ------------------------------------------------------------------------------------------ convergence
 
 def _run(problem, opt, lr, seed, losses, seconds_per_step, every=10):

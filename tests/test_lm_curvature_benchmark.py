@@ -51,6 +51,21 @@ def test_state_dtypes_option_runs_bf16_state(lm, tmp_path):
     assert rows[2]["config"]["state_dtype"] == "bfloat16" and rows[1]["final_val"] != rows[2]["final_val"]
 
 
+def test_first_seed_extends_an_earlier_run(lm, tmp_path):
+    """--first-seed 1 --seeds 1 runs seed 1 alone, exactly as the second seed of --seeds 2 (so more
+    seeds can be added to an earlier run's table)."""
+    common = ["--smoke", "--estimators", "finite_difference", "--fractions", "1", "--every", "10",
+              "--adamw-lrs", "0.01", "--state-dtypes", "bfloat16"]
+    both = lm.main(common + ["--seeds", "2", "--out", str(tmp_path / "both")])
+    second = lm.main(common + ["--seeds", "1", "--first-seed", "1", "--out", str(tmp_path / "second")])
+    assert [r["seed"] for r in second["runs"]] == [1, 1]
+    earlier = {r["name"]: r["final_val"] for r in both["runs"] if r["seed"] == 1}
+    assert {r["name"]: r["final_val"] for r in second["runs"]} == earlier
+    assert earlier != {r["name"]: r["final_val"] for r in both["runs"] if r["seed"] == 0}
+    with pytest.raises(SystemExit):
+        lm.parse_args(["--first-seed", "-1"])
+
+
 def test_corpus_is_real_text_and_split(lm, tmp_path):
     train, val, name = lm.load_corpus(None)
     assert len(train) > 400_000 and len(val) > 40_000
