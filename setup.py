@@ -123,9 +123,9 @@ def get_extensions():
     # The C++ standard is left to torch.utils.cpp_extension: torch 2.4 wants C++17, newer C++20.
     # -fno-math-errno lets the compiler vectorize sqrt; it only drops the errno side effect, every
     # result stays IEEE-exact.
-    # -ffp-contract=off: the CPU loops' AVX2 and AVX-512 clones (csrc/cpu_clones.h) may use FMA, which
-    # would round differently from the scalar clone and the PyTorch path; no contraction keeps every
-    # clone bit-identical to them.
+    # -ffp-contract=off: the CPU loops' AVX-512 clone (csrc/cpu_clones.h) has FMA, and contracting
+    # a*b + c would round differently from the AVX2 and scalar clones and the PyTorch path; without
+    # contraction every clone computes the same bits.
     cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
     # at::parallel_for is a header template whose OpenMP backend is a `#pragma omp parallel`
     # compiled into the extension: without -fopenmp it silently runs on one thread. Compile flag

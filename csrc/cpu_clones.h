@@ -8,8 +8,8 @@
 // loads, stores and selects) takes mask registers, vpmovzxwd/vpermt2w and 32 vector registers,
 // where the AVX2 clone spends shuffles and spills; torch's own fused Adam runs AVX-512 on such
 // machines. Plain "avx512f" is not enough: without BW and VL GCC leaves the 16-bit work in 16
-// ymm registers. Both clones may use FMA, so setup.py compiles with -ffp-contract=off: every clone
-// rounds as the scalar default does, and as the pure-PyTorch path does.
+// ymm registers. The AVX-512 clone has FMA, so setup.py compiles with -ffp-contract=off: every clone
+// rounds as the scalar default does (scripts/check_cpu_vectorization.py refuses an FMA in them).
 #if defined(__x86_64__) && defined(__linux__) && !defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 12
 #define ESGD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #define ESGD_CPU_F16C 1

@@ -195,9 +195,9 @@ inline void stream_fence() {
 
 // The perturbation's element loops, p = P(S(x) + steps[k]) with x = p (_inplace) or a backup
 // (_from): plain functions over restrict pointers, so that the compiler vectorizes them and
-// target_clones can clone them for AVX2 (cpu_clones.h). The names follow
-// scripts/check_cpu_vectorization.py: range_* AVX2 clones must be vectorized, except float16's
-// ("range_f16_"), which the avx2 clone (without F16C) cannot convert in vectors.
+// target_clones can clone them for AVX-512 and AVX2 (cpu_clones.h). The names follow
+// scripts/check_cpu_vectorization.py: range_* clones must be vectorized, except float16's
+// ("range_f16_"), which the AVX2 clone (without F16C) cannot convert in vectors.
 #define ESGD_DEFINE_PERTURB(P, S, NAME)                                                          \
   ESGD_CPU_CLONES void NAME##_inplace(P* __restrict__ p, const S* __restrict__ steps, int64_t n) { \
     for (int64_t k = 0; k < n; ++k) {                                                          \
