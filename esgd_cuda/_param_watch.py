@@ -59,20 +59,16 @@ def _user_stacklevel() -> int:
     return level
 
 
-def warn_unestimated(param_groups: List[dict], state) -> None:
-    """Warns when a plain step leaves parameters that have gradients unchanged for lack of state."""
-    with_grad = skipped = 0
-    names = []
-    for i, group in enumerate(param_groups):
-        for j, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            with_grad += 1
-            if not state.get(p):
-                skipped += 1
-                names.append(f"param_groups[{i}]['params'][{j}]")
+def warn_unestimated(param_groups: List[dict], params: List, state) -> None:
+    """Warns when a plain step leaves parameters that have gradients (`params`, gathered from
+    `param_groups`) unchanged for lack of state."""
+    missing = [p for p in params if not state.get(p)]
+    with_grad, skipped = len(params), len(missing)
     if not skipped:
         return
+    where = {id(p): f"param_groups[{i}]['params'][{j}]"
+             for i, group in enumerate(param_groups) for j, p in enumerate(group["params"])}
+    names = [where[id(p)] for p in missing]
     what = (f"updates none of the {with_grad} parameters that have gradients" if skipped == with_grad
             else f"leaves {skipped} of the {with_grad} parameters that have gradients unchanged")
     shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")

@@ -9,13 +9,14 @@ everything before calling `apply`; nothing here raises on user input.
 """
 
 import math
+from itertools import chain
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ._closures import FiniteDifference
-from .distributed import is_sharded, local, shard_offset
+from .distributed import any_sharded, local, shard_offset
 from .functional import esgd_update, esgd_update_capturable, esgd_update_fd, state_dtype, step_scalar_table
 from .probes import rounding_key
 
@@ -69,16 +70,24 @@ def buckets(
     key_of is called once per updated parameter, in order. The first four lists hold what the kernels
     update: of a sharded parameter (DTensor) its rank's local shard; `owners` holds the parameters."""
     out: Dict[tuple, Tuple[list, ...]] = {}
-    sharded = any(is_sharded(p) for p in params)
+    sharded = any_sharded(params)
+    group_sdtype = group.get("state_dtype")
+    sdtype_of: Dict[torch.dtype, torch.dtype] = {}  # parameter dtype -> state dtype, in this group
+    state_of = opt.state
     for p, g in zip(params, grads):
-        state = opt.state[p]
+        state = state_of[p]
         if not state:
             if not estimate:
                 continue  # no curvature estimate yet: wait for the next estimation step
             init_state(opt, p, state, group)
-        sdtype = state_dtype(p.dtype, group.get("state_dtype"))
-        if state["exp_avg"].dtype != sdtype:
+        pdtype = p.dtype
+        sdtype = sdtype_of.get(pdtype)
+        if sdtype is None:
+            sdtype = sdtype_of[pdtype] = state_dtype(pdtype, group_sdtype)
+        m, d = state["exp_avg"], state["exp_hz_sq"]
+        if m.dtype != sdtype:
             convert_state(state, sdtype)
+            m, d = state["exp_avg"], state["exp_hz_sq"]
         key = key_of(p, state) + (sdtype,)
         lists = out.get(key)
         if lists is None:
@@ -86,13 +95,13 @@ def buckets(
         if sharded:
             lists[0].append(local(p))
             lists[1].append(local(g))
-            lists[2].append(local(state["exp_avg"]))
-            lists[3].append(local(state["exp_hz_sq"]))
+            lists[2].append(local(m))
+            lists[3].append(local(d))
         else:
             lists[0].append(p)
             lists[1].append(g)
-            lists[2].append(state["exp_avg"])
-            lists[3].append(state["exp_hz_sq"])
+            lists[2].append(m)
+            lists[3].append(d)
         lists[4].append(state)
         lists[5].append(p)
     return out
@@ -106,15 +115,14 @@ def rounding(opt, owners: List[Tensor], exp_avgs: List[Tensor]) -> dict:
         return {}
     # The keys are cached per layout of the param groups (compared by identity, in C, every step)
     # and seed: rebuilding them took a tenth of a plain step with 1000 small tensors.
-    ids = tuple(map(id, (p for g in opt.param_groups for p in g["params"])))
+    ids = tuple(map(id, chain.from_iterable(g["params"] for g in opt.param_groups)))
     seed = opt.seed
     cached = opt.__dict__.get("_ordinals")
     if cached is None or cached[0] != ids or cached[1] != seed:
         cached = opt.__dict__["_ordinals"] = (ids, seed, {pid: rounding_key(seed, i) for i, pid in enumerate(ids)})
     key_of = cached[2]
-    sharded = any(is_sharded(p) for p in owners)
-    return dict(rounding_keys=[key_of[id(p)] for p in owners],
-                rounding_offsets=[shard_offset(p) for p in owners] if sharded else [0] * len(owners))
+    return dict(rounding_keys=[key_of[pid] for pid in map(id, owners)],
+                rounding_offsets=[shard_offset(p) for p in owners] if any_sharded(owners) else [0] * len(owners))
 
 
 def apply(

@@ -97,6 +97,12 @@ def is_sharded(t) -> bool:
     return _DTENSOR is not None and isinstance(t, _DTENSOR)
 
 
+def any_sharded(tensors) -> bool:
+    """Whether any of `tensors` is a DTensor. It runs every step: the types are gathered in C and
+    each distinct one checked once, rather than an isinstance call per tensor."""
+    return _DTENSOR is not None and any(issubclass(kind, _DTENSOR) for kind in set(map(type, tensors)))
+
+
 def local(t: Tensor) -> Tensor:
     """The rank's own part of a DTensor (a view of its storage: in-place updates land in the
     DTensor), or the tensor itself. The update is elementwise, so it runs on local shards exactly."""

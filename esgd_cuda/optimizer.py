@@ -33,6 +33,11 @@ __all__ = ["ESGD"]
 REPEAT_CHECK_EVERY = 100
 
 
+def _index_in(params: List[Tensor], p: Tensor) -> int:
+    """The position of `p` in a param group's list, by identity (for error messages)."""
+    return next(j for j, q in enumerate(params) if q is p)
+
+
 class ESGD(torch.optim.Optimizer):
     r"""ESGD-M: equilibrated SGD with quasi-hyperbolic momentum.
 
@@ -337,31 +342,35 @@ class ESGD(torch.optim.Optimizer):
         release_graphs(self.param_groups)
 
     def _collect(self) -> List[Tuple[List[Tensor], List[Tensor]]]:
-        """Validate everything before any state changes; return each group's params with gradients."""
+        """Validate everything before any state changes; return each group's params with gradients.
+
+        One pass over the parameters gathers them, then each check runs over the gathered lists:
+        this is the only per-parameter work of a plain step besides the update's grouping, and
+        its cost per tensor is what a model with many small tensors pays every step."""
         work = []
         checked = set()
         for i, group in enumerate(self.param_groups):
             check_group(group, f" in param_groups[{i}]", sync=not self.capturable)
-            params, grads = [], []
-            for j, p in enumerate(group["params"]):
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError(
-                        f"ESGD does not support sparse gradients (param_groups[{i}]['params'][{j}])"
-                    )
-                if group.get("state_dtype") is not None:
-                    check_state_for_param(p, group["state_dtype"], f"param_groups[{i}]['params'][{j}]")
-                if self.fused and (p.device, p.dtype) not in checked:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                j = _index_in(group["params"], next(p for p, g in zip(params, grads) if g.is_sparse))
+                raise RuntimeError(f"ESGD does not support sparse gradients (param_groups[{i}]['params'][{j}])")
+            sdtype = group.get("state_dtype")
+            if sdtype is not None:
+                for p in params:
+                    if p.dtype == torch.float64:
+                        check_state_for_param(p, sdtype, f"param_groups[{i}]['params'][{_index_in(group['params'], p)}]")
+            if self.fused:
+                for p in params:
+                    if (p.device, p.dtype) in checked:
+                        continue
                     if not _extension.fused_supported(p.device, p.dtype):
                         raise RuntimeError(
-                            f"ESGD(fused=True): the fused kernel cannot run param_groups[{i}]['params'][{j}] "
-                            f"({p.dtype} on {p.device}): {fused_unavailable_reason()}"
+                            f"ESGD(fused=True): the fused kernel cannot run param_groups[{i}]['params']"
+                            f"[{_index_in(group['params'], p)}] ({p.dtype} on {p.device}): {fused_unavailable_reason()}"
                         )
                     checked.add((p.device, p.dtype))
-                params.append(p)
-                grads.append(g)
             work.append((params, grads))
         return work
 
@@ -442,7 +451,7 @@ class ESGD(torch.optim.Optimizer):
         _checkpoint.drop_placeholders(self)
         all_params = [p for params, _ in work for p in params]
         if not estimate:
-            warn_unestimated(self.param_groups, self.state)
+            warn_unestimated(self.param_groups, all_params, self.state)
         skip, grad_scale_inv, hz_scale_inv = loss_scales(self._curvature.kinds, all_params, estimate, grad_scale,
                                                          found_inf)
         if skip:
@@ -453,7 +462,10 @@ class ESGD(torch.optim.Optimizer):
         if estimate and fd is None and all_params:
             self._curvature.graph_products(all_params, self._trainable_params(), index, self._use_fused)
         hz_of = dict(self._curvature.hz)
-        self._release_graphs()
+        if estimate or any(g.requires_grad for _, grads in work for g in grads):
+            self._release_graphs()
+        else:
+            self._clear_pending()  # nothing to detach: the gradients gathered above are all of them
         _update.apply(self, work, estimate, hz_of, fd, grad_scale_inv, hz_scale_inv)
         self._advance(index, estimate)
         return loss
@@ -533,7 +545,7 @@ class ESGD(torch.optim.Optimizer):
         work = self._collect()
         if not torch.compiler.is_compiling():
             _checkpoint.drop_placeholders(self)
-            warn_unestimated(self.param_groups, self.state)
+            warn_unestimated(self.param_groups, [p for params, _ in work for p in params], self.state)
         _update.apply(self, work, False, {})
 
     def count_plain_step(self) -> None:
