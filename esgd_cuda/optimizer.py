@@ -351,8 +351,9 @@ class ESGD(torch.optim.Optimizer):
         checked = set()
         for i, group in enumerate(self.param_groups):
             check_group(group, f" in param_groups[{i}]", sync=not self.capturable)
-            params = [p for p in group["params"] if p.grad is not None]
-            grads = [p.grad for p in params]
+            every = [p.grad for p in group["params"]]  # p.grad is a property: read it once
+            params = [p for p, g in zip(group["params"], every) if g is not None]
+            grads = [g for g in every if g is not None]
             if any(g.is_sparse for g in grads):
                 j = _index_in(group["params"], next(p for p, g in zip(params, grads) if g.is_sparse))
                 raise RuntimeError(f"ESGD does not support sparse gradients (param_groups[{i}]['params'][{j}])")
