@@ -66,6 +66,7 @@ SHAPES = {
     "gpt-1M": Shape("gpt-1M", transformer_sizes(vocab=2048, d=128, layers=4),
                     "GPT-style, d=128, 4 layers, vocab 2048"),
     "many-small": Shape("many-small", (1024,) * 1000, "1000 tensors x 1K elements"),
+    "tiny-150": Shape("tiny-150", (64,) * 150, "150 tensors x 64 elements: the step's host overhead"),
     "issue3-19M": Shape("issue3-19M", issue3_sizes(), "2x4M + 8x1M + 8x256K + 132 tiny"),
     "gpt2-124M": Shape("gpt2-124M", transformer_sizes(vocab=50257, d=768, layers=12),
                        "GPT-2 small, d=768, 12 layers"),
