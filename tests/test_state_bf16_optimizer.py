@@ -191,7 +191,7 @@ def test_finite_difference_estimators(fused, hvp):
 
         for _ in range(40):
             opt.step(closure)
-        finals[sdtype] = float(model.loss())
+        finals[sdtype] = float(model.loss().detach())
         if sdtype is BF16:
             assert all(opt.state[p]["exp_hz_sq"].dtype == BF16 for p in model.params)
     assert abs(finals[BF16] - finals[None]) < 0.02 * finals[None]
