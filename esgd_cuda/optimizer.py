@@ -344,9 +344,8 @@ class ESGD(torch.optim.Optimizer):
     def _collect(self) -> List[Tuple[List[Tensor], List[Tensor]]]:
         """Validate everything before any state changes; return each group's params with gradients.
 
-        One pass over the parameters gathers them, then each check runs over the gathered lists:
-        this is the only per-parameter work of a plain step besides the update's grouping, and
-        its cost per tensor is what a model with many small tensors pays every step."""
+        One pass reads every p.grad, then each check runs over the gathered lists: a plain step's
+        host time per tensor is what a model with many small tensors pays every step."""
         work = []
         checked = set()
         for i, group in enumerate(self.param_groups):
@@ -466,7 +465,7 @@ class ESGD(torch.optim.Optimizer):
         if estimate or any(g.requires_grad for _, grads in work for g in grads):
             self._release_graphs()
         else:
-            self._clear_pending()  # nothing to detach: the gradients gathered above are all of them
+            self._clear_pending()  # no p.grad has a graph: every non-None one was gathered above
         _update.apply(self, work, estimate, hz_of, fd, grad_scale_inv, hz_scale_inv)
         self._advance(index, estimate)
         return loss

@@ -363,6 +363,27 @@ def test_backward_helper_builds_graph_only_on_estimation_steps(fused):
         assert p.grad is None or not p.grad.requires_grad
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+def test_plain_step_releases_a_graph_the_user_built(fused):
+    """loss.backward(create_graph=True) on a plain step leaves p.grad carrying a graph; step() must
+    detach it (the plain step skips that pass only when no gathered gradient has a graph)."""
+    problem = SeparableProblem(SHAPES, seed=12)
+    opt = ESGD(problem.params, update_d_every=5, d_warmup=1, seed=0, fused=fused)
+    opt.zero_grad()
+    opt.backward(problem.loss())
+    opt.step()  # the estimation step
+    assert not opt.is_estimation_step()
+    opt.zero_grad()
+    problem.loss().backward(create_graph=True)
+    graph, plain = problem.params[0], problem.params[1]
+    plain.grad = plain.grad.detach()  # one with a graph, the others without
+    assert graph.grad.requires_grad
+    before = [p.detach().clone() for p in problem.params]
+    opt.step()
+    assert all(p.grad is not None and not p.grad.requires_grad for p in problem.params)
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(problem.params, before))
+
+
 def test_fused_true_runs_or_refuses_clearly():
     try:
         from esgd_cuda import _extension

@@ -202,3 +202,16 @@ def test_capturable_tensor_lr_must_be_on_the_parameters_device():
         opt.add_param_group({"params": [q], "lr": torch.tensor(0.2)})
     # Outside capturable mode the step reads lr on the host: any device will do.
     ESGD([torch.zeros(2, requires_grad=True)], lr=torch.tensor(0.1))
+
+
+def test_sparse_gradient_error_names_its_parameter_and_changes_nothing():
+    """The parameter is named by its index in its group, counting the ones without a gradient."""
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    opt = ESGD([{"params": params[:1]}, {"params": params[1:]}], seed=0)
+    params[0].grad = torch.randn(4)
+    params[2].grad = torch.randn(4).to_sparse()  # params[1] has none
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match=r"sparse gradients \(param_groups\[1\]\['params'\]\[1\]\)"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert all(not opt.state[p] for p in params)
