@@ -417,6 +417,11 @@ class TestESGDOptimRenewed(TestCase):
             optim_info.optim_cls(model.parameters(), fused=True)
 
         model.to_empty(device=device)
+        # to_empty leaves the memory uninitialised; a NaN there would make the estimation step's
+        # gradient g + (p - p) NaN in _give_grads (CI's fresh clone once drew one), so give it values.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.uniform_(-1.0, 1.0)
         optimizer = optim_info.optim_cls(model.parameters(), fused=True)
         _give_grads(optimizer, list(model.parameters()), [torch.rand_like(p) for p in model.parameters()])
         optimizer.step()
