@@ -4,7 +4,9 @@ their rounding bits do.
 ESGD-M with float32 state on the protocol of `lm_curvature.py` (central difference, curvature from a
 quarter of each batch, `update_d_every=10`, lr 0.3, 600 steps), where after every step m and/or D
 are replaced by bfloat16 values: stochastically rounded (`sr`: the kernels' rule, a uniform 16-bit
-integer added to the discarded bits, here drawn from a torch.Generator) or rounded to nearest (`rtn`).
+integer added to the discarded bits, here drawn from a torch.Generator) or rounded to nearest (`rtn`);
+or (`ulp`) moved by one float32 spacing up or down at random, a perturbation like `sr` but 2^16 times
+smaller, whose effect on the loss is float32 state's own trajectory noise.
 A variant `m=none,D=sr` is float32 momentum with 16-bit D; `m=sr,D=sr` emulates `state_dtype=
 torch.bfloat16` with other random bits; `bf16` is the real `state_dtype=torch.bfloat16`. Every run of
 a seed sees the same batches and probes as the float32 run of that seed, which is the baseline.
@@ -32,7 +34,7 @@ import lm_curvature as lm
 from _common import (DEFAULT_OUT, OUT_HELP, command_line, environment, environment_markdown, fmt,
                      load_average, markdown_table, write_outputs)
 
-RULES = ("none", "sr", "rtn")
+RULES = ("none", "sr", "rtn", "ulp")
 STATE_KEYS = (("m", "exp_avg"), ("D", "exp_hz_sq"))
 # The generator of round seed r for training seed s starts at ROUND_SEED_BASE + s + 1000 r.
 ROUND_SEED_BASE = 12345
@@ -48,7 +50,14 @@ def round_rtn(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.to(torch.bfloat16).float()
 
 
-ROUND = {"sr": round_sr, "rtn": round_rtn}
+def nudge_ulp(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """x moved one float32 spacing up or down in magnitude at random (zeros stay): the same kind of
+    perturbation as stochastic rounding, 2^16 times smaller, so float32 state's own trajectory noise."""
+    step = torch.randint(0, 2, x.shape, generator=gen, dtype=torch.int32) * 2 - 1
+    return torch.where(x == 0, x, (x.view(torch.int32) + step).view(torch.float32))
+
+
+ROUND = {"sr": round_sr, "rtn": round_rtn, "ulp": nudge_ulp}
 
 
 def parse_variant(text: str) -> dict:
@@ -67,9 +76,9 @@ def parse_variant(text: str) -> dict:
     return rule
 
 
-def uses_sr(variant: str) -> bool:
+def draws_bits(variant: str) -> bool:
     rule = parse_variant(variant)
-    return "sr" in (rule.get("m"), rule.get("D"))
+    return bool({"sr", "ulp"} & {rule.get("m"), rule.get("D")})
 
 
 def run_variant(variant: str, seed: int, round_seed: int, corpus, shape: dict) -> float:
@@ -128,7 +137,7 @@ def to_markdown(result: dict) -> str:
     rows, noise = result["rows"], result["noise"]
     headers = ["variant", "round seed", "final val loss, mean", "minus float32 state, paired mean (s.e.)",
                "seeds higher", "per seed"]
-    table = [[r["variant"], r["round_seed"] if uses_sr(r["variant"]) else "—", fmt(r["mean"], 4),
+    table = [[r["variant"], r["round_seed"] if draws_bits(r["variant"]) else "—", fmt(r["mean"], 4),
               "—" if r["variant"] == "float32" else f"{r['diff']:+.4f} ({fmt(r['se'], 2)})",
               "—" if r["variant"] == "float32" else f"{r['higher']}/{r['n']}",
               " ".join(f"{x:.4f}" for x in r["per_seed"])] for r in rows]
@@ -146,7 +155,7 @@ def parse_args(argv=None):
     p.add_argument("--smoke", dest="preset", action="store_const", const="smoke", default="default",
                    help="a tiny model and a few steps, for CI")
     p.add_argument("--variants", nargs="+", default=["m=none,D=sr", "m=rtn,D=sr"],
-                   help="'bf16' (state_dtype=torch.bfloat16) or m=RULE,D=RULE with RULE none, sr or rtn")
+                   help="'bf16' (state_dtype=torch.bfloat16) or m=RULE,D=RULE with RULE none, sr, rtn or ulp")
     p.add_argument("--round-seeds", nargs="+", type=int, default=[0],
                    help="streams of rounding bits for each emulated variant")
     p.add_argument("--seeds", type=int, default=4)
@@ -172,9 +181,9 @@ def main(argv=None) -> dict:
     corpus = lm.load_corpus(None)
     env = environment(torch.device("cpu"), command=args.command)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    # Only stochastic rounding draws bits: other variants run once per seed.
+    # Only sr and ulp draw random bits: other variants run once per seed.
     runs = [("float32", 0)] + [(v, rs) for v in args.variants
-                               for rs in (args.round_seeds if uses_sr(v) else [0])]
+                               for rs in (args.round_seeds if draws_bits(v) else [0])]
     started = time.perf_counter()
     finals: dict = {}
     for seed in seeds:

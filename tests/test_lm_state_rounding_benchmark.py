@@ -33,11 +33,24 @@ def test_stochastic_rounding_lands_on_neighbours_and_is_unbiased(lsr):
     assert torch.equal(lsr.round_rtn(z, gen), z.to(torch.bfloat16).float())
 
 
+def test_ulp_nudge_moves_each_nonzero_element_one_float32_spacing(lsr):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(10_000, generator=gen)
+    x[::7] = 0.0
+    y = lsr.nudge_ulp(x, gen)
+    moved = (y.view(torch.int32) - x.view(torch.int32))[x != 0]
+    assert set(moved.unique().tolist()) == {-1, 1}
+    assert abs(moved.float().mean().item()) < 0.05  # up and down alike
+    assert torch.equal(y[x == 0], x[x == 0])
+    assert torch.all((y.sign() == x.sign()) & torch.isfinite(y))
+
+
 def test_variants_parse_and_bad_ones_are_named(lsr):
     assert lsr.parse_variant("m=rtn") == {"m": "rtn", "D": "none"}
     assert lsr.parse_variant("float32") == {"m": "none", "D": "none"}
     assert lsr.parse_variant("bf16") == {"bf16": True}
-    assert lsr.uses_sr("m=none,D=sr") and not lsr.uses_sr("m=rtn") and not lsr.uses_sr("bf16")
+    assert lsr.draws_bits("m=none,D=sr") and lsr.draws_bits("D=ulp")
+    assert not lsr.draws_bits("m=rtn") and not lsr.draws_bits("bf16")
     with pytest.raises(SystemExit):
         lsr.parse_args(["--variants", "m=up"])
     with pytest.raises(ValueError, match="'x=sr'"):
