@@ -120,6 +120,42 @@ def test_training_matches_float32_state(fused):
         assert float((a - b).abs().max() / b.abs().max()) < 0.02
 
 
+@pytest.mark.parametrize("hvp", ["autograd", "central_difference"])
+def test_bf16_state_is_float32_state_rounded_after_each_step(fused, hvp):
+    """What state_dtype=bfloat16 does, bit for bit: float32 state's step, then m and D stochastically
+    rounded with the documented bits (m the low 16 of bits(step_key(rounding_key(seed, ordinal), t), j),
+    D the high 16; probes.py). So its effect on training is the rounding's alone, and
+    benchmarks/lm_state_rounding.py's float32-state emulation measures the same thing with other bits."""
+    runs = {}
+    for sdtype in (BF16, None):
+        model = Model()
+        opt = ESGD(model.params, **KWARGS, lr=0.3, seed=11, fused=fused, hvp=hvp, state_dtype=sdtype)
+
+        def closure():
+            opt.zero_grad()
+            loss = model.loss()
+            opt.backward(loss)
+            return loss
+
+        trace = []
+        for _ in range(14):
+            opt.step(closure)
+            if sdtype is None:
+                with torch.no_grad():
+                    for ordinal, p in enumerate(model.params):
+                        state = opt.state[p]
+                        key = probes.step_key(probes.rounding_key(opt.seed, ordinal), state["step"])
+                        bits = probes.rounding_bits(key, 0, p)
+                        for name, r16 in (("exp_avg", bits & 0xFFFF), ("exp_hz_sq", bits >> 16)):
+                            state[name].copy_(probes.round_bf16_stochastic(state[name], r16).float())
+            trace.append([p.detach().clone() for p in model.params] +
+                         [opt.state[p][k].to(torch.float32, copy=True) for p in model.params for k in ("exp_avg", "exp_hz_sq")])
+        runs[sdtype] = trace
+    for s, (got, want) in enumerate(zip(runs[BF16], runs[None])):
+        for j, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"step {s}, tensor {j}: bf16 state is not float32 state rounded"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("how", ["live", "torch.save"])
 def test_resume_is_bit_identical(fused, how, device):
