@@ -170,6 +170,10 @@ def parse_args(argv=None):
             p.error(str(e))
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.first_seed < 0:
+        p.error(f"--first-seed must be >= 0, got {args.first_seed}")
+    if any(rs < 0 for rs in args.round_seeds):
+        p.error(f"--round-seeds must be >= 0, got {args.round_seeds}")
     args.command = command_line("lm_state_rounding.py", argv)
     return args
 

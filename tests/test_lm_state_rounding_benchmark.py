@@ -51,8 +51,9 @@ def test_variants_parse_and_bad_ones_are_named(lsr):
     assert lsr.parse_variant("bf16") == {"bf16": True}
     assert lsr.draws_bits("m=none,D=sr") and lsr.draws_bits("D=ulp")
     assert not lsr.draws_bits("m=rtn") and not lsr.draws_bits("bf16")
-    with pytest.raises(SystemExit):
-        lsr.parse_args(["--variants", "m=up"])
+    for bad in (["--variants", "m=up"], ["--first-seed", "-1"], ["--round-seeds", "-2"], ["--seeds", "0"]):
+        with pytest.raises(SystemExit):
+            lsr.parse_args(bad)
     with pytest.raises(ValueError, match="'x=sr'"):
         lsr.parse_variant("x=sr")
 
